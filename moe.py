@@ -1,0 +1,386 @@
+"""
+moe.py -- a small GPT whose feed-forward layers are Mixtures of Experts,
+expert-parallel from the first line.
+
+Read it top to bottom:
+  1. GPTConfig                  the model's shape and its balancing strategy
+  2. CausalSelfAttention        ordinary causal attention (nothing MoE about it)
+  3. Router, Experts, SwiGLU    the parts of an MoE layer
+  4. AllToAll                   the one collective expert parallelism needs,
+                                as a tiny autograd function
+  5. MoELayer                   route -> sort by expert -> send to the owning
+                                rank -> run the experts -> send back -> combine
+  6. Block, GPT                 the transformer around it
+  7. sync_gradients & co.       what an optimizer step needs when experts live
+                                on different ranks
+
+Every balancing strategy (balancers.py) hands MoELayer the same thing: a flat
+list of assignments (token_idx, expert_idx, weight). Everything after routing
+is shared, so the strategies differ only where the papers differ.
+
+Expert parallelism: with world_size ranks, rank r holds experts
+[r * E/W, (r+1) * E/W); every other parameter is replicated. world_size = 1 is
+the same code with the exchanges skipped.
+"""
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from balancers import BalanceConfig, make_balancer, router_z_loss
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 256          # bytes are tokens (data.py)
+    seq_len: int = 128
+    n_layers: int = 4
+    d_model: int = 128
+    n_heads: int = 4
+    n_experts: int = 16
+    top_k: int = 2
+    d_expert: int = 128            # hidden width of one expert's SwiGLU
+    shared_experts: int = 0        # DeepSeekMoE-style always-on experts (Wang et al. used 2)
+    balancer: str = "lossfree"
+    balance: BalanceConfig = field(default_factory=BalanceConfig)
+
+
+def check_config(cfg, world_size=1):
+    """Raise ValueError naming the setting and the fix, before anything is built."""
+    for name in ("n_layers", "d_model", "n_heads", "n_experts", "top_k", "d_expert", "seq_len"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{name}={getattr(cfg, name)} must be >= 1")
+    if cfg.shared_experts < 0:
+        raise ValueError(f"shared_experts={cfg.shared_experts} must be >= 0")
+    if cfg.d_model % cfg.n_heads:
+        raise ValueError(f"d_model={cfg.d_model} is not divisible by n_heads={cfg.n_heads}: "
+                         f"pick a head count that divides it")
+    if cfg.n_experts % world_size:
+        raise ValueError(f"n_experts={cfg.n_experts} is not divisible by the {world_size} processes: "
+                         f"each rank must own the same number of experts; change --n-experts or --nproc_per_node")
+    make_balancer(cfg.balancer, cfg.n_experts, cfg.top_k, cfg.balance)  # validates the strategy's knobs
+
+
+# ----------------------------------------------------------------------------
+# Attention: standard, and causal by construction (the mask hides the future).
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+# ----------------------------------------------------------------------------
+# The parts of an MoE layer.
+
+class Router(nn.Module):
+    """u_t . e_i for every token and expert. Computed in fp32 even under bf16
+    autocast: top-k compares scores that often differ in the third decimal,
+    and bf16 has fewer than three significant decimals."""
+
+    def __init__(self, d_model, n_experts):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n_experts, d_model))
+
+    def forward(self, x):
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(x.float(), self.weight.float())
+
+
+def swiglu(x, w13, w2):
+    """SwiGLU MLP (Shazeer 2020): (silu(x W1) * x W3) W2. W1 and W3 are stored
+    side by side as one [d, 2h] matrix so one matmul computes both."""
+    a, b = (x @ w13).chunk(2, dim=-1)
+    return (F.silu(a) * b) @ w2
+
+
+class Experts(nn.Module):
+    """This rank's experts, weights stacked as [E_local, d, 2h] and [E_local, h, d].
+
+    Tokens arrive sorted by expert, so expert e's tokens are one contiguous
+    slice: a loop over the (few) local experts, never over tokens."""
+
+    def __init__(self, cfg, rank=0, world_size=1):
+        super().__init__()
+        E, d, h = cfg.n_experts, cfg.d_model, cfg.d_expert
+        # Draw the weights of *all* E experts, then keep this rank's slice. Every
+        # rank consumes the random stream identically, so replicated parameters
+        # created later match across ranks, and expert e has the same initial
+        # weights whatever the world size (the 2-rank == 1-rank test needs it).
+        w13 = torch.randn(E, d, 2 * h) * 0.02
+        w2 = torch.randn(E, h, d) * 0.02 / math.sqrt(2 * cfg.n_layers)
+        lo, hi = rank * E // world_size, (rank + 1) * E // world_size
+        self.w13 = nn.Parameter(w13[lo:hi].clone())
+        self.w2 = nn.Parameter(w2[lo:hi].clone())
+
+    def forward(self, x, counts):
+        """x: [N, d] sorted by local expert; counts: list of rows per local expert."""
+        out = [swiglu(chunk, self.w13[e], self.w2[e]) for e, chunk in enumerate(x.split(counts))]
+        return torch.cat(out)
+
+
+class SharedExpert(nn.Module):
+    """An always-on SwiGLU applied to every token (DeepSeekMoE), replicated on
+    every rank like attention."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        h = cfg.d_expert * cfg.shared_experts
+        self.w13 = nn.Parameter(torch.randn(cfg.d_model, 2 * h) * 0.02)
+        self.w2 = nn.Parameter(torch.randn(h, cfg.d_model) * 0.02 / math.sqrt(2 * cfg.n_layers))
+
+    def forward(self, x):
+        return swiglu(x, self.w13, self.w2)
+
+
+# ----------------------------------------------------------------------------
+# The exchange between ranks.
+
+class AllToAll(torch.autograd.Function):
+    """Rows [in_splits[r] for each rank r] leave for rank r; rows from each
+    rank arrive in out_splits order.
+
+    Why is the backward the reverse exchange? The forward is a permutation of
+    rows across ranks: row j of my input becomes row j' of some rank's output.
+    The gradient of a permutation is the inverse permutation, so the gradient
+    of that output row must travel back to exactly where the row came from:
+    the same all-to-all with the two split lists swapped."""
+
+    @staticmethod
+    def forward(ctx, x, out_splits, in_splits):
+        ctx.splits = (out_splits, in_splits)
+        out = x.new_empty(sum(out_splits), *x.shape[1:])
+        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        out_splits, in_splits = ctx.splits
+        grad_in = grad.new_empty(sum(in_splits), *grad.shape[1:])
+        dist.all_to_all_single(grad_in, grad.contiguous(), in_splits, out_splits)
+        return grad_in, None, None
+
+
+# ----------------------------------------------------------------------------
+# The MoE layer.
+
+class MoELayer(nn.Module):
+    def __init__(self, cfg, rank=0, world_size=1):
+        super().__init__()
+        self.n_experts, self.world_size = cfg.n_experts, world_size
+        self.n_local = cfg.n_experts // world_size
+        self.z_loss = cfg.balance.z_loss
+        self.router = Router(cfg.d_model, cfg.n_experts)
+        self.balancer = make_balancer(cfg.balancer, cfg.n_experts, cfg.top_k, cfg.balance, world_size)
+        self.experts = Experts(cfg, rank, world_size)
+        self.shared = SharedExpert(cfg) if cfg.shared_experts else None
+        # Assignments per expert counted over the current optimizer step, in
+        # training mode only (evaluation must not steer the lossfree bias).
+        self.register_buffer("load", torch.zeros(cfg.n_experts, dtype=torch.long), persistent=False)
+
+    def forward(self, x):
+        B, T, d = x.shape
+        routing = self.balancer.route(self.router(x))
+        if self.training:
+            self.load += torch.bincount(routing.expert_idx, minlength=self.n_experts)
+        h = x.reshape(B * T, d)
+        y = self.combine(h, routing)
+        if self.shared is not None:
+            y = y + self.shared(h)
+        loss = self.balancer.loss(routing)
+        if self.z_loss:
+            loss = loss + self.z_loss * router_z_loss(routing.logits)
+        return y.view(B, T, d), loss, routing
+
+    def combine(self, h, routing):
+        """y_t = sum over t's assignments of weight * expert(h_t)."""
+        # One sort per layer puts each expert's rows next to each other.
+        order = torch.argsort(routing.expert_idx, stable=True)
+        token_idx = routing.token_idx[order]
+        counts = torch.bincount(routing.expert_idx, minlength=self.n_experts)
+        out = self.run_experts(h[token_idx], counts)
+        out = out * routing.weight[order, None].to(out.dtype)
+        # index_add sums the k contributions of each token (a token chosen by no
+        # expert under expert choice simply gets zero: the residual carries it).
+        return torch.zeros_like(h).index_add_(0, token_idx, out)
+
+    def run_experts(self, x, counts):
+        """x: [A, d] rows sorted by global expert id, counts: [E] rows per expert."""
+        if self.world_size == 1:
+            return self.experts(x, counts.tolist())
+        W, L = self.world_size, self.n_local
+        # 1. Tell every rank how many rows it will receive for each of its experts.
+        recv_counts = torch.empty_like(counts)
+        dist.all_to_all_single(recv_counts, counts)              # [W * L]: (source rank, local expert)
+        send_splits = counts.view(W, L).sum(1).tolist()
+        recv_splits = recv_counts.view(W, L).sum(1).tolist()
+        # 2. Send the rows. They arrive grouped by source rank, then by expert.
+        rx = AllToAll.apply(x, recv_splits, send_splits)
+        # 3. Regroup by local expert so each expert's rows are contiguous again.
+        local_expert = torch.arange(L, device=x.device).repeat(W).repeat_interleave(recv_counts)
+        regroup = torch.argsort(local_expert, stable=True)
+        ry = torch.empty_like(rx)
+        ry[regroup] = self.experts(rx[regroup], recv_counts.view(W, L).sum(0).tolist())
+        # 4. Send the results back where the rows came from (the reverse exchange).
+        return AllToAll.apply(ry, send_splits, recv_splits)
+
+
+# ----------------------------------------------------------------------------
+# The transformer around it.
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + moe(norm(x))."""
+
+    def __init__(self, cfg, rank=0, world_size=1):
+        super().__init__()
+        self.norm1 = nn.RMSNorm(cfg.d_model)
+        self.attn = CausalSelfAttention(cfg)
+        self.norm2 = nn.RMSNorm(cfg.d_model)
+        self.moe = MoELayer(cfg, rank, world_size)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        y, loss, routing = self.moe(self.norm2(x))
+        return x + y, loss, routing
+
+
+@dataclass
+class GPTOutput:
+    logits: torch.Tensor           # [B, T, vocab]
+    lm_loss: torch.Tensor | None   # mean next-token cross-entropy (None without targets)
+    balance_loss: torch.Tensor     # the strategies' extra loss, averaged over layers
+    routings: list                 # one balancers.Routing per layer (for metrics)
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg, rank=0, world_size=1):
+        super().__init__()
+        check_config(cfg, world_size)
+        self.cfg, self.world_size = cfg, world_size
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.seq_len, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg, rank, world_size) for _ in range(cfg.n_layers))
+        self.norm = nn.RMSNorm(cfg.d_model)
+        # Untied output head: with 256 byte tokens the embedding is tiny, so
+        # tying would save almost nothing, and untied is one less coupling to
+        # explain when reading gradients.
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self._init_replicated()
+
+    def _init_replicated(self):
+        """GPT-2 style: N(0, 0.02), residual projections shrunk by 1/sqrt(2L)
+        so the residual stream does not grow with depth. (Experts drew their
+        own weights in Experts.__init__.)"""
+        for name, p in self.named_parameters():
+            if ".experts." in name or ".shared." in name or "norm" in name:
+                continue
+            std = 0.02 / math.sqrt(2 * self.cfg.n_layers) if name.endswith("proj.weight") else 0.02
+            nn.init.normal_(p, 0.0, std)
+
+    def forward(self, idx, targets=None):
+        B, T = idx.shape
+        x = self.tok_emb(idx) + self.pos_emb(torch.arange(T, device=idx.device))
+        balance_losses, routings = [], []
+        for block in self.blocks:
+            x, loss, routing = block(x)
+            balance_losses.append(loss)
+            routings.append(routing)
+        logits = self.head(self.norm(x))
+        lm_loss = None
+        if targets is not None:
+            lm_loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
+        # Averaged, not summed, over layers: each layer is balanced on its own
+        # (never pool all layers' logits as if expert i were one expert), and
+        # alpha keeps its meaning whatever the depth.
+        return GPTOutput(logits, lm_loss, torch.stack(balance_losses).mean(), routings)
+
+    def moe_layers(self):
+        return [block.moe for block in self.blocks]
+
+    def end_step(self):
+        """Call once per optimizer step, after all micro-steps. Sums each
+        layer's load over all ranks, hands it to the strategy's step() (lossfree
+        updates its bias here, global_aux resets its buffer) and returns the
+        global load [n_layers, E] for MaxVio_batch."""
+        loads = torch.stack([layer.load for layer in self.moe_layers()])
+        if self.world_size > 1:
+            dist.all_reduce(loads)
+        for layer, load in zip(self.moe_layers(), loads):
+            layer.balancer.step(load)
+            layer.load.zero_()
+        return loads
+
+
+def max_violation(load):
+    """MaxVio = (max_i Load_i - mean Load) / mean Load (Wang et al. 2024, Eq. 4).
+    load: [..., E] counts; returns [...]. 0 is perfect balance; E-1 means one
+    expert took everything (with k = 1)."""
+    load = load.float()
+    mean = load.mean(-1)
+    return (load.max(-1).values - mean) / mean.clamp(min=1e-9)
+
+
+# ----------------------------------------------------------------------------
+# Optimizer-step helpers for expert parallelism.
+
+def is_expert_param(name):
+    return ".experts." in name
+
+
+def sync_gradients(model):
+    """Make every rank's gradients those of the global mean loss.
+
+    Each rank's loss is the mean over its own tokens; the global loss is the
+    mean of those over ranks. Replicated parameters: average the gradients
+    over ranks (one all-reduce of a flat buffer). Expert parameters: their
+    owner already received gradient from every rank's tokens through the
+    reverse all-to-all, i.e. the *sum* of the ranks' losses; divide by the
+    world size to get the mean."""
+    W = model.world_size
+    if W == 1:
+        return
+    replicated = [p.grad for n, p in model.named_parameters() if not is_expert_param(n) and p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in replicated])
+    dist.all_reduce(flat)
+    flat /= W
+    for g, new in zip(replicated, flat.split([g.numel() for g in replicated])):
+        g.copy_(new.view_as(g))
+    for n, p in model.named_parameters():
+        if is_expert_param(n) and p.grad is not None:
+            p.grad /= W
+
+
+def clip_grad_norm(model, max_norm):
+    """Global gradient-norm clipping when experts are sharded: replicated
+    gradients are identical on every rank (count them once), expert gradients
+    are disjoint (sum their squares over ranks). Returns the norm."""
+    device = next(model.parameters()).device
+    sq_rep, sq_exp = torch.zeros((), device=device), torch.zeros((), device=device)
+    for n, p in model.named_parameters():
+        if p.grad is None:
+            continue
+        if is_expert_param(n):
+            sq_exp = sq_exp + p.grad.float().pow(2).sum()
+        else:
+            sq_rep = sq_rep + p.grad.float().pow(2).sum()
+    if model.world_size > 1:
+        dist.all_reduce(sq_exp)
+    norm = (sq_rep + sq_exp).sqrt()
+    scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    for p in model.parameters():
+        if p.grad is not None:
+            p.grad.mul_(scale)
+    return norm
