@@ -49,6 +49,8 @@ class BalanceConfig:
     bias_rate: float = 1e-3        # lossfree: u, the bias update rate (Wang et al. Sec. 3)
     capacity_factor: float = 2.0   # expert_choice: c in C = n * c / E (Zhou et al. Sec. 3.1)
     route_seqs: int = 2            # expert_choice: sequences per routing group
+    route_shuffle: bool = False    # expert_choice: fill routing groups with tokens shuffled across
+                                   # the micro-batch (Wang et al. Fig. 9's control for the leak)
     z_loss: float = 0.0            # router z-loss coefficient, any strategy (ST-MoE uses 1e-3)
 
 
@@ -273,15 +275,22 @@ class ExpertChoice(Balancer):
         if B % g:
             raise ValueError(f"route_seqs={g} does not divide the local batch of {B} "
                              f"sequences: choose a divisor of the micro-batch")
-        scores = gate_scores(logits, self.gate)
+        scores = gate_scores(logits, self.gate).reshape(B * T, E)
+        # Which token sits in which group. Normally group j is sequences
+        # [j*g, (j+1)*g). With route_shuffle a fixed permutation scatters every
+        # sequence over all groups, so a group holds few tokens of any one
+        # sequence and a choice reveals little about that sequence's future.
+        slot = torch.arange(B * T, device=logits.device)
+        if self.cfg.route_shuffle:
+            slot = slot[torch.randperm(B * T, generator=torch.Generator().manual_seed(0)).to(slot.device)]
         n = g * T                                                   # tokens per routing group
         C = expert_capacity(n, self.cfg.capacity_factor, E)
-        top = scores.reshape(B // g, n, E).topk(C, dim=1)           # each expert's best C tokens
+        top = scores[slot].view(B // g, n, E).topk(C, dim=1)       # each expert's best C tokens
         offset = torch.arange(B // g, device=logits.device)[:, None, None] * n
-        token_idx = (top.indices + offset).transpose(1, 2)          # [groups, E, C]
+        token_idx = slot[(top.indices + offset).transpose(1, 2)]   # [groups, E, C]
         expert_idx = torch.arange(E, device=logits.device)[None, :, None].expand_as(token_idx)
         weight = top.values.transpose(1, 2)
-        probs = scores / scores.sum(-1, keepdim=True)
+        probs = (scores / scores.sum(-1, keepdim=True)).view(B, T, E)
         return Routing(token_idx.reshape(-1), expert_idx.reshape(-1), weight.reshape(-1), probs, logits)
 
 

@@ -128,8 +128,25 @@ class Experts(nn.Module):
 
     def forward(self, x, counts):
         """x: [N, d] sorted by local expert; counts: list of rows per local expert."""
-        out = [swiglu(chunk, self.w13[e], self.w2[e]) for e, chunk in enumerate(x.split(counts))]
+        out = [expert_rows(chunk, self.w13[e], self.w2[e]) for e, chunk in enumerate(x.split(counts))]
         return torch.cat(out)
+
+
+MIN_ROWS = 16
+
+
+def expert_rows(x, w13, w2):
+    """swiglu on one expert's rows, padded to at least MIN_ROWS rows.
+
+    Why pad: CPU BLAS switches to other kernels for matrices of a handful of
+    rows, which round differently. A token's output would then depend, in the
+    last bit, on how many *other* tokens chose the same expert, and the
+    causality probe would read 1e-7 instead of 0 for token choice. With a
+    floor on the row count every row goes through the same arithmetic."""
+    n = x.shape[0]
+    if 0 < n < MIN_ROWS:
+        return swiglu(F.pad(x, (0, 0, 0, MIN_ROWS - n)), w13, w2)[:n]
+    return swiglu(x, w13, w2)
 
 
 class SharedExpert(nn.Module):

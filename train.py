@@ -88,12 +88,18 @@ def parse_args(argv=None):
     g.add_argument("--grad-clip", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--data", metavar="DIR", help="your own text: one domain per subfolder (or per file)")
-    g.add_argument("--out", metavar="DIR", default="out", help="log.jsonl, summary.json and ckpt.pt go here")
+    g.add_argument("--out", metavar="DIR", help="log.jsonl, summary.json and ckpt.pt go here (default: runs/BALANCER)")
     g.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
+    g.add_argument("--overwrite", action="store_true", help="start over even if OUT/ckpt.pt exists")
+    g.add_argument("--stop-at", type=int, default=-1, metavar="N",
+                   help="stop after step N with a checkpoint, as if interrupted (continue with --resume)")
     g.add_argument("--eval-every", type=int, help="evaluate every N steps (0: only at the end)")
     g.add_argument("--log-every", type=int, help="write log.jsonl every N steps")
     g.add_argument("--val-seqs", type=int, help="validation sequences per domain")
     g.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    # Failure injection for the tests of distributed error handling; hidden from --help.
+    g.add_argument("--crash-step", type=int, default=-1, help=argparse.SUPPRESS)
+    g.add_argument("--crash-rank", type=int, default=-1, help=argparse.SUPPRESS)
     g = p.add_argument_group("strategy knobs (default: the paper's value)")
     g.add_argument("--gate", choices=["softmax", "sigmoid"], help="override the strategy's gate")
     g.add_argument("--alpha", type=float, help="aux-loss coefficient (aux/global_aux 1e-2, seq_aux 1e-4)")
@@ -101,11 +107,14 @@ def parse_args(argv=None):
     g.add_argument("--bias-rate", type=float, default=1e-3, help="lossfree: bias update rate u")
     g.add_argument("--capacity-factor", type=float, default=2.0, help="expert_choice: capacity factor c")
     g.add_argument("--route-seqs", type=int, default=2, help="expert_choice: sequences per routing group")
+    g.add_argument("--route-shuffle", action="store_true",
+                   help="expert_choice: shuffle tokens across sequences before grouping (the leak's control)")
     g.add_argument("--z-loss", type=float, default=0.0, help="router z-loss coefficient (any strategy; ST-MoE: 1e-3)")
     args = p.parse_args(argv)
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    args.out = args.out or os.path.join("runs", args.balancer)
     return args
 
 
@@ -130,7 +139,8 @@ def check_args(args, world_size):
 def model_config(args):
     balance = BalanceConfig(gate=args.gate, alpha=args.alpha, balance_seqs=args.balance_seqs,
                             bias_rate=args.bias_rate, capacity_factor=args.capacity_factor,
-                            route_seqs=args.route_seqs, z_loss=args.z_loss)
+                            route_seqs=args.route_seqs, route_shuffle=args.route_shuffle,
+                            z_loss=args.z_loss)
     return GPTConfig(seq_len=args.seq_len, n_layers=args.n_layers, d_model=args.d_model,
                      n_heads=args.n_heads, n_experts=args.n_experts, top_k=args.top_k,
                      d_expert=args.d_expert, shared_experts=args.shared_experts,
@@ -158,6 +168,7 @@ def setup_distributed(device_arg="auto"):
 
 
 def all_reduce_(t, world_size, op=None):
+    """Sum (or op) a tensor over ranks in place; a no-op for one process."""
     if world_size > 1:
         dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
     return t
@@ -381,6 +392,46 @@ def load_checkpoint(path, model, opt, args, rank, world_size):
     return ckpt["step"]
 
 
+def prepare_out_dir(args, rank):
+    """Create --out and make sure we may write there and will not clobber a run."""
+    ckpt = os.path.join(args.out, "ckpt.pt")
+    try:
+        os.makedirs(args.out, exist_ok=True)
+        probe = os.path.join(args.out, f".write-test-{rank}")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"--out {args.out} cannot be written ({e.strerror}): choose another folder") from None
+    if os.path.exists(ckpt) and not (args.resume or args.overwrite):
+        raise ValueError(f"{ckpt} already exists: add --resume to continue that run, --overwrite to "
+                         f"start over, or choose another --out")
+    return ckpt
+
+
+def read_log(path, upto_step):
+    """The records of a resumed run, cut at the checkpoint's step (steps after
+    it were lost with the interruption and will be redone)."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    return [r for r in records if r["step"] <= upto_step]
+
+
+def summarize(args, cfg, corpus, model, history, ev, world_size, wall_time):
+    """summary.json: the run's final figures in one flat record."""
+    tail = history[-max(1, len(history) // 10):]
+    mean = lambda key, rows: sum(r[key] for r in rows) / max(1, len(rows))
+    return {"balancer": args.balancer, "steps": args.steps, "world_size": world_size, "seed": args.seed,
+            "config": asdict(cfg), "args": vars(args), "domains": corpus.domains,
+            "unigram_loss": unigram_loss(corpus), **ev,
+            "maxvio_batch": mean("maxvio_batch", history),            # averaged over training
+            "maxvio_batch_final": mean("maxvio_batch", tail),         # the last 10% of logged steps
+            "tokens_per_second": mean("tokens_per_s", history), "wall_time_s": wall_time,
+            "bias": [layer.balancer.bias.tolist() for layer in model.moe_layers()
+                     if hasattr(layer.balancer, "bias")]}
+
+
 def main(argv=None):
     args = parse_args(argv)
     rank, world_size, device = setup_distributed(args.device)
@@ -389,73 +440,75 @@ def main(argv=None):
     cfg = model_config(args)
     check_config(cfg, world_size)
     corpus = load_corpus(args.data, seq_len=args.seq_len, log=log)
-    os.makedirs(args.out, exist_ok=True)
-    if not os.access(args.out, os.W_OK):
-        raise ValueError(f"--out {args.out} is not writable: choose another folder")
+    ckpt_path = prepare_out_dir(args, rank)
+    log_path = os.path.join(args.out, "log.jsonl")
 
     torch.manual_seed(args.seed)
     model = GPT(cfg, rank, world_size).to(device)
     opt = make_optimizer(model, args)
-    ckpt_path = os.path.join(args.out, "ckpt.pt")
-    start = load_checkpoint(ckpt_path, model, opt, args, rank, world_size) if args.resume else 0
+    step = load_checkpoint(ckpt_path, model, opt, args, rank, world_size) if args.resume else 0
+    history = read_log(log_path, step) if args.resume else []
     batches = val_batches(corpus, args.seq_len, args.batch_size // args.grad_accum, args.val_seqs)
     n_active = sum(p.numel() for n, p in model.named_parameters() if not is_expert_param(n)) + \
         cfg.n_layers * cfg.top_k * 3 * cfg.d_model * cfg.d_expert
     log(f"{args.balancer} | {world_size} process(es) on {device} | {cfg.n_layers} layers, "
         f"{cfg.n_experts} experts top-{cfg.top_k}, ~{n_active / 1e6:.2f}M active params | "
-        f"unigram baseline val loss {unigram_loss(corpus):.3f}")
+        f"unigram baseline val loss {unigram_loss(corpus):.3f}" + (f" | resuming at step {step}" if step else ""))
 
+    # SIGTERM (a scheduler, torchrun being stopped) or Ctrl-C finishes the
+    # current step, saves a checkpoint and exits, on every rank at the same step.
     stop = {"signal": False}
-    signal.signal(signal.SIGTERM, lambda *_: stop.update(signal=True))
-    logf = open(os.path.join(args.out, "log.jsonl"), "a" if args.resume else "w") if rank == 0 else None
-    tokens_per_step = args.batch_size * args.seq_len
-    history, ev = [], {}
-    bar = None
+
+    def on_signal(signum, frame):
+        if stop["signal"] and signum == signal.SIGINT:
+            raise KeyboardInterrupt            # a second Ctrl-C: leave now
+        stop["signal"] = True
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    logf = None
     if rank == 0:
-        from tqdm import tqdm
-        bar = tqdm(total=args.steps, initial=start, desc=args.balancer, dynamic_ncols=True)
-    step = start
-    t_start = time.time()
+        logf = open(log_path, "w")
+        logf.writelines(json.dumps(r) + "\n" for r in history)   # rewrite, cut at the checkpoint
+        logf.flush()
+    from tqdm import tqdm
+    bar = tqdm(total=args.steps, initial=step, desc=args.balancer, dynamic_ncols=True, disable=rank != 0)
+    tokens_per_step = args.batch_size * args.seq_len
+    ev, t_start = {}, time.time()
     while step < args.steps:
+        if args.crash_step == step and args.crash_rank == rank:
+            raise RuntimeError(f"forced failure on rank {rank} at step {step} (--crash-step)")
         t0 = time.time()
         rec = train_step(model, opt, corpus, step, args, rank, world_size, device)
         rec["tokens_per_s"] = tokens_per_step / (time.time() - t0)
         step += 1
         if not math.isfinite(rec["loss"]):
-            raise FloatingPointError(f"loss became {rec['loss']} at step {step}; the last good checkpoint is "
-                                     f"kept in {ckpt_path}. Try a lower --lr")
+            raise FloatingPointError(f"loss became {rec['loss']} at step {step}; stopped without saving, "
+                                     f"{ckpt_path} keeps the last good state. Try a lower --lr")
         biases = [layer.balancer.bias for layer in model.moe_layers() if hasattr(layer.balancer, "bias")]
         if biases:
-            rec["bias"] = torch.stack(biases).tolist()   # lossfree: the bias trajectories
-        history.append(rec)
+            rec["bias"] = torch.stack(biases).tolist()     # lossfree: the bias trajectories
         final = step == args.steps
         if final or (args.eval_every and step % args.eval_every == 0):
             ev = evaluate(model, corpus, batches, rank, world_size, device)
             rec.update({k: v for k, v in ev.items() if k != "expert_freq"})
-            save_checkpoint(ckpt_path, model, opt, step, args, rank, world_size)
-        if rank == 0:
-            bar.update(1)
-            bar.set_postfix(loss=f"{rec['loss']:.3f}", maxvio=f"{rec['maxvio_batch']:.2f}")
-            if final or step % args.log_every == 0 or "val_loss" in rec:
-                logf.write(json.dumps({"step": step, **rec}) + "\n")
+        if final or step % args.log_every == 0 or "val_loss" in rec:
+            rec = {"step": step, **rec}
+            history.append(rec)
+            if logf:
+                logf.write(json.dumps(rec) + "\n")
                 logf.flush()
-        halt = torch.tensor(float(stop["signal"]), device=device)
-        if all_reduce_(halt, world_size).item():          # every rank stops at the same step
+        bar.update(1)
+        bar.set_postfix(loss=f"{rec['loss']:.3f}", maxvio=f"{rec['maxvio_batch']:.2f}")
+        halt = all_reduce_(torch.tensor(float(stop["signal"]), device=device), world_size).item()
+        if final or "val_loss" in rec or halt or step == args.stop_at:
             save_checkpoint(ckpt_path, model, opt, step, args, rank, world_size)
-            log(f"stopped by SIGTERM at step {step}; resume with --resume")
-            return 1
-    if bar:
-        bar.close()
+        if halt or step == args.stop_at:
+            bar.close()
+            log(f"stopped at step {step}, checkpoint saved; continue with the same flags plus --resume")
+            return 1 if halt else 0
+    bar.close()
     if rank == 0:
-        summary = {"balancer": args.balancer, "steps": step, "world_size": world_size,
-                   "seed": args.seed, "config": asdict(cfg), "args": vars(args),
-                   "domains": corpus.domains, "unigram_loss": unigram_loss(corpus),
-                   **{k: v for k, v in ev.items()},
-                   "maxvio_batch": sum(h["maxvio_batch"] for h in history) / max(1, len(history)),
-                   "tokens_per_second": sum(h["tokens_per_s"] for h in history) / max(1, len(history)),
-                   "wall_time_s": time.time() - t_start,
-                   "bias": [layer.balancer.bias.tolist() for layer in model.moe_layers()
-                            if hasattr(layer.balancer, "bias")]}
+        summary = summarize(args, cfg, corpus, model, history, ev, world_size, time.time() - t_start)
         with open(os.path.join(args.out, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
         log(f"val loss {summary.get('val_loss', float('nan')):.4f} (unigram {summary['unigram_loss']:.4f}) | "
@@ -469,7 +522,9 @@ def cli():
     try:
         code = main()
     except (ValueError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        # Every rank sees the same flags and fails the same way: one line is enough.
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {e}", file=sys.stderr)
         code = 2 if isinstance(e, ValueError) else 1
     finally:
         if dist.is_initialized():
