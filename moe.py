@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 
 from balancers import BalanceConfig, make_balancer, router_z_loss
 
@@ -76,11 +77,9 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
     def forward(self, x):
-        B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2) for t in (q, k, v))
+        q, k, v = rearrange(self.qkv(x), "b t (three h d) -> three b h t d", three=3, h=self.n_heads)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+        return self.proj(rearrange(y, "b h t d -> b t (h d)"))
 
 
 # ----------------------------------------------------------------------------
@@ -93,7 +92,7 @@ class Router(nn.Module):
 
     def __init__(self, d_model, n_experts):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(n_experts, d_model))
+        self.weight = nn.Parameter(torch.randn(n_experts, d_model) * 0.02)
 
     def forward(self, x):
         with torch.autocast(x.device.type, enabled=False):
@@ -128,8 +127,13 @@ class Experts(nn.Module):
 
     def forward(self, x, counts):
         """x: [N, d] sorted by local expert; counts: list of rows per local expert."""
-        out = [expert_rows(chunk, self.w13[e], self.w2[e]) for e, chunk in enumerate(x.split(counts))]
-        return torch.cat(out)
+        # unbind() hands out every expert's matrices as views through a single
+        # autograd node, whose backward stacks the E gradients once. Indexing
+        # self.w13[e] inside the loop would instead give each expert its own
+        # backward that zero-fills a gradient the size of *all* experts: E^2
+        # memory traffic, which made the layer several times slower.
+        pieces = zip(x.split(counts), self.w13.unbind(0), self.w2.unbind(0))
+        return torch.cat([expert_rows(rows, w13, w2) for rows, w13, w2 in pieces])
 
 
 MIN_ROWS = 16
@@ -228,7 +232,9 @@ class MoELayer(nn.Module):
         order = torch.argsort(routing.expert_idx, stable=True)
         token_idx = routing.token_idx[order]
         counts = torch.bincount(routing.expert_idx, minlength=self.n_experts)
-        out = self.run_experts(h[token_idx], counts)
+        # index_select rather than h[token_idx]: same rows, but its backward is
+        # a plain index_add_, cheaper than the accumulating index_put_ of [].
+        out = self.run_experts(h.index_select(0, token_idx), counts)
         out = out * routing.weight[order, None].to(out.dtype)
         # index_add sums the k contributions of each token (a token chosen by no
         # expert under expert choice simply gets zero: the residual carries it).
@@ -242,16 +248,23 @@ class MoELayer(nn.Module):
         # 1. Tell every rank how many rows it will receive for each of its experts.
         recv_counts = torch.empty_like(counts)
         dist.all_to_all_single(recv_counts, counts)              # [W * L]: (source rank, local expert)
-        send_splits = counts.view(W, L).sum(1).tolist()
-        recv_splits = recv_counts.view(W, L).sum(1).tolist()
+        send, recv = torch.stack([counts, recv_counts]).tolist()  # one host sync for both lists
+        send_splits = [sum(send[r * L:(r + 1) * L]) for r in range(W)]
+        recv_splits = [sum(recv[r * L:(r + 1) * L]) for r in range(W)]
         # 2. Send the rows. They arrive grouped by source rank, then by expert.
         rx = AllToAll.apply(x, recv_splits, send_splits)
         # 3. Regroup by local expert so each expert's rows are contiguous again.
-        local_expert = torch.arange(L, device=x.device).repeat(W).repeat_interleave(recv_counts)
-        regroup = torch.argsort(local_expert, stable=True)
-        ry = torch.empty_like(rx)
-        ry[regroup] = self.experts(rx[regroup], recv_counts.view(W, L).sum(0).tolist())
-        # 4. Send the results back where the rows came from (the reverse exchange).
+        #    The rows arrive as blocks (source rank r, expert l); listing the
+        #    blocks in (l, r) order is all it takes: whole blocks move, in one
+        #    copy, with no second sort and no per-row index.
+        blocks = rx.split(recv)
+        by_expert = [(r, l) for l in range(L) for r in range(W)]
+        y = self.experts(torch.cat([blocks[r * L + l] for r, l in by_expert]),
+                         [sum(recv[r * L + l] for r in range(W)) for l in range(L)])
+        # 4. Put the result blocks back in (source rank, expert) order and send
+        #    them back where the rows came from (the reverse exchange).
+        y_blocks = dict(zip(by_expert, y.split([recv[r * L + l] for r, l in by_expert])))
+        ry = torch.cat([y_blocks[r, l] for r in range(W) for l in range(L)])
         return AllToAll.apply(ry, send_splits, recv_splits)
 
 

@@ -28,6 +28,7 @@ import signal
 import sys
 import time
 from dataclasses import asdict
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -161,7 +162,6 @@ def setup_distributed(device_arg="auto"):
     else:
         device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
-        from datetime import timedelta
         # A bounded timeout: if one rank dies, the others fail instead of waiting forever.
         dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(minutes=5))
     return rank, world_size, device

@@ -1,0 +1,371 @@
+"""Tests for balancers.py: each strategy's routing rule, its loss and its
+once-per-step update, checked against the papers' formulas on inputs small
+enough to work out by hand. (The multi-process properties of global_aux and
+lossfree are in test_parallel.py.)"""
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from balancers import (BALANCERS, BalanceConfig, expert_capacity, gate_scores,  # noqa: E402
+                       make_balancer)
+from moe import GPT, GPTConfig, max_violation  # noqa: E402
+
+WITH_BIAS = ["lossfree", "seq_aux"]
+DEFAULT_ALPHA = {"aux": 1e-2, "global_aux": 1e-2, "seq_aux": 1e-4}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tensors here are tiny: extra threads only add synchronisation, which
+    costs a lot on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def random_logits(*shape, seed=0, scale=1.0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale
+
+
+def per_token_experts(routing, n_tokens):
+    """The set of experts each token was assigned to."""
+    chosen = [set() for _ in range(n_tokens)]
+    for t, e in zip(routing.token_idx.tolist(), routing.expert_idx.tolist()):
+        chosen[t].add(e)
+    return chosen
+
+
+# ----------------------------------------------------------------------------
+# Token choice (none, aux, global_aux): top-k of the gate scores.
+
+@pytest.mark.parametrize("strategy", ["none", "aux", "global_aux"])
+def test_token_choice_sends_each_token_to_its_k_highest_scores(strategy):
+    """Token choice: every token goes to exactly its k best-scoring experts,
+    weighted by that (softmax) score."""
+    B, T, E, k = 2, 5, 6, 2
+    logits = random_logits(B, T, E)
+    routing = make_balancer(strategy, E, k, BalanceConfig()).route(logits)
+    scores = logits.softmax(-1).reshape(-1, E)
+    assert torch.equal(routing.token_idx, torch.arange(B * T).repeat_interleave(k))
+    best = scores.topk(k, dim=-1).indices
+    assert per_token_experts(routing, B * T) == [set(row) for row in best.tolist()]
+    torch.testing.assert_close(routing.weight, scores[routing.token_idx, routing.expert_idx])
+    torch.testing.assert_close(routing.probs.sum(-1), torch.ones(B, T))
+
+
+# ----------------------------------------------------------------------------
+# The auxiliary loss (Fedus et al. 2021, Sec. 2.2).
+
+@pytest.mark.parametrize("strategy", ["aux", "global_aux", "seq_aux"])
+@pytest.mark.parametrize("E,k", [(4, 1), (8, 2)])
+def test_uniform_router_costs_exactly_alpha(strategy, E, k):
+    """With f normalised by k*T, a router that scores every expert equally
+    (P_i = 1/E) scores N_E * sum_i f_i / E = 1 whatever f is: the loss is
+    exactly alpha, each strategy's default alpha included (Switch 1e-2,
+    DeepSeek-V3's sequence-wise loss 1e-4)."""
+    logits = torch.zeros(4, 6, E)
+    for alpha in (None, 0.25):
+        bal = make_balancer(strategy, E, k, BalanceConfig(alpha=alpha)).train()
+        loss = bal.loss(bal.route(logits))
+        expected = DEFAULT_ALPHA[strategy] if alpha is None else alpha
+        assert loss.item() == torch.tensor(expected, dtype=torch.float32).item()
+
+
+def test_aux_loss_matches_hand_worked_example():
+    """One balance group of 4 tokens, 2 experts, top-1. Logits (ln 3, 0) give
+    probabilities (3/4, 1/4). Three tokens prefer expert 0, one expert 1:
+        f = (3/4, 1/4)
+        P = ((3 * 3/4 + 1/4) / 4, (3 * 1/4 + 3/4) / 4) = (5/8, 3/8)
+        LBL = alpha * N_E * (f . P) = 0.01 * 2 * (15/32 + 3/32) = 0.01125"""
+    ln3 = math.log(3.0)
+    logits = torch.tensor([[[ln3, 0.0], [ln3, 0.0], [0.0, ln3], [ln3, 0.0]]])
+    bal = make_balancer("aux", 2, 1, BalanceConfig(alpha=0.01, balance_seqs=1))
+    routing = bal.route(logits)
+    assert routing.expert_idx.tolist() == [0, 0, 1, 0]
+    torch.testing.assert_close(bal.loss(routing), torch.tensor(0.01125), rtol=1e-6, atol=0)
+
+
+def test_aux_loss_gradient_flows_only_through_mean_probability():
+    """Only P carries gradient; f is a count (Fedus et al. 2021, Sec. 2.2).
+    The gradient w.r.t. the logits must equal that of alpha * N_E * f . P with
+    f counted by hand and held constant, P the per-group mean softmax."""
+    B, T, E, k, seqs, alpha = 4, 5, 4, 2, 2, 1.0
+    logits = random_logits(B, T, E, seed=1, scale=2.0).requires_grad_()
+    bal = make_balancer("aux", E, k, BalanceConfig(alpha=alpha, balance_seqs=seqs))
+    routing = bal.route(logits)
+    bal.loss(routing).backward()
+
+    ref_logits = logits.detach().clone().requires_grad_()
+    n_groups, group_tokens = B // seqs, seqs * T
+    f = torch.zeros(n_groups, E)
+    for t, e in zip(routing.token_idx.tolist(), routing.expert_idx.tolist()):
+        f[t // group_tokens, e] += 1.0 / (k * group_tokens)
+    P = ref_logits.softmax(-1).reshape(n_groups, group_tokens, E).mean(1)
+    ref = alpha * E * (f * P).sum(-1).mean()
+    ref.backward()
+    assert ref_logits.grad.abs().max() > 1e-3
+    torch.testing.assert_close(logits.grad, ref_logits.grad, rtol=1e-5, atol=1e-8)
+
+
+def test_aux_loss_is_mean_over_balance_groups():
+    """Qiu et al. 2025: aux balances within groups of `balance_seqs`
+    sequences, so the batch loss is the mean of the groups' own losses. Two
+    groups that each use different experts are penalised, although the batch
+    as a whole is balanced: that is what blocks domain specialisation."""
+    E, k = 4, 1
+    lean = torch.tensor([3.0, 3.0, 0.0, 0.0])
+    logits = torch.cat([random_logits(2, 6, E, seed=2) + lean,
+                        random_logits(2, 6, E, seed=3) + lean.flip(0)])
+    cfg = BalanceConfig(balance_seqs=2)
+    bal = make_balancer("aux", E, k, cfg)
+    whole = bal.loss(bal.route(logits))
+    halves = [bal.loss(bal.route(part)) for part in logits.split(2)]
+    torch.testing.assert_close(whole, torch.stack(halves).mean(), rtol=1e-6, atol=0)
+    one_group = make_balancer("aux", E, k, BalanceConfig(balance_seqs=4))
+    assert one_group.loss(one_group.route(logits)) < 0.8 * whole
+
+
+@pytest.mark.parametrize("strategy,knob", [("aux", "balance_seqs"), ("expert_choice", "route_seqs")])
+def test_group_size_must_divide_local_batch(strategy, knob):
+    """A group that straddles micro-batches cannot be formed: refuse, naming
+    the setting, rather than silently using a smaller group."""
+    bal = make_balancer(strategy, 4, 2, BalanceConfig(**{knob: 2}))
+    with pytest.raises(ValueError, match=knob):
+        bal.route(torch.zeros(3, 4, 4))
+
+
+def test_sequence_aux_loss_balances_each_sequence_separately():
+    """DeepSeek-V3 (Sec. 2.1.2): f and P are computed within each sequence,
+    so the loss is the mean of single-sequence losses."""
+    E, k = 4, 2
+    logits = random_logits(3, 7, E, seed=4, scale=2.0)
+    bal = make_balancer("seq_aux", E, k, BalanceConfig(alpha=0.5))
+    whole = bal.loss(bal.route(logits))
+    per_seq = [bal.loss(bal.route(seq)) for seq in logits.split(1)]
+    torch.testing.assert_close(whole, torch.stack(per_seq).mean(), rtol=1e-6, atol=0)
+
+
+def test_global_aux_evaluation_leaves_count_buffer_alone():
+    """Qiu et al. 2025, Alg. 1: the buffer holds the training batch's counts;
+    a validation forward pass in the middle of a step must not add to it."""
+    bal = make_balancer("global_aux", 4, 2, BalanceConfig())
+    bal.train()
+    bal.loss(bal.route(random_logits(2, 5, 4)))
+    seen = bal.seen.clone()
+    assert seen.sum() == 2 * 5 * 2
+    bal.eval()
+    bal.loss(bal.route(random_logits(2, 5, 4, seed=9)))
+    assert torch.equal(bal.seen, seen)
+
+
+# ----------------------------------------------------------------------------
+# Loss-Free Balancing (Wang et al. 2024).
+
+@pytest.mark.parametrize("strategy", WITH_BIAS)
+def test_bias_steers_choice_but_gate_weight_is_unbiased_sigmoid_score(strategy):
+    """Wang et al. 2024, Eq. 3: expert i is chosen if s_i + b_i is in the
+    top-k, but the weight multiplying its output is the unbiased s_i."""
+    B, T, E, k = 2, 6, 4, 2
+    logits = random_logits(B, T, E, seed=5)
+    bal = make_balancer(strategy, E, k, BalanceConfig())
+    bal.bias.copy_(torch.tensor([0.0, 0.0, 0.0, 0.3]))
+    routing = bal.route(logits)
+    scores = torch.sigmoid(logits).reshape(-1, E)
+    biased_best = (scores + bal.bias).topk(k, dim=-1).indices
+    unbiased_best = scores.topk(k, dim=-1).indices
+    chosen = per_token_experts(routing, B * T)
+    assert chosen == [set(row) for row in biased_best.tolist()]
+    assert chosen != [set(row) for row in unbiased_best.tolist()], "the bias should change some choices"
+    assert torch.equal(routing.weight, scores[routing.token_idx, routing.expert_idx])
+
+
+@pytest.mark.parametrize("strategy", WITH_BIAS)
+def test_bias_gets_no_gradient(strategy):
+    """The bias is state, not a parameter: it is not in parameters(), and
+    backpropagating the layer's output and loss leaves it without gradient."""
+    cfg = GPTConfig(vocab_size=32, seq_len=8, n_layers=1, d_model=16, n_heads=2, n_experts=4,
+                    top_k=2, d_expert=8, balancer=strategy)
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    bal = model.blocks[0].moe.balancer
+    bal.bias.copy_(torch.tensor([0.1, -0.1, 0.2, 0.0]))
+    assert not any(p is bal.bias for p in model.parameters())
+    assert not any(".balancer." in name for name, _ in model.named_parameters())
+    assert not bal.bias.requires_grad
+    out = model(torch.randint(0, 32, (2, 8)), torch.randint(0, 32, (2, 8)))
+    (out.lm_loss + out.balance_loss).backward()
+    assert model.blocks[0].moe.router.weight.grad.abs().sum() > 0
+    assert bal.bias.grad is None
+
+
+@pytest.mark.parametrize("strategy", WITH_BIAS)
+def test_bias_changes_output_only_through_which_experts_are_chosen(strategy):
+    """Two biases that lead to the same choices (one is the other plus a
+    constant) must give bit-identical outputs and losses: the bias never
+    enters the forward value, so the LM gradient is not disturbed."""
+    cfg = GPTConfig(vocab_size=32, seq_len=8, n_layers=2, d_model=16, n_heads=2, n_experts=4,
+                    top_k=2, d_expert=8, balancer=strategy)
+    torch.manual_seed(0)
+    model = GPT(cfg).eval()
+    idx = torch.randint(0, 32, (2, 8))
+    bias = random_logits(4, seed=6, scale=0.05)
+    outs = []
+    for shift in (0.0, 0.5):
+        for layer in model.moe_layers():
+            layer.balancer.bias.copy_(bias + shift)
+        outs.append(model(idx, idx))
+    for r0, r1 in zip(outs[0].routings, outs[1].routings):
+        assert torch.equal(r0.expert_idx, r1.expert_idx)
+    assert torch.equal(outs[0].logits, outs[1].logits)
+    assert torch.equal(outs[0].balance_loss, outs[1].balance_loss)
+
+
+def test_lossfree_step_moves_bias_by_exactly_u_against_the_load():
+    """Wang et al. 2024, Alg. 1: e_i = mean(c) - c_i, b_i += u * sign(e_i). An
+    overloaded expert goes down by exactly u, an underloaded one up by
+    exactly u, one at the mean stays. (u = 1/32 is exact in binary.)"""
+    u = 1 / 32
+    bal = make_balancer("lossfree", 4, 1, BalanceConfig(bias_rate=u))
+    assert bal.bias.dtype == torch.float32
+    bal.step(torch.tensor([10, 2, 6, 6]))            # mean 6
+    assert bal.bias.tolist() == [-u, u, 0.0, 0.0]
+    bal.step(torch.tensor([1, 1, 1, 9]))             # mean 3
+    assert bal.bias.tolist() == [0.0, 2 * u, u, -u]
+
+
+def test_lossfree_default_rate_is_paper_value():
+    """u = 1e-3 (Wang et al. 2024, Sec. 3): 1e-4 converges too slowly, 1e-2
+    oscillates late in training."""
+    bal = make_balancer("lossfree", 2, 1, BalanceConfig())
+    bal.step(torch.tensor([3, 1]))
+    assert torch.equal(bal.bias, torch.tensor([-1e-3, 1e-3], dtype=torch.float32))
+
+
+def test_lossfree_updates_drive_skewed_router_to_balance():
+    """A router with a strong, fixed preference (expert 0 >> expert 7):
+    repeated bias updates at the paper's rate must bring MaxVio from above 1
+    to below 0.2 -- the point of Loss-Free Balancing."""
+    E, k = 8, 2
+    logits = random_logits(1, 512, E, seed=7) + torch.linspace(2.0, -2.0, E)
+    bal = make_balancer("lossfree", E, k, BalanceConfig())
+    vio = []
+    for _ in range(800):
+        load = torch.bincount(bal.route(logits).expert_idx, minlength=E)
+        vio.append(max_violation(load).item())
+        bal.step(load)
+    assert vio[0] > 1.0
+    assert max(vio[-20:]) < 0.2
+
+
+def lossfree_model(seed=0):
+    cfg = GPTConfig(vocab_size=32, seq_len=8, n_layers=2, d_model=16, n_heads=2, n_experts=4,
+                    top_k=2, d_expert=8, balancer="lossfree")
+    torch.manual_seed(seed)
+    return GPT(cfg)
+
+
+def test_lossfree_bias_is_fp32_state_that_survives_state_dict_round_trip():
+    """The bias is training state: it must be saved in checkpoints (a resumed
+    run that forgot it would restart balancing from zero) and kept in fp32,
+    where steps of u = 1e-3 are not rounded away."""
+    import io
+    model = lossfree_model()
+    for i, layer in enumerate(model.moe_layers()):
+        layer.balancer.bias.copy_(torch.tensor([1e-3, -2e-3, 7e-3, 0.0]) * (i + 1))
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    buf.seek(0)
+    state = torch.load(buf)
+    for i in range(2):
+        assert state[f"blocks.{i}.moe.balancer.bias"].dtype == torch.float32
+    fresh = lossfree_model(seed=1)
+    fresh.load_state_dict(state)
+    for old, new in zip(model.moe_layers(), fresh.moe_layers()):
+        assert new.balancer.bias.dtype == torch.float32
+        assert torch.equal(new.balancer.bias, old.balancer.bias)
+
+
+def test_evaluation_does_not_count_load_or_move_bias():
+    """Count tokens in training mode only: validation batches must not steer
+    the bias (Wang et al. 2024 update from the training batch)."""
+    model = lossfree_model()
+    idx = torch.randint(0, 32, (2, 8))
+    model.eval()
+    with torch.no_grad():
+        model(idx)
+    for layer in model.moe_layers():
+        assert layer.load.sum() == 0
+    assert model.end_step().sum() == 0
+    for layer in model.moe_layers():
+        assert torch.equal(layer.balancer.bias, torch.zeros(4))
+    model.train()
+    model(idx)
+    for layer in model.moe_layers():
+        assert layer.load.sum() == 2 * 8 * 2
+
+
+# ----------------------------------------------------------------------------
+# Expert choice (Zhou et al. 2022).
+
+@pytest.mark.parametrize("B,T,seqs,E,c", [(4, 8, 2, 4, 2.0),    # n=16: C=8
+                                          (2, 6, 1, 4, 1.0),    # n=6:  C=round(1.5)=2
+                                          (4, 5, 4, 8, 0.5),    # n=20: C=round(1.25)=1
+                                          (2, 3, 2, 2, 4.0)])   # n=6:  C=12, capped at 6
+def test_expert_choice_gives_every_expert_exactly_C_tokens_per_group(B, T, seqs, E, c):
+    """Zhou et al. 2022, Sec. 3.1: each expert takes the C = n*c/E tokens of
+    its routing group that score it highest, so the load is perfectly even;
+    the gate is the raw softmax score of the chosen pair."""
+    n = seqs * T
+    C = expert_capacity(n, c, E)
+    assert C == max(1, min(n, round(n * c / E)))
+    logits = random_logits(B, T, E, seed=8)
+    routing = make_balancer("expert_choice", E, 1, BalanceConfig(capacity_factor=c, route_seqs=seqs)).route(logits)
+    scores = logits.softmax(-1).reshape(-1, E)
+    for g in range(B // seqs):
+        in_group = (routing.token_idx // n) == g
+        for e in range(E):
+            picked = routing.token_idx[in_group & (routing.expert_idx == e)]
+            assert len(picked) == C
+            assert len(set(picked.tolist())) == C
+            best = scores[g * n:(g + 1) * n, e].topk(C).indices + g * n
+            assert set(picked.tolist()) == set(best.tolist())
+    assert torch.bincount(routing.expert_idx, minlength=E).tolist() == [C * B // seqs] * E
+    torch.testing.assert_close(routing.weight, scores[routing.token_idx, routing.expert_idx])
+
+
+# ----------------------------------------------------------------------------
+# Settings a newcomer gets wrong.
+
+@pytest.mark.parametrize("kwargs,n_experts,top_k,setting", [
+    ({}, 4, 5, "top_k"),
+    ({}, 4, 0, "top_k"),
+    ({"capacity_factor": 0.0}, 4, 2, "capacity_factor"),
+    ({"capacity_factor": -1.0}, 4, 2, "capacity_factor"),
+    ({"gate": "relu"}, 4, 2, "gate"),
+    ({"balance_seqs": 0}, 4, 2, "balance_seqs"),
+    ({"route_seqs": 0}, 4, 2, "route_seqs"),
+])
+def test_bad_strategy_setting_raises_value_error_naming_it(kwargs, n_experts, top_k, setting):
+    """A mistake is reported as a ValueError that names the setting to change,
+    for every strategy."""
+    for name in BALANCERS:
+        with pytest.raises(ValueError, match=setting):
+            make_balancer(name, n_experts, top_k, BalanceConfig(**kwargs))
+
+
+def test_unknown_strategy_raises_value_error_listing_choices():
+    """An unknown name fails with the list of valid strategies."""
+    with pytest.raises(ValueError, match="unknown balancer 'switch'.*lossfree"):
+        make_balancer("switch", 4, 2, BalanceConfig())
+
+
+def test_gate_scores_rejects_unknown_gate():
+    """Only the two gates of the papers exist: softmax and sigmoid."""
+    with pytest.raises(ValueError, match="gate"):
+        gate_scores(torch.zeros(1, 1, 2), "tanh")

@@ -1,0 +1,235 @@
+"""Tests for moe.py on one process: the MoE layer against a per-token loop,
+causality of the whole model, the once-per-step hook and the configuration
+checks. (Expert parallelism across processes is in test_parallel.py.)"""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from balancers import BALANCERS, BalanceConfig, gate_scores  # noqa: E402
+from moe import GPT, GPTConfig, MoELayer, check_config, max_violation, swiglu  # noqa: E402
+
+STRATEGIES = list(BALANCERS)
+TOKEN_CHOICE = ["none", "aux", "global_aux", "lossfree", "seq_aux"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tensors here are tiny: extra threads only add synchronisation, which
+    costs a lot on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def small_config(strategy, **overrides):
+    fields = dict(vocab_size=64, seq_len=12, n_layers=2, d_model=16, n_heads=2, n_experts=4,
+                  top_k=2, d_expert=8, balancer=strategy)
+    fields.update(overrides)
+    return GPTConfig(**fields)
+
+
+# ----------------------------------------------------------------------------
+# The layer equals the definition: y_t = sum over t's assignments of g * E_e(x_t).
+
+def naive_moe(layer, x, routing):
+    """The MoE layer written as the papers state it, one token at a time:
+    y_t = sum over the (t, e) assignments of s_{e,t} * SwiGLU_e(x_t)
+    (+ the shared expert), with s the gate score recomputed from the router
+    weight -- unbiased, whatever chose the experts."""
+    B, T, d = x.shape
+    h = x.reshape(B * T, d)
+    scores = gate_scores(h @ layer.router.weight.T, layer.balancer.gate)
+    w13, w2 = layer.experts.w13, layer.experts.w2
+    rows = []
+    for t in range(B * T):
+        y = torch.zeros(d)
+        for e in routing.expert_idx[routing.token_idx == t].tolist():
+            y = y + scores[t, e] * swiglu(h[t], w13[e], w2[e])
+        if layer.shared is not None:
+            y = y + swiglu(h[t], layer.shared.w13, layer.shared.w2)
+        rows.append(y)
+    return torch.stack(rows).view(B, T, d)
+
+
+def test_swiglu_is_silu_gate_times_linear_then_down_projection():
+    """SwiGLU (Shazeer 2020): (silu(x W1) * x W3) W2, with W1 and W3 stored
+    side by side in one [d, 2h] matrix (W1 first)."""
+    g = torch.Generator().manual_seed(0)
+    x, w1, w3, w2 = (torch.randn(*shape, generator=g) for shape in ((5, 4), (4, 3), (4, 3), (3, 4)))
+    a = x @ w1
+    expected = (a * torch.sigmoid(a) * (x @ w3)) @ w2
+    torch.testing.assert_close(swiglu(x, torch.cat([w1, w3], dim=1), w2), expected)
+
+
+@pytest.mark.parametrize("shared", [0, 1])
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_moe_layer_equals_per_token_reference(strategy, shared):
+    """Sorting by expert, the batched expert matmuls and index_add must
+    compute exactly the per-token sum of gated expert outputs: same output,
+    same gradient w.r.t. the input, the router weight and every expert weight."""
+    torch.manual_seed(0)
+    cfg = small_config(strategy, n_experts=4, top_k=2, d_model=8, d_expert=6, shared_experts=shared)
+    layer = MoELayer(cfg)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():    # O(1) values so that the tolerances below are meaningful
+        for p in layer.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+        if hasattr(layer.balancer, "bias"):
+            layer.balancer.bias.copy_(torch.randn(4, generator=g) * 0.1)
+    x = torch.randn(2, 5, 8, generator=g, requires_grad=True)
+    cotangent = torch.randn(2, 5, 8, generator=g)
+
+    y, _, routing = layer(x)
+    (y * cotangent).sum().backward()
+    got = {"x": x.grad.clone(), **{n: p.grad.clone() for n, p in layer.named_parameters()}}
+    x.grad = None
+    layer.zero_grad()
+
+    ref = naive_moe(layer, x, routing)
+    (ref * cotangent).sum().backward()
+    expected = {"x": x.grad, **{n: p.grad for n, p in layer.named_parameters()}}
+
+    # float32 with values of order 1: torch's default tolerances for float32
+    # (rtol 1.3e-6, atol 1e-5) sit at the rounding level of sums of O(1) terms.
+    assert ref.abs().max() > 0.1
+    torch.testing.assert_close(y, ref)
+    assert got.keys() == expected.keys()
+    assert {"router.weight", "experts.w13", "experts.w2"} <= got.keys()
+    for name in expected:
+        assert expected[name].abs().max() > 0.1, name
+        torch.testing.assert_close(got[name], expected[name], msg=lambda m: f"gradient of {name}: {m}")
+
+
+def test_layer_loss_adds_router_z_loss():
+    """ST-MoE's z-loss, z * mean(logsumexp(logits)^2), is added to the
+    strategy's loss when configured."""
+    g = torch.Generator().manual_seed(0)
+    plain = MoELayer(small_config("aux"))
+    with torch.no_grad():
+        for p in plain.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    with_z = MoELayer(small_config("aux", balance=BalanceConfig(z_loss=1e-2)))
+    with_z.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 5, 16, generator=g)
+    _, loss, routing = plain(x)
+    _, loss_z, _ = with_z(x)
+    z = torch.logsumexp(routing.logits, dim=-1).pow(2).mean()
+    assert z > 0.1
+    torch.testing.assert_close(loss_z, loss + 1e-2 * z, rtol=1e-6, atol=0)
+
+
+def test_moe_layer_initialises_all_its_parameters_from_the_seed():
+    """A layer built on its own must be a function of the random seed, like
+    the experts are: uninitialised memory would make runs irreproducible and
+    can hold huge values or NaN."""
+    torch.manual_seed(0)
+    a = MoELayer(small_config("aux"))
+    torch.manual_seed(0)
+    b = MoELayer(small_config("aux"))
+    torch.manual_seed(1)
+    c = MoELayer(small_config("aux"))
+    for (name, pa), pb, pc in zip(a.named_parameters(), b.parameters(), c.parameters()):
+        assert torch.isfinite(pa).all(), name
+        assert torch.equal(pa, pb), f"{name} differs under the same seed"
+        assert not torch.equal(pa, pc), f"{name} does not depend on the seed"
+
+
+# ----------------------------------------------------------------------------
+# Causality: a language model's output at t must not depend on tokens after t.
+
+def logits_before_and_after_changing_the_future(strategy, seed, t=5):
+    torch.manual_seed(seed)
+    model = GPT(small_config(strategy)).eval()
+    for layer in model.moe_layers():
+        if hasattr(layer.balancer, "bias"):   # a trained-looking bias, fixed during evaluation
+            layer.balancer.bias.copy_(torch.randn(4) * 0.05)
+    x = torch.randint(0, 64, (2, 12))
+    x2 = x.clone()
+    x2[:, t + 1:] = torch.randint(0, 64, x2[:, t + 1:].shape)
+    with torch.no_grad():
+        return model(x).logits[:, :t + 1], model(x2).logits[:, :t + 1]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("strategy", TOKEN_CHOICE)
+def test_token_choice_model_is_exactly_causal(strategy, seed):
+    """Token-choice routing decides per token (and lossfree's bias comes from
+    past batches), so changing the tokens after position t leaves the
+    logits at positions <= t bit-for-bit unchanged."""
+    before, after = logits_before_and_after_changing_the_future(strategy, seed)
+    assert torch.equal(before, after), f"max change {(before - after).abs().max().item():.3e}"
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_expert_choice_leaks_future_tokens(seed):
+    """Expert choice compares all tokens of the routing group, later ones
+    included: changing the future changes the past outputs (Wang et al. 2024,
+    Sec. 2.3 and App. C). This is the leak the causality probe measures."""
+    before, after = logits_before_and_after_changing_the_future("expert_choice", seed)
+    assert not torch.equal(before, after)
+
+
+# ----------------------------------------------------------------------------
+# The once-per-step hook and the balance metric.
+
+def test_end_step_hands_global_load_to_strategy_and_resets():
+    """end_step returns each layer's assignment counts over all micro-steps
+    of the optimizer step, gives them to the strategy (lossfree moves its
+    bias) and starts the next step from zero."""
+    torch.manual_seed(0)
+    model = GPT(small_config("lossfree", balance=BalanceConfig(bias_rate=0.25)))
+    expected = torch.zeros(2, 4, dtype=torch.long)
+    for micro in range(2):
+        out = model(torch.randint(0, 64, (2, 12)))
+        for l, r in enumerate(out.routings):
+            expected[l] += torch.bincount(r.expert_idx, minlength=4)
+    assert expected.sum() == 2 * 2 * 12 * 2 * 2      # micro-steps x B x T x k x layers
+    loads = model.end_step()
+    assert torch.equal(loads, expected)
+    for layer, load in zip(model.moe_layers(), loads):
+        assert layer.load.sum() == 0
+        mean = load.float().mean()
+        want = torch.where(load > mean, -0.25, torch.where(load < mean, 0.25, 0.0))
+        assert torch.equal(layer.balancer.bias, want)
+
+
+def test_max_violation_is_relative_excess_of_busiest_expert():
+    """MaxVio = (max_i load_i - mean load) / mean load (Wang et al. 2024,
+    Eq. 4): 0 when even, E - 1 when one expert takes everything."""
+    loads = torch.tensor([[4, 4, 4, 4], [16, 0, 0, 0], [6, 2, 4, 4], [0, 0, 0, 0]])
+    assert max_violation(loads).tolist() == [0.0, 3.0, 0.5, 0.0]
+
+
+# ----------------------------------------------------------------------------
+# Configuration mistakes.
+
+@pytest.mark.parametrize("overrides,world_size,setting", [
+    ({"top_k": 5}, 1, "top_k"),
+    ({"n_experts": 4}, 3, "n_experts"),
+    ({"balancer": "switch"}, 1, "unknown balancer"),
+    ({"balance": BalanceConfig(capacity_factor=0.0)}, 1, "capacity_factor"),
+    ({"balance": BalanceConfig(capacity_factor=-2.0)}, 1, "capacity_factor"),
+    ({"d_model": 10, "n_heads": 4}, 1, "n_heads"),
+    ({"shared_experts": -1}, 1, "shared_experts"),
+])
+def test_bad_config_raises_value_error_naming_the_setting(overrides, world_size, setting):
+    """check_config rejects a bad setting before anything is built, with a
+    ValueError that names it; building the model runs the same check."""
+    cfg = small_config("lossfree", **overrides)
+    with pytest.raises(ValueError, match=setting):
+        check_config(cfg, world_size)
+    with pytest.raises(ValueError, match=setting):
+        GPT(cfg, rank=0, world_size=world_size)
+
+
+def test_valid_config_passes_check():
+    """The checks are not over-eager: the shapes used by the tests are fine
+    for every strategy and 1, 2 or 4 processes."""
+    for strategy in STRATEGIES:
+        for world_size in (1, 2, 4):
+            check_config(small_config(strategy), world_size)

@@ -1,0 +1,356 @@
+"""Multi-process tests: expert parallelism and the balancing statistics that
+must be global (gloo on CPU, 2 processes).
+
+The promise of train.py is that the global batch is the unit of everything:
+the number of processes and --grad-accum only decide how it is cut up. So a
+2-process run must reproduce the 1-process run on the same global batch, and
+the strategies that balance over the global batch (global_aux, lossfree)
+must see the same counts on every rank.
+
+Spawning costs a few seconds, so one spawn does every 2-process run of the
+module and the tests compare slices of its results."""
+
+import functools
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import train  # noqa: E402
+from balancers import BALANCERS, BalanceConfig, make_balancer  # noqa: E402
+from data import Corpus  # noqa: E402
+from distributed import run_distributed  # noqa: E402
+from moe import GPT, is_expert_param  # noqa: E402
+
+WORLD = 2
+STEPS = 3
+STRATEGIES = list(BALANCERS)
+# global_aux's Algorithm-1 buffer lets early micro-steps see only the counts
+# seen so far, so its loss changes with accumulation by design.
+ACCUM_INVARIANT = [s for s in STRATEGIES if s != "global_aux"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tensors here are tiny: extra threads only add synchronisation, which
+    costs a lot on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ----------------------------------------------------------------------------
+# Expert-parallel training runs (tiny preset, a random 3-domain corpus).
+
+def tiny_corpus():
+    """Three domains of random bytes, each with its own byte range, so the
+    ranks' local batches really differ."""
+    g = torch.Generator().manual_seed(1234)
+    train_streams = [torch.randint(lo, lo + 100, (4000,), generator=g, dtype=torch.uint8)
+                     for lo in (0, 80, 156)]
+    val_streams = [torch.randint(lo, lo + 100, (600,), generator=g, dtype=torch.uint8)
+                   for lo in (0, 80, 156)]
+    return Corpus(domains=["a", "b", "c"], train=train_streams, val=val_streams,
+                  train_docs=[1, 1, 1], val_docs=[1, 1, 1], source="random bytes")
+
+
+# AdamW's first steps are ~ g / (|g| + eps). For a gradient element below
+# eps = 1e-8 (at initialisation a few attention weights get gradients of a
+# few 1e-9), float rounding of ~1e-10 -- which any change of summation order
+# produces, e.g. 8 sequences in one matmul vs 4 + 4 and an all-reduce -- moves
+# that parameter by up to lr * 1e-10 / 1e-8: a relative 1e-3 on one weight
+# after a single step, with no bug anywhere. The runs below use eps = 1e-6,
+# which keeps the parameters a function of the gradients, not of the
+# rounding; how the batch is split does not interact with eps.
+ADAM_EPS = 1e-6
+
+
+def train_run(balancer, grad_accum, rank, world_size):
+    """STEPS optimizer steps of train.train_step; returns what the tests compare.
+    The gradient norm is ~0.5 here, so --grad-clip 0.25 makes clipping, and
+    with it the norm summed over the ranks' expert shards, part of the test."""
+    args = train.parse_args(["--preset", "tiny", "--balancer", balancer, "--steps", str(STEPS),
+                             "--seq-len", "32", "--warmup", "0", "--grad-clip", "0.25",
+                             "--grad-accum", str(grad_accum)])
+    train.check_args(args, world_size)
+    torch.manual_seed(args.seed)
+    model = GPT(train.model_config(args), rank, world_size)
+    opt = train.make_optimizer(model, args)
+    for group in opt.param_groups:
+        group["eps"] = ADAM_EPS
+    local_loads, global_loads, grads = [], [], []
+    end_step, opt_step = model.end_step, opt.step
+
+    def recording_end_step():
+        local_loads.append(torch.stack([layer.load.clone() for layer in model.moe_layers()]))
+        loads = end_step()
+        global_loads.append(loads.clone())
+        return loads
+
+    def recording_opt_step(*a, **kw):
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        return opt_step(*a, **kw)
+
+    model.end_step, opt.step = recording_end_step, recording_opt_step
+    corpus = tiny_corpus()
+    recs = [train.train_step(model, opt, corpus, step, args, rank, world_size, torch.device("cpu"))
+            for step in range(STEPS)]
+    return {
+        "loss": torch.tensor([r["loss"] for r in recs], dtype=torch.float64),
+        "balance_loss": torch.tensor([r["balance_loss"] for r in recs], dtype=torch.float64),
+        "grad_norm": torch.tensor([r["grad_norm"] for r in recs], dtype=torch.float64),
+        "grads": grads,                              # what AdamW received at each step (synced, clipped)
+        "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+        "local_loads": torch.stack(local_loads),     # [steps, layers, E] before the all-reduce
+        "loads": torch.stack(global_loads),          # [steps, layers, E] what step() received
+        "bias": [layer.balancer.bias.clone() for layer in model.moe_layers()
+                 if hasattr(layer.balancer, "bias")],
+    }
+
+
+RUNS_2RANK = [(s, 1) for s in STRATEGIES] + [(s, 2) for s in ACCUM_INVARIANT]
+
+
+@pytest.fixture(scope="module")
+def two_rank(spawned):
+    """Every 2-process training run: {(strategy, grad_accum): [rank0, rank1]}."""
+    return {run: [r["training"][run] for r in spawned] for run in RUNS_2RANK}
+
+
+@functools.lru_cache(maxsize=None)
+def one_rank(balancer, grad_accum):
+    return train_run(balancer, grad_accum, 0, 1)
+
+
+def full_model(ranks):
+    """One model's parameters and per-step gradients from the ranks' views:
+    expert tensors are the concatenation of the shards (rank 0 owns the first
+    experts); replicated ones are rank 0's."""
+    def merge(views):
+        return {n: torch.cat([v[n] for v in views]) if is_expert_param(n) else views[0][n] for n in views[0]}
+    return dict(ranks[0], params=merge([r["params"] for r in ranks]),
+                grads=[merge([r["grads"][s] for r in ranks]) for s in range(STEPS)])
+
+
+def assert_tensor_close(got, ref, rtol, what):
+    """||got - ref|| <= rtol * ||ref||: a relative error per tensor. (Per
+    element it is meaningless for weights that pass through zero.)"""
+    assert got.shape == ref.shape, what
+    err = (got.double() - ref.double()).norm().item()
+    assert err <= rtol * ref.double().norm().item(), \
+        f"{what}: relative error {err / max(ref.double().norm().item(), 1e-30):.2e} > {rtol:.0e}"
+
+
+def assert_same_training(got, ref, what):
+    """Same losses and gradient norms at every step, same gradients at the
+    first step (where both runs start from identical parameters, so any
+    difference is the parallel code's) and same parameters after the last
+    step, to a relative 1e-5; the same load counts exactly."""
+    for key in ("loss", "balance_loss", "grad_norm"):
+        torch.testing.assert_close(got[key], ref[key], rtol=1e-5, atol=0,
+                                   msg=lambda m: f"{what}: {key} differs\n{m}")
+    assert torch.equal(got["loads"], ref["loads"]), f"{what}: expert loads differ"
+    assert len(got["grads"]) == len(ref["grads"]) == STEPS
+    assert got["grads"][0].keys() == ref["grads"][0].keys()
+    for name, r in ref["grads"][0].items():
+        assert_tensor_close(got["grads"][0][name], r, 1e-5, f"{what}: first-step gradient of {name}")
+    assert got["params"].keys() == ref["params"].keys()
+    for name, p in ref["params"].items():
+        assert_tensor_close(got["params"][name], p, 1e-5, f"{what}: parameter {name}")
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_two_rank_expert_parallel_equals_one_rank(two_rank, strategy):
+    """Expert parallelism only moves tokens between ranks: 2 processes must
+    train like 1 process on the same global batch -- losses, gradients (whose
+    global norm catches a wrong scale on expert gradients, which AdamW's
+    scale invariance would hide) and every parameter after 3 steps, the
+    expert weights being the two ranks' shards side by side."""
+    assert_same_training(full_model(two_rank[(strategy, 1)]), one_rank(strategy, 1),
+                         f"{strategy}, 2 ranks vs 1")
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_replicated_parameters_stay_identical_on_every_rank(two_rank, strategy):
+    """Attention, router, norms and embeddings are replicated: after the
+    gradient all-reduce every rank must hold bit-identical copies, or the
+    ranks silently train different models."""
+    r0, r1 = two_rank[(strategy, 1)]
+    for name, p in r0["params"].items():
+        if not is_expert_param(name):
+            assert torch.equal(p, r1["params"][name]), name
+    for b0, b1 in zip(r0["bias"], r1["bias"]):
+        assert torch.equal(b0, b1)
+
+
+@pytest.mark.parametrize("strategy", ACCUM_INVARIANT)
+def test_grad_accumulation_equals_one_big_batch(strategy):
+    """--grad-accum 2 cuts the same global batch in two micro-steps; for every
+    strategy whose statistics are defined per sequence group or per global
+    batch, training must not change."""
+    assert_same_training(one_rank(strategy, 2), one_rank(strategy, 1), f"{strategy}, accum 2 vs 1")
+
+
+@pytest.mark.parametrize("strategy", ACCUM_INVARIANT)
+def test_two_rank_with_grad_accumulation_equals_one_rank(two_rank, strategy):
+    """2 processes x 2 micro-steps is a third way to cut the same global batch."""
+    assert_same_training(full_model(two_rank[(strategy, 2)]), one_rank(strategy, 1),
+                         f"{strategy}, 2 ranks x accum 2 vs 1 rank")
+
+
+def test_lossfree_load_and_bias_are_identical_on_every_rank(two_rank):
+    """Wang et al. 2024, Alg. 1: the bias follows the load of the whole
+    global batch. The ranks see different tokens, so their local counts
+    differ, yet step() must get the same all-reduced counts everywhere and
+    every rank must end with the same bias (else the replicas route
+    differently)."""
+    for accum in (1, 2):
+        r0, r1 = two_rank[("lossfree", accum)]
+        assert not torch.equal(r0["local_loads"], r1["local_loads"]), "ranks saw the same routing"
+        assert torch.equal(r0["loads"], r0["local_loads"] + r1["local_loads"])
+        assert torch.equal(r0["loads"], r1["loads"])
+        assert torch.equal(r0["loads"], one_rank("lossfree", 1)["loads"])
+        assert len(r0["bias"]) == 2
+        for b0, b1, ref in zip(r0["bias"], r1["bias"], one_rank("lossfree", 1)["bias"]):
+            assert b0.abs().sum() > 0, "the bias never moved"
+            assert torch.equal(b0, b1)
+            assert torch.equal(b0, ref)
+
+
+# ----------------------------------------------------------------------------
+# global_aux on its own: the counts are global, P stays local.
+
+E, K, D = 8, 2, 16
+ALPHA = 1e-2
+
+
+def rank_logits(rank, seed, weight):
+    """Router logits of one rank's local batch [2 seqs, 6 tokens, E]. Each
+    rank's tokens lean towards a different half of the experts, so local and
+    global counts are far apart."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 6, D, generator=g)
+    lean = torch.zeros(E)
+    lean[rank * E // 2:(rank + 1) * E // 2] = 1.5
+    return x @ weight.T + lean
+
+
+def router_weight():
+    return torch.randn(E, D, generator=torch.Generator().manual_seed(7)) * 0.5
+
+
+def global_aux_worker(rank, world_size):
+    bal = make_balancer("global_aux", E, K, BalanceConfig(alpha=ALPHA), world_size).train()
+    out = {}
+    # One micro-step: loss and gradients.
+    w = torch.nn.Parameter(router_weight())
+    logits = rank_logits(rank, 100 + rank, w)
+    logits.retain_grad()
+    routing = bal.route(logits)
+    loss = bal.loss(routing)
+    loss.backward()
+    out["one"] = dict(loss=loss.detach(), w_grad=w.grad.clone(), logits_grad=logits.grad.clone(),
+                      expert_idx=routing.expert_idx.clone(), seen=bal.seen.clone())
+    bal.step(torch.zeros(E, dtype=torch.long))
+    out["seen_after_step"] = bal.seen.clone()
+    # A uniform router on every rank.
+    out["uniform_loss"] = bal.loss(bal.route(torch.zeros(2, 6, E))).detach()
+    bal.step(torch.zeros(E, dtype=torch.long))
+    # Two micro-steps of gradient accumulation.
+    micro = []
+    for m in range(2):
+        routing = bal.route(rank_logits(rank, 200 + 10 * rank + m, router_weight()))
+        loss = bal.loss(routing)
+        micro.append(dict(loss=loss.detach(), probs=routing.probs.detach(),
+                          expert_idx=routing.expert_idx.clone(), seen=bal.seen.clone()))
+    out["accum"] = micro
+    bal.step(torch.zeros(E, dtype=torch.long))
+    out["accum_seen_after_step"] = bal.seen.clone()
+    return out
+
+
+@pytest.fixture(scope="module")
+def global_aux_ranks(spawned):
+    return [r["global_aux"] for r in spawned]
+
+
+# ----------------------------------------------------------------------------
+# One spawn for the whole module (starting 2 Python processes that import
+# torch costs several seconds).
+
+def worker(rank, world_size):
+    return {"training": {run: train_run(*run, rank, world_size) for run in RUNS_2RANK},
+            "global_aux": global_aux_worker(rank, world_size)}
+
+
+@pytest.fixture(scope="module")
+def spawned():
+    return run_distributed(worker, WORLD)
+
+
+def test_global_aux_two_ranks_equal_one_process_on_concatenated_batch(global_aux_ranks):
+    """Qiu et al. 2025, Eq. 5: with fbar all-reduced and P local, the mean of
+    the ranks' losses (what gradient averaging optimises) is the loss of one
+    process on the concatenated batch, and so are its gradients w.r.t. the
+    router weight and the logits."""
+    ranks = [r["one"] for r in global_aux_ranks]
+    w = torch.nn.Parameter(router_weight())
+    logits = torch.cat([rank_logits(r, 100 + r, w) for r in range(WORLD)])
+    logits.retain_grad()
+    bal = make_balancer("global_aux", E, K, BalanceConfig(alpha=ALPHA)).train()
+    routing = bal.route(logits)
+    loss = bal.loss(routing)
+    loss.backward()
+    assert torch.equal(torch.cat([r["expert_idx"] for r in ranks]), routing.expert_idx)
+    losses = torch.stack([r["loss"] for r in ranks])
+    assert not torch.allclose(losses[0], losses[1]), "ranks should see different P"
+    # Values are ~1e-2 (loss) and ~1e-4 (gradients): relative tolerances only.
+    torch.testing.assert_close(losses.mean(), loss.detach(), rtol=1e-6, atol=0)
+    assert w.grad.abs().max() > 1e-4 and logits.grad.abs().max() > 1e-5
+    torch.testing.assert_close(torch.stack([r["w_grad"] for r in ranks]).mean(0), w.grad,
+                               rtol=1e-5, atol=1e-10)
+    # d(mean over ranks)/d(rank j's logits) = (1 / world) d(loss_j)/d(logits_j)
+    torch.testing.assert_close(torch.cat([r["logits_grad"] for r in ranks]) / WORLD, logits.grad,
+                               rtol=1e-5, atol=1e-10)
+    for r in ranks:
+        assert torch.equal(r["seen"], torch.bincount(routing.expert_idx, minlength=E))
+
+
+def test_global_aux_loss_does_not_shrink_with_world_size(global_aux_ranks):
+    """A uniform router scores exactly alpha on every rank, as on one process.
+    (One shipped implementation divided by the global token count squared
+    while P was local, scaling the loss by 1/world_size.)"""
+    bal = make_balancer("global_aux", E, K, BalanceConfig(alpha=ALPHA)).train()
+    single = bal.loss(bal.route(torch.zeros(2 * WORLD, 6, E))).detach()
+    assert single == torch.tensor(ALPHA)
+    for r in global_aux_ranks:
+        assert r["uniform_loss"] == torch.tensor(ALPHA)
+
+
+def test_global_aux_last_micro_step_uses_counts_of_whole_global_batch(global_aux_ranks):
+    """Qiu et al. 2025, Algorithm 1: the buffer adds every micro-step's
+    all-reduced counts, so at the last micro-step f is exactly the global
+    batch's (both ranks, both micro-steps) while P is the local micro-batch's."""
+    acc = [r["accum"] for r in global_aux_ranks]
+    first = torch.bincount(torch.cat([a[0]["expert_idx"] for a in acc]), minlength=E)
+    total = torch.bincount(torch.cat([a[m]["expert_idx"] for a in acc for m in range(2)]), minlength=E)
+    for a in acc:
+        assert torch.equal(a[0]["seen"], first)
+        assert torch.equal(a[1]["seen"], total)
+        f = total.double() / total.sum()
+        P = a[1]["probs"].double().reshape(-1, E).mean(0)
+        expected = ALPHA * E * (f * P).sum()
+        torch.testing.assert_close(a[1]["loss"].double(), expected, rtol=1e-6, atol=0)
+
+
+def test_global_aux_buffer_resets_after_step(global_aux_ranks):
+    """step() runs once per optimizer step; the next global batch must start
+    counting from zero, not inherit the previous batch's counts."""
+    for r in global_aux_ranks:
+        assert r["one"]["seen"].sum() > 0
+        assert torch.equal(r["seen_after_step"], torch.zeros(E, dtype=torch.long))
+        assert torch.equal(r["accum_seen_after_step"], torch.zeros(E, dtype=torch.long))
