@@ -46,8 +46,10 @@ PRESETS = {
     "tiny": dict(n_layers=2, d_model=64, n_heads=4, n_experts=8, top_k=2, d_expert=64,
                  seq_len=64, batch_size=8, steps=20, lr=3e-3, warmup=5, eval_every=0,
                  log_every=1, val_seqs=8),
+    # The lossfree bias moves by u = 1e-3 per optimizer step, so balance is a
+    # matter of steps, not tokens: the default takes many small steps.
     "default": dict(n_layers=4, d_model=128, n_heads=4, n_experts=16, top_k=2, d_expert=128,
-                    seq_len=128, batch_size=32, steps=600, lr=3e-3, warmup=50, eval_every=200,
+                    seq_len=128, batch_size=16, steps=1000, lr=2e-3, warmup=50, eval_every=250,
                     log_every=10, val_seqs=32),
 }
 
