@@ -31,13 +31,11 @@ To add a strategy: write one class with route/loss/step and add one line to
 BALANCERS at the bottom of this file.
 """
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 
 
 @dataclass

@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from balancers import BALANCERS, BalanceConfig
-from data import DataError, get_batch, load_corpus, val_batches
+from data import get_batch, load_corpus, val_batches
 from moe import GPT, GPTConfig, check_config, clip_grad_norm, is_expert_param, max_violation, sync_gradients
 
 # ----------------------------------------------------------------------------

@@ -19,16 +19,6 @@ WITH_BIAS = ["lossfree", "seq_aux"]
 DEFAULT_ALPHA = {"aux": 1e-2, "global_aux": 1e-2, "seq_aux": 1e-4}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tensors here are tiny: extra threads only add synchronisation, which
-    costs a lot on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def random_logits(*shape, seed=0, scale=1.0):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale
 

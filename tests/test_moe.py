@@ -16,16 +16,6 @@ STRATEGIES = list(BALANCERS)
 TOKEN_CHOICE = ["none", "aux", "global_aux", "lossfree", "seq_aux"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tensors here are tiny: extra threads only add synchronisation, which
-    costs a lot on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def small_config(strategy, **overrides):
     fields = dict(vocab_size=64, seq_len=12, n_layers=2, d_model=16, n_heads=2, n_experts=4,
                   top_k=2, d_expert=8, balancer=strategy)

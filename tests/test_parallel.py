@@ -33,16 +33,6 @@ STRATEGIES = list(BALANCERS)
 ACCUM_INVARIANT = [s for s in STRATEGIES if s != "global_aux"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tensors here are tiny: extra threads only add synchronisation, which
-    costs a lot on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ----------------------------------------------------------------------------
 # Expert-parallel training runs (tiny preset, a random 3-domain corpus).
 
