@@ -137,6 +137,10 @@ def test_paired_differences_cancel_the_seed_effect():
     assert compare.below(r.diff("lossfree", "aux", "val_ppl")) == "yes"
     assert compare.above(compare.Stat([0.1, -0.1, 0.05])) == "unclear"
     assert compare.above(compare.Stat([-0.1, -0.2, 0.05])) == "no"
+    # "no worse": a worse mean hidden in the noise is not confirmation.
+    assert compare.not_above(compare.Stat([-0.1, -0.2, 0.05])) == "yes"
+    assert compare.not_above(compare.Stat([0.3, -0.2, 0.05])) == "unclear"
+    assert compare.not_above(compare.Stat([0.3, 0.2, 0.25])) == "no"
 
 
 def test_one_seed_is_never_judged():
