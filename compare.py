@@ -726,19 +726,5 @@ def main(argv=None):
     return 0
 
 
-def cli():
-    """User mistakes become one line on stderr (exit 2), as in train.py."""
-    try:
-        code = main()
-    except (ValueError, FloatingPointError) as e:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"error: {e}", file=sys.stderr)
-        code = 2 if isinstance(e, ValueError) else 1
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    sys.exit(code)
-
-
 if __name__ == "__main__":
-    cli()
+    train.cli(main)   # same one-line errors and clean shutdown as train.py

@@ -519,10 +519,11 @@ def main(argv=None):
     return 0
 
 
-def cli():
-    """Entry point: user mistakes become one line on stderr and exit code 2."""
+def cli(entry=None):
+    """Entry point: user mistakes become one line on stderr and exit code 2.
+    compare.py reuses it with its own `entry`."""
     try:
-        code = main()
+        code = (entry or main)()
     except (ValueError, FloatingPointError) as e:
         # Every rank sees the same flags and fails the same way: one line is enough.
         if int(os.environ.get("RANK", "0")) == 0:
