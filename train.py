@@ -415,8 +415,13 @@ def read_log(path, upto_step):
     it were lost with the interruption and will be redone)."""
     if not os.path.exists(path):
         return []
+    records = []
     with open(path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:   # a line torn by a hard kill
+                continue
     return [r for r in records if r["step"] <= upto_step]
 
 
