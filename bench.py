@@ -1,0 +1,480 @@
+"""
+bench.py -- how fast is the MoE, and where does the time go?
+
+    python bench.py                  # every figure, default preset (a few minutes on 2 cores)
+    python bench.py --quick          # the two headline figures only (under a minute)
+    python bench.py --json out.json  # also write the figures to a file
+
+It prints a table and measures, all in one run:
+
+  moe_over_dense   forward+backward time of one MoE feed-forward layer (router,
+                   routing, dispatch, experts, combine) over that of a dense
+                   SwiGLU with the same active parameters (hidden width
+                   top_k * d_expert) on the same tokens, for every strategy.
+  mfu              model FLOPs per second of a full training step (train.py's
+                   train_step: forward, backward, clipping, AdamW) over the
+                   matmul throughput of this machine, measured here with a
+                   large square matmul (fp32 on CPU, bf16 on GPU).
+  ep2_over_ep1     tokens/s of 2 expert-parallel processes x 1 thread over
+                   1 process x 2 threads on the same global batch, and the
+                   share of the step spent inside all-to-all.
+  scaling          step time for 8, 16 and 64 experts at the same active
+                   parameters, and for several batch sizes.
+  peak memory      peak resident set size of the processes (peak allocated
+                   memory on GPU).
+
+Timing: every figure is a median over repeats after warm-up, and whatever is
+compared (MoE vs dense, step vs matmul) is measured interleaved in the same
+process, so a burst of load from other programs hits both sides. The load
+average before and after is printed: on a busy machine, run it again.
+"""
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shlex
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import train
+from balancers import BALANCERS
+from data import Corpus
+from moe import GPT, swiglu
+
+STRATEGIES = list(BALANCERS)
+TOKEN_CHOICE = [s for s in STRATEGIES if s != "expert_choice"]
+EXPERT_COUNTS = [8, 16, 64]          # the experts-scaling sweep (the first is the reference)
+TARGETS = {"moe_over_dense": 1.15, "mfu": 0.40, "experts_64_over_8": 1.5}
+
+
+# ----------------------------------------------------------------------------
+# Timing helpers.
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved(fns, warmup, repeats, device):
+    """Time every function of `fns` (name -> callable) `repeats` times, taking
+    turns, after `warmup` untimed rounds. Returns name -> list of seconds.
+    The order flips every round so neither side always runs on a warm cache."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
+    for r in range(repeats):
+        for name in (list(fns) if r % 2 == 0 else list(reversed(fns))):
+            sync(device)
+            t0 = time.perf_counter()
+            fns[name]()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def median_ratio(num, den):
+    """Median of the per-round ratios: a load burst that slows one round
+    spoils one ratio, not the whole estimate."""
+    return statistics.median(a / b for a, b in zip(num, den))
+
+
+def peak_memory_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # Linux reports KiB
+
+
+# ----------------------------------------------------------------------------
+# Models, data and FLOPs.
+
+def make_args(preset, balancer, extra=()):
+    args = train.parse_args(["--preset", preset, "--balancer", balancer, *extra])
+    train.check_args(args, 1)
+    return args
+
+
+def random_corpus(seed=0, size=200_000):
+    """Three domains of random bytes: the speed of a step does not depend on
+    the text, and this avoids building (and caching) the real corpus."""
+    g = torch.Generator().manual_seed(seed)
+    streams = [torch.randint(0, 256, (size,), generator=g, dtype=torch.uint8) for _ in range(3)]
+    return Corpus(domains=["a", "b", "c"], train=streams, val=[s[:1000] for s in streams],
+                  train_docs=[1, 1, 1], val_docs=[1, 1, 1], source="random bytes")
+
+
+def active_params(cfg):
+    """Parameters a token multiplies with: attention, router, its top_k experts,
+    the shared experts and the output head. Embeddings are lookups (no FLOPs),
+    norms are negligible."""
+    d = cfg.d_model
+    per_layer = 4 * d * d + d * cfg.n_experts + (cfg.top_k + cfg.shared_experts) * 3 * d * cfg.d_expert
+    return cfg.n_layers * per_layer + d * cfg.vocab_size
+
+
+def flops_per_token(cfg):
+    """Training FLOPs per token: 6 per active parameter (2 forward, 4 backward)
+    plus attention's two T x T products, 12 * n_layers * T * d for a full
+    T x T score matrix, halved because the causal mask leaves half of it
+    empty (and the attention kernel skips it)."""
+    return 6 * active_params(cfg) + 6 * cfg.n_layers * cfg.seq_len * cfg.d_model
+
+
+class TrainLoop:
+    """A model, its optimizer and a step counter: calling it runs one
+    train.train_step on the next global batch."""
+
+    def __init__(self, args, corpus, device, rank=0, world_size=1):
+        self.args, self.corpus, self.device = args, corpus, device
+        self.rank, self.world_size, self.step = rank, world_size, 0
+        torch.manual_seed(args.seed)
+        self.model = GPT(train.model_config(args), rank, world_size).to(device)
+        self.opt = train.make_optimizer(self.model, args)
+
+    def __call__(self):
+        train.train_step(self.model, self.opt, self.corpus, self.step, self.args,
+                         self.rank, self.world_size, self.device)
+        self.step += 1
+
+
+# ----------------------------------------------------------------------------
+# 1. MoE layer vs dense layer.
+
+def bench_layers(preset, strategies, warmup, repeats, device):
+    """moe_over_dense for each strategy, on the default preset's token batch."""
+    results = {}
+    for name in strategies:
+        args = make_args(preset, name)
+        cfg = train.model_config(args)
+        torch.manual_seed(0)
+        # The first block's MoE layer, initialised exactly as in training.
+        layer = GPT(cfg).blocks[0].moe.to(device).train()
+        hidden = cfg.top_k * cfg.d_expert
+        w13 = torch.nn.Parameter(torch.randn(cfg.d_model, 2 * hidden, device=device) * 0.02)
+        w2 = torch.nn.Parameter(torch.randn(hidden, cfg.d_model, device=device) * 0.02)
+        x = torch.randn(args.batch_size, args.seq_len, cfg.d_model, device=device, requires_grad=True)
+        grad = torch.randn_like(x)
+        params = [x, w13, w2, *layer.parameters()]
+
+        def moe():
+            for p in params:
+                p.grad = None            # as after opt.zero_grad(set_to_none=True)
+            with train.autocast(device):
+                y, loss, _ = layer(x)
+            if loss.requires_grad:       # lossfree has no loss to differentiate
+                torch.autograd.backward([y, loss], [grad, torch.ones_like(loss)])
+            else:
+                y.backward(grad)
+
+        def dense():
+            for p in params:
+                p.grad = None
+            with train.autocast(device):
+                y = swiglu(x.view(-1, cfg.d_model), w13, w2)
+            y.backward(grad.view(-1, cfg.d_model))
+
+        def routing():
+            """The part of the MoE layer that is the strategy's: router logits,
+            route() and loss(), backward through the gate weights."""
+            for p in params:
+                p.grad = None
+            with train.autocast(device):
+                r = layer.balancer.route(layer.router(x))
+                loss = layer.balancer.loss(r)
+            outs = [r.weight, loss] if loss.requires_grad else [r.weight]
+            torch.autograd.backward(outs, [torch.ones_like(t) for t in outs])
+
+        times = interleaved({"moe": moe, "dense": dense, "routing": routing}, warmup, repeats, device)
+        layer.load.zero_()
+        results[name] = {"moe_ms": 1e3 * statistics.median(times["moe"]),
+                         "dense_ms": 1e3 * statistics.median(times["dense"]),
+                         "routing_ms": 1e3 * statistics.median(times["routing"]),
+                         "moe_over_dense": median_ratio(times["moe"], times["dense"]),
+                         "routing_over_dense": median_ratio(times["routing"], times["dense"])}
+    return results
+
+
+# ----------------------------------------------------------------------------
+# 2. MFU of a training step.
+
+def matmul_peak(size, device):
+    """A function doing one size x size matmul, and its FLOP count. fp32 on
+    CPU (what training uses there), bf16 on GPU (what autocast uses)."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    out = torch.empty(size, size, device=device, dtype=dtype)
+    return (lambda: torch.mm(a, b, out=out)), 2 * size ** 3
+
+
+def bench_mfu(preset, balancer, corpus, matmul_size, warmup, repeats, device):
+    args = make_args(preset, balancer)
+    cfg = train.model_config(args)
+    step = TrainLoop(args, corpus, device)
+    mm, mm_flops = matmul_peak(matmul_size, device)
+    times = interleaved({"step": step, "matmul": mm}, warmup, repeats, device)
+    tokens = args.batch_size * args.seq_len
+    step_s, mm_s = statistics.median(times["step"]), statistics.median(times["matmul"])
+    step_flops = flops_per_token(cfg) * tokens
+    achieved, peak = step_flops / step_s, mm_flops / mm_s
+    del step
+    return {"mfu": achieved / peak, "step_ms": 1e3 * step_s, "tokens_per_step": tokens,
+            "tokens_per_s": tokens / step_s, "model_gflop_per_step": step_flops / 1e9,
+            "achieved_gflops": achieved / 1e9, "matmul_peak_gflops": peak / 1e9,
+            "matmul_best_gflops": mm_flops / min(times["matmul"]) / 1e9,
+            "matmul_size": matmul_size, "matmul_dtype": "bf16" if device.type == "cuda" else "fp32",
+            "active_params": active_params(cfg), "flops_per_token": flops_per_token(cfg)}
+
+
+# ----------------------------------------------------------------------------
+# 3. Expert parallelism: 2 processes x 1 thread vs 1 process x 2 threads.
+
+def free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ep_worker(rank, world_size, port, threads, preset, balancer, warmup, repeats, out_dir):
+    """One rank of the expert-parallel benchmark (a fresh process)."""
+    torch.set_num_threads(threads)
+    if world_size > 1:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    # Count the time spent inside all-to-all: moe.py calls it through the
+    # torch.distributed module, so wrapping the attribute catches every call
+    # (the count exchange and the rows, forward and backward).
+    in_all_to_all = [0.0]
+    real_all_to_all = dist.all_to_all_single
+
+    def timed_all_to_all(*a, **kw):
+        t0 = time.perf_counter()
+        try:
+            return real_all_to_all(*a, **kw)
+        finally:
+            in_all_to_all[0] += time.perf_counter() - t0
+
+    dist.all_to_all_single = timed_all_to_all
+    try:
+        args = make_args(preset, balancer)
+        step = TrainLoop(args, random_corpus(), torch.device("cpu"), rank, world_size)
+        for _ in range(warmup):
+            step()
+        times, shares = [], []
+        for _ in range(repeats):
+            if world_size > 1:
+                dist.barrier()       # start every step together
+            in_all_to_all[0] = 0.0
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
+            shares.append(in_all_to_all[0] / times[-1])
+        result = {"step_s": times, "all_to_all_share": shares,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "tokens_per_step": args.batch_size * args.seq_len}
+        (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(result))
+    finally:
+        dist.all_to_all_single = real_all_to_all
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_ep(world_size, threads, preset, balancer, warmup, repeats):
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.spawn(ep_worker, nprocs=world_size,
+                 args=(world_size, free_port(), threads, preset, balancer, warmup, repeats, out_dir))
+        ranks = [json.loads((Path(out_dir) / f"rank{r}.json").read_text()) for r in range(world_size)]
+    # A step ends when the slowest rank is done; the ranks wait for each other
+    # in the collectives anyway, so their step times barely differ.
+    step_s = [max(ts) for ts in zip(*(r["step_s"] for r in ranks))]
+    share = statistics.median(statistics.mean(s) for s in zip(*(r["all_to_all_share"] for r in ranks)))
+    tokens = ranks[0]["tokens_per_step"]
+    return {"processes": world_size, "threads_per_process": threads,
+            "step_ms": 1e3 * statistics.median(step_s), "tokens_per_s": tokens / statistics.median(step_s),
+            "all_to_all_share": share, "peak_rss_mb_per_process": [r["peak_rss_mb"] for r in ranks]}
+
+
+def bench_ep(preset, balancer, total_threads, warmup, repeats):
+    if total_threads % 2:
+        raise ValueError(f"--threads {total_threads}: the expert-parallel comparison splits the threads "
+                         f"over 2 processes, use an even number")
+    one = run_ep(1, total_threads, preset, balancer, warmup, repeats)
+    two = run_ep(2, total_threads // 2, preset, balancer, warmup, repeats)
+    return {"ep2_over_ep1": two["tokens_per_s"] / one["tokens_per_s"],
+            "all_to_all_share": two["all_to_all_share"], "one_process": one, "two_processes": two}
+
+
+# ----------------------------------------------------------------------------
+# 4. Scaling: number of experts at fixed active parameters, tokens per step.
+
+def bench_scaling(preset, balancer, corpus, experts, batch_sizes, warmup, repeats, device):
+    """Step time for each expert count (top_k and d_expert fixed, so the active
+    parameters stay the same: only the number of experts to choose from grows)
+    and for each batch size. The configurations take turns, so a slow moment
+    of the machine is shared among them."""
+    def loop(extra):
+        return TrainLoop(make_args(preset, balancer, extra), corpus, device)
+
+    by_experts = interleaved({e: loop(["--n-experts", str(e)]) for e in experts}, warmup, repeats, device)
+    experts_out = {str(e): {"step_ms": 1e3 * statistics.median(t), "over_first": median_ratio(t, by_experts[experts[0]])}
+                   for e, t in by_experts.items()}
+    seq_len = make_args(preset, balancer).seq_len
+    by_batch = interleaved({b: loop(["--batch-size", str(b)]) for b in batch_sizes}, warmup, repeats, device)
+    tokens_out = {str(b * seq_len): {"batch_size": b, "step_ms": 1e3 * statistics.median(t),
+                                     "tokens_per_s": b * seq_len / statistics.median(t)}
+                  for b, t in by_batch.items()}
+    return experts_out, tokens_out
+
+
+# ----------------------------------------------------------------------------
+# Report.
+
+def machine_info(device, threads):
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "torch": torch.__version__,
+            "python": platform.python_version(), "device": str(device)}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def load_average():
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+
+
+def print_report(r):
+    m = r["machine"]
+    print(f"\nmachine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads, torch {m['torch']}, "
+          f"{m['device']} | load average {r['load_before']:.2f} before, {r['load_after']:.2f} after")
+    c = r["config"]
+    print(f"preset {c['preset']}: {c['n_layers']} layers, d_model {c['d_model']}, {c['n_experts']} experts "
+          f"top-{c['top_k']}, d_expert {c['d_expert']}, {c['tokens_per_step']} tokens per step\n")
+    print("MoE layer forward+backward vs dense SwiGLU of hidden width top_k * d_expert")
+    print(f"  {'strategy':15s} {'MoE ms':>8s} {'dense ms':>9s} {'MoE/dense':>10s} {'routing/dense':>14s}")
+    for name, x in r["layers"].items():
+        note = "" if name in TOKEN_CHOICE else "  (expert choice: not a token-choice target)"
+        print(f"  {name:15s} {x['moe_ms']:8.2f} {x['dense_ms']:9.2f} {x['moe_over_dense']:10.3f} "
+              f"{x['routing_over_dense']:14.3f}{note}")
+    print("  (routing/dense: the router and the strategy's route() and loss() alone, a part of MoE/dense)")
+    t = r["train_step"]
+    print(f"\ntraining step ({c['balancer']}): {t['step_ms']:.1f} ms, {t['tokens_per_s']:.0f} tokens/s, "
+          f"{t['model_gflop_per_step']:.2f} GFLOP/step = {t['achieved_gflops']:.1f} GFLOP/s")
+    print(f"matmul peak ({t['matmul_size']}^2 {t['matmul_dtype']}): {t['matmul_peak_gflops']:.1f} GFLOP/s "
+          f"(median; best {t['matmul_best_gflops']:.1f})  ->  MFU {t['mfu']:.3f}")
+    if "ep" in r:
+        e = r["ep"]
+        one, two = e["one_process"], e["two_processes"]
+        print(f"\nexpert parallel, same global batch: 1 process x {one['threads_per_process']} threads "
+              f"{one['tokens_per_s']:.0f} tokens/s | 2 processes x {two['threads_per_process']} thread "
+              f"{two['tokens_per_s']:.0f} tokens/s | ratio {e['ep2_over_ep1']:.3f} | "
+              f"all-to-all {100 * e['all_to_all_share']:.1f}% of the step")
+    if "experts_scaling" in r:
+        print("\nexperts at fixed active parameters: " + " | ".join(
+            f"{e}: {x['step_ms']:.1f} ms ({x['over_first']:.2f}x)" for e, x in r["experts_scaling"].items()))
+        print("tokens per step: " + " | ".join(
+            f"{n}: {x['step_ms']:.1f} ms ({x['tokens_per_s']:.0f} tok/s)" for n, x in r["tokens_scaling"].items()))
+    mem = r["peak_memory_mb"]
+    print("\npeak memory (MB): " + ", ".join(
+        f"{k} {v:.0f}" if isinstance(v, (int, float)) else f"{k} {'/'.join(f'{x:.0f}' for x in v)}"
+        for k, v in mem.items()))
+    print("\nheadline: " + ", ".join(f"{k} {v:.3f}" for k, v in r["headline"].items()))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="only moe_over_dense and mfu (under a minute)")
+    p.add_argument("--json", metavar="FILE", help="write every figure to FILE")
+    p.add_argument("--preset", default="default", choices=list(train.PRESETS),
+                   help="model and batch sizes (tiny: a smoke run in seconds)")
+    p.add_argument("--balancer", default="lossfree", choices=STRATEGIES,
+                   help="strategy of the training-step measurements")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                   help="threads of this process (the expert-parallel runs share the same total)")
+    p.add_argument("--repeats", type=int, help="timed repeats per figure (default: 20, 5 with --preset tiny)")
+    p.add_argument("--warmup", type=int, help="untimed repeats first (default: 3, 1 with --preset tiny)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (the expert-parallel runs are always CPU/gloo)")
+    args = p.parse_args(argv)
+    tiny = args.preset == "tiny"
+    args.repeats = args.repeats or (5 if tiny else 20)
+    args.warmup = args.warmup if args.warmup is not None else (1 if tiny else 3)
+    if args.repeats < 1 or args.warmup < 0 or args.threads < 1:
+        p.error("--repeats and --threads must be >= 1, --warmup >= 0")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    torch.set_num_threads(args.threads)
+    tiny = args.preset == "tiny"
+    corpus = random_corpus()
+    cfg_args = make_args(args.preset, args.balancer)
+    cfg = train.model_config(cfg_args)
+    report = {"command": "python " + shlex.join([Path(sys.argv[0]).name, *(sys.argv[1:] if argv is None else argv)]),
+              "machine": machine_info(device, args.threads), "load_before": load_average(),
+              "config": {"preset": args.preset, "balancer": args.balancer, "n_layers": cfg.n_layers,
+                         "d_model": cfg.d_model, "n_experts": cfg.n_experts, "top_k": cfg.top_k,
+                         "d_expert": cfg.d_expert, "seq_len": cfg.seq_len, "batch_size": cfg_args.batch_size,
+                         "tokens_per_step": cfg_args.batch_size * cfg.seq_len},
+              "repeats": args.repeats, "warmup": args.warmup}
+    t_start = time.time()
+
+    report["train_step"] = bench_mfu(args.preset, args.balancer, corpus, 512 if tiny else 2048,
+                                     args.warmup, max(1, args.repeats // 2), device)
+    report["layers"] = bench_layers(args.preset, STRATEGIES, args.warmup, args.repeats, device)
+    report["moe_over_dense"] = {k: v["moe_over_dense"] for k, v in report["layers"].items()}
+    report["mfu"] = report["train_step"]["mfu"]
+
+    if not args.quick:
+        steps = max(1, args.repeats // 2)
+        report["ep"] = bench_ep(args.preset, args.balancer, args.threads, args.warmup, steps)
+        report["ep2_over_ep1"] = report["ep"]["ep2_over_ep1"]
+        report["all_to_all_share"] = report["ep"]["all_to_all_share"]
+        # The expert-parallel processes are fresh and only train, so their peak
+        # is the training step's own (plus the Python and torch baseline).
+        report["peak_memory_mb"] = {
+            "train_step_1_process": report["ep"]["one_process"]["peak_rss_mb_per_process"][0],
+            "train_step_2_processes": report["ep"]["two_processes"]["peak_rss_mb_per_process"]}
+        batch = cfg_args.batch_size
+        report["experts_scaling"], report["tokens_scaling"] = bench_scaling(
+            args.preset, args.balancer, corpus, EXPERT_COUNTS, [batch // 4, batch // 2, batch, 2 * batch],
+            args.warmup, steps, device)
+    # This process ran everything above (up to 64 experts and twice the batch).
+    report.setdefault("peak_memory_mb", {})["bench_process"] = peak_memory_mb(device)
+
+    report["load_after"] = load_average()
+    report["wall_time_s"] = time.time() - t_start
+    headline = {"moe_over_dense_worst_token_choice": max(report["moe_over_dense"][s] for s in TOKEN_CHOICE),
+                "mfu": report["mfu"]}
+    if not args.quick:
+        headline["ep2_over_ep1"] = report["ep2_over_ep1"]
+        headline["experts_64_over_8"] = report["experts_scaling"]["64"]["over_first"]
+    report["headline"] = headline
+    report["targets"] = TARGETS
+    print_report(report)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

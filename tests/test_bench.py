@@ -1,0 +1,48 @@
+"""Smoke test of bench.py: it runs end to end on the tiny preset and writes
+every figure the README's Speed section quotes. No timing is asserted (the
+figures depend on the machine and on what else runs on it)."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_bench(tmp_path, *flags):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "bench.py", "--preset", "tiny", "--repeats", "2", "--warmup", "0",
+                           "--threads", "2", "--json", str(out), *flags],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "MoE/dense" in proc.stdout and "MFU" in proc.stdout
+    return json.loads(out.read_text())
+
+
+def positive(x):
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_bench_tiny_writes_every_figure(tmp_path):
+    r = run_bench(tmp_path)
+    assert set(r["moe_over_dense"]) == {"none", "aux", "global_aux", "lossfree", "seq_aux", "expert_choice"}
+    assert all(positive(v) for v in r["moe_over_dense"].values())
+    assert 0 < r["mfu"] and positive(r["train_step"]["matmul_peak_gflops"])
+    assert positive(r["ep2_over_ep1"]) and 0 <= r["all_to_all_share"] <= 1
+    assert set(r["experts_scaling"]) == {"8", "16", "64"}
+    assert all(positive(x["step_ms"]) for x in r["experts_scaling"].values())
+    assert len(r["tokens_scaling"]) >= 3 and all(positive(x["tokens_per_s"]) for x in r["tokens_scaling"].values())
+    mem = r["peak_memory_mb"]
+    assert positive(mem["train_step_1_process"]) and len(mem["train_step_2_processes"]) == 2
+    assert positive(mem["bench_process"])
+    assert r["machine"]["threads"] == 2 and r["command"].startswith("python bench.py")
+    assert set(r["headline"]) == {"moe_over_dense_worst_token_choice", "mfu", "ep2_over_ep1", "experts_64_over_8"}
+
+
+def test_bench_quick_writes_the_headline_figures(tmp_path):
+    r = run_bench(tmp_path, "--quick")
+    assert set(r["headline"]) == {"moe_over_dense_worst_token_choice", "mfu"}
+    assert len(r["moe_over_dense"]) == 6 and 0 < r["mfu"]
+    assert "ep2_over_ep1" not in r
