@@ -23,6 +23,7 @@ Expert parallelism: with world_size ranks, rank r holds experts
 the same code with the exchanges skipped.
 """
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -102,18 +103,22 @@ class Router(nn.Module):
 def swiglu(x, w13, w2):
     """SwiGLU MLP (Shazeer 2020): (silu(x W1) * x W3) W2. W1 and W3 are stored
     side by side as one [d, 2h] matrix so one matmul computes both."""
-    a, b = (x @ w13).chunk(2, dim=-1)
-    return (F.silu(a) * b) @ w2
+    return silu_gate(x @ w13) @ w2
+
+
+def silu_gate(u):
+    """The middle of swiglu: silu(a) * b for u = [a | b]."""
+    a, b = u.chunk(2, dim=-1)
+    return F.silu(a) * b
 
 
 class Experts(nn.Module):
     """This rank's experts, weights stacked as [E_local, d, 2h] and [E_local, h, d].
 
     Tokens arrive sorted by expert, so expert e's tokens are one contiguous
-    slice. Two ways to run them, never a loop over tokens: one batched matmul
-    over all experts with every slice padded to the longest (when the loads
-    are close), or a loop over the experts (when padding would waste more
-    than the loop costs)."""
+    slice. Two ways to run them, never a loop over tokens: a grouped matmul
+    that multiplies every slice by its expert's matrix in one op, or a plain
+    loop over the (few) local experts."""
 
     def __init__(self, cfg, rank=0, world_size=1):
         super().__init__()
@@ -130,31 +135,25 @@ class Experts(nn.Module):
 
     def forward(self, x, counts):
         """x: [N, d] sorted by local expert; counts: list of rows per local expert."""
-        # Which way is cheaper? A padded row costs as much as a real one; a
-        # separate call per expert costs a fixed overhead (about 6 small
-        # matmuls and a dozen other ops, forward and backward). Pad unless the
-        # padding would add more rows than PAD_ROWS_PER_CALL per expert.
-        cap = max(max(counts, default=0), MIN_ROWS)
-        if len(counts) * cap - x.shape[0] <= PAD_ROWS_PER_CALL * len(counts):
-            return self.forward_padded(x, counts, cap)
+        # The grouped way needs torch._grouped_mm on this device, and every
+        # expert with rows must have at least MIN_ROWS of them (expert_rows
+        # explains why; the loop pads the few that have fewer). Both ways use
+        # the same BLAS kernel for every row (checked with MKL), so switching
+        # between them changes a result by the last bit at most.
+        if x.device.type == "cpu" and grouped_mm_on_cpu() and all(n == 0 or n >= MIN_ROWS for n in counts):
+            return self.forward_grouped(x, counts)
         return self.forward_loop(x, counts)
 
-    def forward_padded(self, x, counts, cap):
-        """All experts in one batched matmul: expert e's rows are copied into
-        block e of a zero-padded [E, cap, d] tensor, and swiglu's `@` on 3-D
-        tensors is torch.bmm. A constant number of ops whatever E: for 64
-        evenly loaded experts the experts' forward+backward takes less than
-        half the loop's time on 2 CPU threads."""
-        E, (A, d) = len(counts), x.shape
-        n = torch.tensor(counts, device=x.device)
-        expert = torch.repeat_interleave(torch.arange(E, device=x.device), n)   # expert of each row
-        first = torch.cumsum(n, 0) - n                                           # each expert's first row
-        slot = expert * cap + torch.arange(A, device=x.device) - first[expert]   # row -> padded row
-        # Zeros, not empty: a padded row's output is dropped, but its input
-        # still meets the weight gradient (x^T @ grad), and 0 * NaN is NaN.
-        padded = x.new_zeros(E * cap, d).index_copy(0, slot, x)
-        out = swiglu(padded.view(E, cap, d), self.w13, self.w2)
-        return out.view(E * cap, d).index_select(0, slot)
+    def forward_grouped(self, x, counts):
+        """All local experts in two matmul ops: torch._grouped_mm multiplies
+        row block e of x (the blocks given by their end offsets) by expert
+        e's matrix. No padding, no Python loop, and the activation between
+        the matmuls is one elementwise op over all rows instead of E small
+        ones. On 2 CPU threads this makes the MoE layer's forward+backward
+        1.15x (16 experts) to 1.3x (64 experts) faster than the loop."""
+        ends = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)
+        hidden = silu_gate(torch._grouped_mm(x, self.w13, offs=ends))
+        return torch._grouped_mm(hidden, self.w2, offs=ends)
 
     def forward_loop(self, x, counts):
         """The plain way: one swiglu per expert on its slice."""
@@ -167,15 +166,18 @@ class Experts(nn.Module):
         return torch.cat([expert_rows(rows, w13, w2) for rows, w13, w2 in pieces])
 
 
-# How many rows of padding per expert the batched way may add before the loop
-# is cheaper. Measured on a 2-core CPU (2 threads, default preset, bench.py):
-# with routing as uneven as at initialisation (~60 rows per expert) the two
-# tie; with balanced routing (expert choice) the batched way makes a training
-# step ~10% faster at 16 and 64 experts; with more padding the loop wins.
-# Both ways give bitwise the same rows as long as every block has at least
-# MIN_ROWS rows (see expert_rows; checked with MKL on CPU), so switching
-# never changes a result.
-PAD_ROWS_PER_CALL = 48
+@functools.cache
+def grouped_mm_on_cpu():
+    """Can this PyTorch run torch._grouped_mm (a private op, not on CPU in
+    every version) forward and backward on CPU? Tried once on a tiny input."""
+    try:
+        x = torch.ones(32, 16, requires_grad=True)
+        w = torch.ones(2, 16, 16, requires_grad=True)
+        torch._grouped_mm(x, w, offs=torch.tensor([16, 32], dtype=torch.int32)).backward(torch.ones(32, 16))
+        return True
+    except (AttributeError, NotImplementedError, RuntimeError):
+        return False
+
 
 MIN_ROWS = 16
 
