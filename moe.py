@@ -135,25 +135,34 @@ class Experts(nn.Module):
 
     def forward(self, x, counts):
         """x: [N, d] sorted by local expert; counts: list of rows per local expert."""
-        # The grouped way needs torch._grouped_mm on this device, and every
-        # expert with rows must have at least MIN_ROWS of them (expert_rows
-        # explains why; the loop pads the few that have fewer). Both ways use
-        # the same BLAS kernel for every row (checked with MKL), so switching
-        # between them changes a result by the last bit at most.
-        if x.device.type == "cpu" and grouped_mm_on_cpu() and all(n == 0 or n >= MIN_ROWS for n in counts):
+        # The grouped way needs torch._grouped_mm on this device. Both ways
+        # pad an expert with 1 to MIN_ROWS - 1 rows up to MIN_ROWS (expert_rows
+        # explains why), so both use the same BLAS kernel for every row
+        # (checked with MKL) and agree to the last bit at most.
+        # It also wants every row to start on a 16-byte boundary.
+        widths = (self.w13.shape[1], self.w2.shape[1])
+        if x.device.type == "cpu" and grouped_mm_on_cpu() and all(w * x.element_size() % 16 == 0 for w in widths):
             return self.forward_grouped(x, counts)
         return self.forward_loop(x, counts)
 
     def forward_grouped(self, x, counts):
         """All local experts in two matmul ops: torch._grouped_mm multiplies
         row block e of x (the blocks given by their end offsets) by expert
-        e's matrix. No padding, no Python loop, and the activation between
-        the matmuls is one elementwise op over all rows instead of E small
-        ones. On 2 CPU threads this makes the MoE layer's forward+backward
-        1.15x (16 experts) to 1.3x (64 experts) faster than the loop."""
-        ends = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)
+        e's matrix. No Python loop, and the activation between the matmuls is
+        one elementwise op over all rows instead of E small ones. On 2 CPU
+        threads this makes the MoE layer's forward+backward 1.15x (16
+        experts) to 1.3x (64 experts) faster than the loop."""
+        sizes = [n if n == 0 or n >= MIN_ROWS else MIN_ROWS for n in counts]
+        rows = None
+        if sizes != counts:
+            # An expert with fewer than MIN_ROWS rows gets zero rows added
+            # (expert_rows says why). `rows` is where each real row sits in
+            # the padded block; it is rarely needed after the first steps.
+            x, rows = pad_blocks(x, counts, sizes)
+        ends = torch.tensor(sizes, device=x.device).cumsum(0).to(torch.int32)
         hidden = silu_gate(torch._grouped_mm(x, self.w13, offs=ends))
-        return torch._grouped_mm(hidden, self.w2, offs=ends)
+        out = torch._grouped_mm(hidden, self.w2, offs=ends)
+        return out if rows is None else out.index_select(0, rows)
 
     def forward_loop(self, x, counts):
         """The plain way: one swiglu per expert on its slice."""
@@ -180,6 +189,17 @@ def grouped_mm_on_cpu():
 
 
 MIN_ROWS = 16
+
+
+def pad_blocks(x, counts, sizes):
+    """Copy the row blocks of x (block e has counts[e] rows) into a zeroed
+    tensor whose block e has sizes[e] >= counts[e] rows. Returns the padded
+    tensor and the position of every original row in it."""
+    counts_t = torch.tensor(counts, device=x.device)
+    shift = torch.tensor(sizes, device=x.device).cumsum(0) - counts_t.cumsum(0)   # padding before block e+1
+    shift = torch.cat([shift.new_zeros(1), shift[:-1]])                          # padding before block e
+    rows = torch.arange(x.shape[0], device=x.device) + shift.repeat_interleave(counts_t)
+    return x.new_zeros(sum(sizes), x.shape[1]).index_copy(0, rows, x), rows
 
 
 def expert_rows(x, w13, w2):

@@ -188,12 +188,17 @@ def lr_at(step, args):
 
 
 def make_optimizer(model, args):
-    """AdamW; no weight decay on norms and biases (1-D tensors)."""
+    """AdamW; no weight decay on norms and biases (1-D tensors).
+
+    fused=True runs the whole update of all parameters in one kernel per
+    group instead of a dozen elementwise ops per tensor. It matters for MoE:
+    the optimizer touches every expert each step, active or not, so with 64
+    experts it was a third of the step time."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     return torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}],
-                             lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
+                             lr=args.lr, betas=(0.9, 0.95), eps=1e-8, fused=True)
 
 
 def autocast(device):

@@ -10,7 +10,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from balancers import BALANCERS, BalanceConfig, gate_scores  # noqa: E402
-from moe import GPT, GPTConfig, MoELayer, check_config, max_violation, swiglu  # noqa: E402
+from moe import (GPT, MIN_ROWS, Experts, GPTConfig, MoELayer, check_config, grouped_mm_on_cpu,  # noqa: E402
+                 max_violation, pad_blocks, swiglu)
 
 STRATEGIES = list(BALANCERS)
 TOKEN_CHOICE = ["none", "aux", "global_aux", "lossfree", "seq_aux"]
@@ -54,6 +55,33 @@ def test_swiglu_is_silu_gate_times_linear_then_down_projection():
     a = x @ w1
     expected = (a * torch.sigmoid(a) * (x @ w3)) @ w2
     torch.testing.assert_close(swiglu(x, torch.cat([w1, w3], dim=1), w2), expected)
+
+
+def test_pad_blocks_puts_each_block_at_the_start_of_its_padded_block():
+    x = torch.arange(6.0).view(6, 1)                 # blocks of 2, 0 and 4 rows
+    padded, rows = pad_blocks(x, [2, 0, 4], [5, 0, 6])
+    assert rows.tolist() == [0, 1, 5, 6, 7, 8]
+    assert padded.view(-1).tolist() == [0, 1, 0, 0, 0, 2, 3, 4, 5, 0, 0]
+
+
+@pytest.mark.skipif(not grouped_mm_on_cpu(), reason="torch._grouped_mm does not run on this CPU build")
+def test_grouped_experts_equal_the_loop_including_padded_small_experts():
+    """The two ways to run the experts give the same rows and gradients, also
+    when some experts have no rows and some fewer than MIN_ROWS (padded)."""
+    torch.manual_seed(0)
+    experts = Experts(small_config("none", n_experts=5, d_model=16, d_expert=8))
+    counts = [0, 3, MIN_ROWS, 40, 1]
+    x = torch.randn(sum(counts), 16)
+    grad = torch.randn_like(x)
+    results = []
+    for run in (experts.forward_grouped, experts.forward_loop):
+        xi = x.clone().requires_grad_()
+        experts.zero_grad()
+        out = run(xi, counts)
+        out.backward(grad)
+        results.append((out, xi.grad, experts.w13.grad.clone(), experts.w2.grad.clone()))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("shared", [0, 1])
