@@ -135,11 +135,11 @@ class Experts(nn.Module):
 
     def forward(self, x, counts):
         """x: [N, d] sorted by local expert; counts: list of rows per local expert."""
-        # The grouped way needs torch._grouped_mm on this device. Both ways
-        # pad an expert with 1 to MIN_ROWS - 1 rows up to MIN_ROWS (expert_rows
-        # explains why), so both use the same BLAS kernel for every row
-        # (checked with MKL) and agree to the last bit at most.
-        # It also wants every row to start on a 16-byte boundary.
+        # The grouped way needs torch._grouped_mm on this device, and rows
+        # that start on 16-byte boundaries. Both ways pad an expert with 1 to
+        # MIN_ROWS - 1 rows up to MIN_ROWS (expert_rows explains why), so both
+        # use the same BLAS kernel for every row (checked with MKL) and agree
+        # to the last bit at most.
         widths = (self.w13.shape[1], self.w2.shape[1])
         if x.device.type == "cpu" and grouped_mm_on_cpu() and all(w * x.element_size() % 16 == 0 for w in widths):
             return self.forward_grouped(x, counts)
@@ -196,8 +196,8 @@ def pad_blocks(x, counts, sizes):
     tensor whose block e has sizes[e] >= counts[e] rows. Returns the padded
     tensor and the position of every original row in it."""
     counts_t = torch.tensor(counts, device=x.device)
-    shift = torch.tensor(sizes, device=x.device).cumsum(0) - counts_t.cumsum(0)   # padding before block e+1
-    shift = torch.cat([shift.new_zeros(1), shift[:-1]])                          # padding before block e
+    pad = torch.tensor(sizes, device=x.device) - counts_t      # zero rows added to block e
+    shift = pad.cumsum(0) - pad                                 # zero rows added before block e
     rows = torch.arange(x.shape[0], device=x.device) + shift.repeat_interleave(counts_t)
     return x.new_zeros(sum(sizes), x.shape[1]).index_copy(0, rows, x), rows
 

@@ -47,6 +47,7 @@ def _worker(rank, world_size, port, fn, args, out_dir, collective_timeout):
                                 timeout=timedelta(seconds=collective_timeout))
         result = fn(rank, world_size, *args)
         torch.save(result, out / f"result{rank}.pt")
+        dist.barrier()      # leave together: gloo can abort a rank that exits while a peer still works
     except BaseException:
         (out / f"error{rank}.txt").write_text(traceback.format_exc())
         raise SystemExit(1)

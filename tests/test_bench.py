@@ -29,6 +29,7 @@ def test_bench_tiny_writes_every_figure(tmp_path):
     r = run_bench(tmp_path)
     assert set(r["moe_over_dense"]) == {"none", "aux", "global_aux", "lossfree", "seq_aux", "expert_choice"}
     assert all(positive(v) for v in r["moe_over_dense"].values())
+    assert all(positive(x["routing_over_dense"]) and positive(x["experts_over_dense"]) for x in r["layers"].values())
     assert 0 < r["mfu"] and positive(r["train_step"]["matmul_peak_gflops"])
     assert positive(r["ep2_over_ep1"]) and 0 <= r["all_to_all_share"] <= 1
     assert set(r["experts_scaling"]) == {"8", "16", "64"}
