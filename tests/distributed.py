@@ -29,6 +29,8 @@ for folder in (str(HERE.parent), str(HERE)):   # the code under test, and this f
     if folder not in sys.path:
         sys.path.insert(0, folder)
 
+import train  # noqa: E402
+
 
 def free_port():
     """A TCP port nobody listens on right now (the OS picks it for port 0)."""
@@ -47,13 +49,14 @@ def _worker(rank, world_size, port, fn, args, out_dir, collective_timeout):
                                 timeout=timedelta(seconds=collective_timeout))
         result = fn(rank, world_size, *args)
         torch.save(result, out / f"result{rank}.pt")
-        dist.barrier()      # leave together: gloo can abort a rank that exits while a peer still works
+        dist.barrier()      # tear down together, once every rank is done
     except BaseException:
         (out / f"error{rank}.txt").write_text(traceback.format_exc())
         raise SystemExit(1)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    train.leave(0)          # skip the interpreter's teardown (train.leave says why)
 
 
 def run_distributed(fn, world_size, *args, timeout=180.0, collective_timeout=60.0):
