@@ -192,8 +192,8 @@ def make_optimizer(model, args):
 
     fused=True runs the whole update of all parameters in one kernel per
     group instead of a dozen elementwise ops per tensor. It matters for MoE:
-    the optimizer touches every expert each step, active or not, so with 64
-    experts it was a third of the step time."""
+    the optimizer touches every expert each step, active or not, so its
+    cost grows with the number of experts while the MoE layer's does not."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     return torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
@@ -532,11 +532,9 @@ def main(argv=None):
 def cli(entry=None):
     """Entry point: user mistakes become one line on stderr and exit code 2.
     compare.py reuses it with its own `entry`."""
-    distributed = False
     try:
         code = (entry or main)()
-        distributed = dist.is_initialized()
-        if distributed:
+        if dist.is_initialized():
             dist.barrier()          # tear down together, once every rank is done
     except (ValueError, FloatingPointError) as e:
         # Every rank sees the same flags and fails the same way: one line is enough.
@@ -544,8 +542,8 @@ def cli(entry=None):
             print(f"error: {e}", file=sys.stderr)
         code = 2 if isinstance(e, ValueError) else 1
     finally:
-        if dist.is_initialized():
-            distributed = True
+        distributed = dist.is_initialized()
+        if distributed:
             dist.destroy_process_group()
     if distributed:
         leave(code)
