@@ -12,6 +12,8 @@ classes -- is reading the difference between the papers:
     loss(routing) -> Tensor    an extra loss added to the language-model loss
     step(load)                 called once per optimizer step with the exact
                                per-expert token counts of the whole global batch
+    state() -> {name: tensor}  the buffers it keeps (lossfree's bias), which
+                               the training loop logs, saves and checks
 
   none           plain top-k, no balancing: the baseline that collapses
   aux            Switch/GShard auxiliary loss over small balance groups
@@ -27,29 +29,45 @@ Every strategy returns the same representation, a flat list of assignments
 `token_idx[A], expert_idx[A], weight[A]`; moe.py dispatches those to the
 experts without knowing which strategy made them.
 
-To add a strategy: write one class with route/loss/step and add one line to
-BALANCERS at the bottom of this file.
+To add a strategy: write one class (its knobs and their values in
+`defaults`, its state as registered buffers) and add one line to BALANCERS at
+the bottom of this file. The command line, the comparison, the benchmarks and
+the tests find it there.
 """
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
 
+def knob(help, type=float, choices=None, low=0, high=None, strict=False):
+    """A BalanceConfig field. Its default is None, "the strategy's own value"
+    (each class lists its values in `defaults`). The rest is what the knob may
+    be -- a number in [low, high] (low excluded if strict), or one of `choices`
+    -- and its help: Balancer.check validates it and train.py turns it into a
+    command-line flag, so a new knob is one line."""
+    return field(default=None, metadata=dict(help=help, type=type, choices=choices, low=low, high=high,
+                                             strict=strict))
+
+
 @dataclass
 class BalanceConfig:
-    """The strategies' knobs. `None` means "the strategy's own default"."""
-    gate: str | None = None        # "softmax" or "sigmoid"; None: the paper's choice
-    alpha: float | None = None     # aux-loss coefficient (aux/global_aux 1e-2, seq_aux 1e-4)
-    balance_seqs: int = 2          # aux: sequences per balance group (Qiu et al.'s "balance batch")
-    bias_rate: float = 1e-3        # lossfree: u, the bias update rate (Wang et al. Sec. 3)
-    capacity_factor: float = 2.0   # expert_choice: c in C = n * c / E (Zhou et al. Sec. 3.1)
-    route_seqs: int = 2            # expert_choice: sequences per routing group
-    route_shuffle: bool = False    # expert_choice: fill routing groups with tokens shuffled across
-                                   # the micro-batch (Wang et al. Fig. 9's control for the leak)
-    z_loss: float = 0.0            # router z-loss coefficient, any strategy (ST-MoE uses 1e-3)
+    """Every strategy's knobs. A strategy reads only the knobs its class lists
+    in `defaults`; setting any other is an error, not silently ignored."""
+    gate: str | None = knob("router gate G in s = G(u . e)", str, ("softmax", "sigmoid"))
+    alpha: float | None = knob("aux-loss coefficient", high=1)
+    balance_seqs: int | None = knob("sequences per balance group (Qiu et al.'s balance batch)", int, low=1)
+    bias_rate: float | None = knob("bias update rate u (Wang et al. Alg. 1)", high=1)
+    bias_update: str | None = knob("sign: b += u sign(e) (Alg. 1); proportional: b += u e / mean(load) "
+                                   "(App. C)", str, ("sign", "proportional"))
+    capacity_factor: float | None = knob("c in C = n c / E tokens per expert (Zhou et al. Eq. 1)", strict=True)
+    route_seqs: int | None = knob("sequences per routing group", int, low=1)
+    route_shuffle: bool | None = knob("fill routing groups with tokens shuffled across the micro-batch "
+                                      "(the control for the leak, Wang et al. Fig. 9)", bool)
+    z_loss: float | None = knob("router z-loss coefficient (ST-MoE: 1e-3)", high=1)
 
 
 @dataclass
@@ -117,30 +135,105 @@ def router_z_loss(logits):
     return torch.logsumexp(logits, dim=-1).pow(2).mean()
 
 
-def all_reduce_sum(t, world_size):
-    """Sum an integer count vector over ranks, in place (and outside autograd:
-    a functional all_reduce whose result is dropped silently reduces nothing,
-    turning global-batch balancing back into micro-batch balancing)."""
+def all_reduce(t, world_size, op="sum"):
+    """Sum (or max) a tensor over ranks, in place, and return it; a no-op for
+    one process. In place and outside autograd on purpose: a functional
+    all_reduce whose result is dropped silently reduces nothing, and one
+    shipped global-batch balancer became a micro-batch balancer that way."""
     if world_size > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     return t
+
+
+def groups_of(n_seqs, group_seqs, flag):
+    """How many groups of `group_seqs` sequences the local batch makes. A group
+    that straddles two micro-batches cannot be formed: refuse, naming the flag,
+    rather than silently use a smaller group."""
+    if n_seqs % group_seqs:
+        raise ValueError(f"--{flag.replace('_', '-')} {group_seqs} must divide the {n_seqs} sequences "
+                         f"each process sees per micro-step")
+    return n_seqs // group_seqs
 
 
 # ----------------------------------------------------------------------------
 # The strategies.
+#
+# Each class says what it is (`paper`, `summary`), which knobs it reads and
+# their values (`defaults`), whether it is token choice (`token_choice`: the
+# model is then exactly causal, which the tests check), and what may go wrong
+# with its knobs (`check`). Everything that lists strategies -- the CLI, the
+# comparison, the benchmarks, the tests -- reads these attributes from
+# BALANCERS at the bottom of the file.
 
 class Balancer(nn.Module):
     """The interface and the do-nothing defaults. One instance per MoE layer,
-    so buffers hold that layer's state."""
-    default_gate = "softmax"
+    so buffers hold that layer's state.
+
+        forward(logits) -> (routing, loss)   route, then the strategy's loss
+                                             plus the optional router z-loss
+        route(logits) -> Routing             which (token, expert, weight)
+        loss(routing) -> Tensor              the strategy's extra loss
+        step(load)                           once per optimizer step, with the
+                                             global batch's exact counts
+        state() -> {name: tensor}            what to log, plot, checkpoint
+                                             and compare across ranks
+    """
+    paper = "-"
+    summary = "plain top-k"
+    token_choice = True
+    accum_invariant = True      # same training whether a global batch is one micro-step or several
+    defaults = dict(gate="softmax", z_loss=0.0)
 
     def __init__(self, n_experts, top_k, cfg, world_size=1):
         super().__init__()
-        self.n_experts, self.top_k, self.cfg, self.world_size = n_experts, top_k, cfg, world_size
-        self.gate = cfg.gate or self.default_gate
+        self.n_experts, self.top_k, self.world_size = n_experts, top_k, world_size
+        self.cfg = self.settings(cfg)
+
+    # -- settings: the class owns its defaults and their checks --------------
+
+    @classmethod
+    def settings(cls, cfg):
+        """cfg with every knob this strategy reads filled in with its default.
+        Setting a knob the strategy does not read is a mistake worth a message:
+        `--alpha` on lossfree would otherwise be silently ignored."""
+        for f in fields(cfg):
+            if getattr(cfg, f.name) is not None and f.name not in cls.defaults:
+                raise ValueError(f"--{f.name.replace('_', '-')} does not apply to {name_of(cls)}; it reads "
+                                 f"{', '.join('--' + k.replace('_', '-') for k in cls.defaults)}")
+        return replace(cfg, **{k: v for k, v in cls.defaults.items() if getattr(cfg, k) is None})
+
+    @classmethod
+    def check(cls, cfg, local_seqs=None):
+        """Raise ValueError naming the flag for any knob out of its range (the
+        ranges are in BalanceConfig). `local_seqs`: sequences per process and
+        micro-step, when known. Returns the settings with defaults filled in."""
+        cfg = cls.settings(cfg)
+        for f in fields(cfg):
+            value, flag, m = getattr(cfg, f.name), "--" + f.name.replace("_", "-"), f.metadata
+            if value is None or m["type"] is bool:
+                continue
+            if m["choices"]:
+                if value not in m["choices"]:
+                    raise ValueError(f"{flag} {value!r} is not one of {', '.join(m['choices'])}")
+                continue
+            high = math.inf if m["high"] is None else m["high"]
+            too_low = value <= m["low"] if m["strict"] else value < m["low"]
+            if not math.isfinite(value) or too_low or value > high:
+                bounds = f"{'>' if m['strict'] else '>='} {m['low']}" + (f" and <= {high}" if high < math.inf else "")
+                raise ValueError(f"{flag} must be a finite number {bounds} (got {value})")
+        return cfg
+
+    # -- the interface ----------------------------------------------------------
+
+    def forward(self, logits):
+        routing = self.route(logits)
+        loss = self.loss(routing)
+        if self.cfg.z_loss:
+            loss = loss + self.cfg.z_loss * router_z_loss(logits)
+        return routing, loss
 
     def route(self, logits):
-        return top_k_routing(logits, gate_scores(logits, self.gate), self.top_k)
+        return top_k_routing(logits, gate_scores(logits, self.cfg.gate), self.top_k)
 
     def loss(self, routing):
         return routing.logits.new_zeros(())
@@ -148,10 +241,18 @@ class Balancer(nn.Module):
     def step(self, load):
         pass
 
+    def state(self):
+        """Every buffer the strategy keeps across optimizer steps: logged,
+        written to summary.json, compared across ranks and saved in checkpoints
+        (a buffer registered with persistent=False is scratch space and must be
+        back to zero after step(); the tests hold every strategy to that)."""
+        return dict(self.state_dict())
+
 
 class NoBalancing(Balancer):
     """`none`: plain top-k over softmax scores. Nothing stops the rich-get-richer
     loop, so MaxVio typically climbs and some experts starve: the baseline."""
+    summary = "plain top-k, no balancing: the baseline that collapses"
 
 
 class AuxLoss(Balancer):
@@ -166,20 +267,26 @@ class AuxLoss(Balancer):
     depend on how a global batch is split over processes. With few sequences
     per group the loss asks every sequence to spread evenly over experts, which
     is what Qiu et al. 2025 show blocks domain specialisation."""
+    paper = "Fedus et al. 2021 (Switch), Lepikhin et al. 2020 (GShard)"
+    summary = "aux loss alpha * E * sum_i f_i P_i over balance groups"
+    defaults = dict(Balancer.defaults, alpha=1e-2, balance_seqs=2)
+
+    @classmethod
+    def check(cls, cfg, local_seqs=None):
+        cfg = super().check(cfg, local_seqs)
+        if local_seqs is not None:
+            groups_of(local_seqs, cfg.balance_seqs, "balance_seqs")
+        return cfg
 
     def route(self, logits):
-        B = logits.shape[0]
-        if B % self.cfg.balance_seqs:
-            raise ValueError(f"balance_seqs={self.cfg.balance_seqs} does not divide the local "
-                             f"batch of {B} sequences: choose a divisor of the micro-batch")
+        groups_of(logits.shape[0], self.cfg.balance_seqs, "balance_seqs")
         return super().route(logits)
 
     def loss(self, routing):
         B, T, E = routing.probs.shape
         group_tokens = self.cfg.balance_seqs * T
         counts = counts_per_group(routing, group_tokens, E)
-        alpha = 1e-2 if self.cfg.alpha is None else self.cfg.alpha
-        return alpha * switch_loss(counts, routing.probs.reshape(-1, group_tokens, E))
+        return self.cfg.alpha * switch_loss(counts, routing.probs.reshape(-1, group_tokens, E))
 
 
 class GlobalAuxLoss(Balancer):
@@ -196,19 +303,24 @@ class GlobalAuxLoss(Balancer):
     loss does not shrink as ranks are added. The buffer is reset by step().
     A code sequence may now use "code experts" as long as the batch as a whole
     is balanced."""
+    paper = "Qiu et al. 2025, \"Demons in the Detail\""
+    summary = "the same aux loss with f counted over the global batch"
+    defaults = dict(Balancer.defaults, alpha=1e-2)
+    accum_invariant = False     # an early micro-step sees only the counts so far (Alg. 1's approximation)
 
     def __init__(self, n_experts, top_k, cfg, world_size=1):
         super().__init__(n_experts, top_k, cfg, world_size)
+        # Scratch space within one optimizer step (zero again after step()),
+        # so it need not be saved: persistent=False.
         self.register_buffer("seen", torch.zeros(n_experts, dtype=torch.long), persistent=False)
 
     def loss(self, routing):
         E = self.n_experts
         counts = torch.bincount(routing.expert_idx, minlength=E)
         if self.training:  # evaluation must not pollute the training buffer
-            self.seen += all_reduce_sum(counts, self.world_size)
+            self.seen += all_reduce(counts, self.world_size)
             counts = self.seen
-        alpha = 1e-2 if self.cfg.alpha is None else self.cfg.alpha
-        return alpha * switch_loss(counts[None], routing.probs.reshape(1, -1, E))
+        return self.cfg.alpha * switch_loss(counts[None], routing.probs.reshape(1, -1, E))
 
     def step(self, load):
         self.seen.zero_()
@@ -224,33 +336,43 @@ class LossFree(Balancer):
 
         e_i = mean(c) - c_i,   b_i += u * sign(e_i),   u = 1e-3
 
-    Using the *previous* batch's load is what keeps it causal: the current
-    batch's load would depend on future tokens. The bias is an fp32 buffer:
-    state saved in checkpoints, never a parameter, never given gradient."""
-    default_gate = "sigmoid"
+    (or, with bias_update="proportional", b_i += u * e_i / mean(c): their
+    App. C pairs this with the softmax gate). Using the *previous* batch's
+    load is what keeps it causal: the current batch's load would depend on
+    future tokens. The bias is an fp32 buffer: state saved in checkpoints,
+    never a parameter, never given gradient."""
+    paper = "Wang et al. 2024, \"Auxiliary-Loss-Free Load Balancing\""
+    summary = "an expert-wise bias that only steers the top-k choice, no loss"
+    defaults = dict(Balancer.defaults, gate="sigmoid", bias_rate=1e-3, bias_update="sign")
 
     def __init__(self, n_experts, top_k, cfg, world_size=1):
         super().__init__(n_experts, top_k, cfg, world_size)
         self.register_buffer("bias", torch.zeros(n_experts, dtype=torch.float32))
 
     def route(self, logits):
-        return top_k_routing(logits, gate_scores(logits, self.gate), self.top_k, self.bias)
+        return top_k_routing(logits, gate_scores(logits, self.cfg.gate), self.top_k, self.bias)
 
     def step(self, load):
-        error = load.float().mean() - load.float()          # > 0: underloaded
-        self.bias += self.cfg.bias_rate * torch.sign(error)
+        load = load.float()
+        error = load.mean() - load                           # > 0: underloaded
+        if self.cfg.bias_update == "sign":
+            self.bias += self.cfg.bias_rate * torch.sign(error)
+        else:
+            self.bias += self.cfg.bias_rate * error / load.mean().clamp(min=1)
 
 
 class SeqAuxLossFree(LossFree):
     """`seq_aux`: DeepSeek-V3's recipe (DeepSeek-AI 2024, Sec. 2.1.2): lossfree
     routing plus a tiny auxiliary loss computed *within each sequence*
     (alpha = 1e-4), only to prevent extreme imbalance inside one sequence."""
+    paper = "DeepSeek-V3 (DeepSeek-AI 2024)"
+    summary = "lossfree plus a tiny per-sequence aux loss"
+    defaults = dict(LossFree.defaults, alpha=1e-4)
 
     def loss(self, routing):
         B, T, E = routing.probs.shape
         counts = counts_per_group(routing, T, E)
-        alpha = 1e-4 if self.cfg.alpha is None else self.cfg.alpha
-        return alpha * switch_loss(counts, routing.probs)
+        return self.cfg.alpha * switch_loss(counts, routing.probs)
 
 
 class ExpertChoice(Balancer):
@@ -266,14 +388,23 @@ class ExpertChoice(Balancer):
     own sequence included. The output at position t therefore depends on the
     future, which a causal language model must never see. The smaller the
     routing group (`route_seqs` sequences), the more a single choice reveals."""
+    paper = "Zhou et al. 2022"
+    summary = "experts pick their top-C tokens: balanced, but it leaks future tokens"
+    token_choice = False
+    defaults = dict(Balancer.defaults, capacity_factor=2.0, route_seqs=2, route_shuffle=False)
+
+    @classmethod
+    def check(cls, cfg, local_seqs=None):
+        cfg = super().check(cfg, local_seqs)
+        if local_seqs is not None:
+            groups_of(local_seqs, cfg.route_seqs, "route_seqs")
+        return cfg
 
     def route(self, logits):
         B, T, E = logits.shape
         g = self.cfg.route_seqs
-        if B % g:
-            raise ValueError(f"route_seqs={g} does not divide the local batch of {B} "
-                             f"sequences: choose a divisor of the micro-batch")
-        scores = gate_scores(logits, self.gate).reshape(B * T, E)
+        n_groups = groups_of(B, g, "route_seqs")
+        scores = gate_scores(logits, self.cfg.gate).reshape(B * T, E)
         # Which token sits in which group. Normally group j is sequences
         # [j*g, (j+1)*g). With route_shuffle a fixed permutation scatters every
         # sequence over all groups, so a group holds few tokens of any one
@@ -283,8 +414,8 @@ class ExpertChoice(Balancer):
             slot = slot[torch.randperm(B * T, generator=torch.Generator().manual_seed(0)).to(slot.device)]
         n = g * T                                                   # tokens per routing group
         C = expert_capacity(n, self.cfg.capacity_factor, E)
-        top = scores[slot].view(B // g, n, E).topk(C, dim=1)       # each expert's best C tokens
-        offset = torch.arange(B // g, device=logits.device)[:, None, None] * n
+        top = scores[slot].view(n_groups, n, E).topk(C, dim=1)      # each expert's best C tokens
+        offset = torch.arange(n_groups, device=logits.device)[:, None, None] * n
         token_idx = slot[(top.indices + offset).transpose(1, 2)]   # [groups, E, C]
         expert_idx = torch.arange(E, device=logits.device)[None, :, None].expand_as(token_idx)
         weight = top.values.transpose(1, 2)
@@ -299,7 +430,7 @@ def expert_capacity(n_tokens, capacity_factor, n_experts):
 
 
 # ----------------------------------------------------------------------------
-# Registration: one line per strategy.
+# Registration: one line per strategy. Nothing else in the project lists them.
 
 BALANCERS = {
     "none": NoBalancing,
@@ -311,17 +442,20 @@ BALANCERS = {
 }
 
 
-def make_balancer(name, n_experts, top_k, cfg, world_size=1):
-    """Build the named strategy, checking the settings a newcomer gets wrong."""
+def name_of(cls):
+    return next((name for name, c in BALANCERS.items() if c is cls), cls.__name__)
+
+
+def check_strategy(name, n_experts, top_k, cfg, local_seqs=None):
+    """The strategy's class, once its name and settings are known to be good."""
     if name not in BALANCERS:
         raise ValueError(f"unknown balancer {name!r}: choose one of {', '.join(BALANCERS)}")
     if not 1 <= top_k <= n_experts:
         raise ValueError(f"top_k={top_k} must be between 1 and n_experts={n_experts}: lower --top-k")
-    if cfg.capacity_factor <= 0:
-        raise ValueError(f"capacity_factor={cfg.capacity_factor} must be > 0: try 2.0")
-    if cfg.gate not in (None, "softmax", "sigmoid"):
-        raise ValueError(f"unknown gate {cfg.gate!r}: use 'softmax' or 'sigmoid'")
-    for knob in ("balance_seqs", "route_seqs"):
-        if getattr(cfg, knob) < 1:
-            raise ValueError(f"{knob}={getattr(cfg, knob)} must be >= 1 sequence")
-    return BALANCERS[name](n_experts, top_k, cfg, world_size)
+    BALANCERS[name].check(cfg, local_seqs)
+    return BALANCERS[name]
+
+
+def make_balancer(name, n_experts, top_k, cfg, world_size=1):
+    """Build the named strategy, checking the settings a newcomer gets wrong."""
+    return check_strategy(name, n_experts, top_k, cfg)(n_experts, top_k, cfg, world_size)

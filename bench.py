@@ -35,24 +35,22 @@ import os
 import platform
 import resource
 import shlex
-import socket
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+import plumbing
 import train
 from balancers import BALANCERS
 from data import Corpus
 from moe import GPT, swiglu
 
 STRATEGIES = list(BALANCERS)
-TOKEN_CHOICE = [s for s in STRATEGIES if s != "expert_choice"]
+TOKEN_CHOICE = [s for s in STRATEGIES if BALANCERS[s].token_choice]
 EXPERT_COUNTS = [8, 16, 64]          # the experts-scaling sweep (the first is the reference)
 TARGETS = {"moe_over_dense": 1.15, "mfu": 0.40, "experts_64_over_8": 1.5}
 
@@ -119,21 +117,13 @@ def random_corpus(seed=0, size=200_000):
                   train_docs=[1, 1, 1], val_docs=[1, 1, 1], source="random bytes")
 
 
-def active_params(cfg):
-    """Parameters a token multiplies with: attention, router, its top_k experts,
-    the shared experts and the output head. Embeddings are lookups (no FLOPs),
-    norms are negligible."""
-    d = cfg.d_model
-    per_layer = 4 * d * d + d * cfg.n_experts + (cfg.top_k + cfg.shared_experts) * 3 * d * cfg.d_expert
-    return cfg.n_layers * per_layer + d * cfg.vocab_size
-
-
-def flops_per_token(cfg):
+def flops_per_token(model):
     """Training FLOPs per token: 6 per active parameter (2 forward, 4 backward)
     plus attention's two T x T products, 12 * n_layers * T * d for a full
     T x T score matrix, halved because the causal mask leaves half of it
     empty (and the attention kernel skips it)."""
-    return 6 * active_params(cfg) + 6 * cfg.n_layers * cfg.seq_len * cfg.d_model
+    cfg = model.cfg
+    return 6 * model.active_params() + 6 * cfg.n_layers * cfg.seq_len * cfg.d_model
 
 
 class TrainLoop:
@@ -141,15 +131,12 @@ class TrainLoop:
     train.train_step on the next global batch."""
 
     def __init__(self, args, corpus, device, rank=0, world_size=1):
-        self.args, self.corpus, self.device = args, corpus, device
-        self.rank, self.world_size, self.step = rank, world_size, 0
-        torch.manual_seed(args.seed)
-        self.model = GPT(train.model_config(args), rank, world_size).to(device)
-        self.opt = train.make_optimizer(self.model, args)
+        self.args, self.corpus, self.step = args, corpus, 0
+        self.proc = plumbing.Proc(rank, world_size, device)
+        self.model, self.opt = train.build(args, self.proc)
 
     def __call__(self):
-        train.train_step(self.model, self.opt, self.corpus, self.step, self.args,
-                         self.rank, self.world_size, self.device)
+        train.train_step(self.model, self.opt, self.corpus, self.step, self.args, self.proc)
         self.step += 1
 
 
@@ -243,13 +230,13 @@ def matmul_peak(size, device):
 
 def bench_mfu(preset, balancer, corpus, matmul_size, warmup, repeats, device):
     args = make_args(preset, balancer)
-    cfg = train.model_config(args)
     step = TrainLoop(args, corpus, device)
     mm, mm_flops = matmul_peak(matmul_size, device)
     times = interleaved({"step": step, "matmul": mm}, warmup, repeats, device, block=3)
     tokens = args.batch_size * args.seq_len
     step_s, mm_s = statistics.median(times["step"]), statistics.median(times["matmul"])
-    step_flops = flops_per_token(cfg) * tokens
+    step_flops = flops_per_token(step.model) * tokens
+    active, per_token = step.model.active_params(), flops_per_token(step.model)
     achieved, peak = step_flops / step_s, mm_flops / mm_s
     del step
     return {"mfu": achieved / peak, "step_ms": 1e3 * step_s, "tokens_per_step": tokens,
@@ -257,24 +244,16 @@ def bench_mfu(preset, balancer, corpus, matmul_size, warmup, repeats, device):
             "achieved_gflops": achieved / 1e9, "matmul_peak_gflops": peak / 1e9,
             "matmul_best_gflops": mm_flops / min(times["matmul"]) / 1e9,
             "matmul_size": matmul_size, "matmul_dtype": "bf16" if device.type == "cuda" else "fp32",
-            "active_params": active_params(cfg), "flops_per_token": flops_per_token(cfg)}
+            "active_params": active, "flops_per_token": per_token}
 
 
 # ----------------------------------------------------------------------------
 # 3. Expert parallelism: 2 processes x 1 thread vs 1 process x 2 threads.
 
-def free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def ep_worker(rank, world_size, port, threads, preset, balancer, warmup, repeats, out_dir):
-    """One rank of the expert-parallel benchmark (a fresh process)."""
+def ep_worker(rank, world_size, threads, preset, balancer, warmup, repeats):
+    """One rank of the expert-parallel benchmark (a fresh process, started by
+    plumbing.spawn with its gloo group already joined)."""
     torch.set_num_threads(threads)
-    if world_size > 1:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group("gloo", rank=rank, world_size=world_size)
     # Count the time spent inside all-to-all: moe.py calls it through the
     # torch.distributed module, so wrapping the attribute catches every call
     # (the count exchange and the rows, forward and backward).
@@ -296,41 +275,30 @@ def ep_worker(rank, world_size, port, threads, preset, balancer, warmup, repeats
             step()
         times, shares = [], []
         for _ in range(repeats):
-            if world_size > 1:
-                dist.barrier()       # start every step together
+            dist.barrier()           # start every step together
             in_all_to_all[0] = 0.0
             t0 = time.perf_counter()
             step()
             times.append(time.perf_counter() - t0)
             shares.append(in_all_to_all[0] / times[-1])
-        result = {"step_s": times, "all_to_all_share": shares,
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                  "tokens_per_step": args.batch_size * args.seq_len}
-        (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(result))
-        if world_size > 1:
-            dist.barrier()           # nobody tears the group down while a peer still uses it
+        return {"step_s": times, "all_to_all_share": shares,
+                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "tokens_per_step": args.batch_size * args.seq_len}
     finally:
         dist.all_to_all_single = real_all_to_all
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    train.leave(0)
 
 
 def run_ep(world_size, threads, preset, balancer, warmup, repeats, attempts=2):
     for attempt in range(attempts):
-        with tempfile.TemporaryDirectory() as out_dir:
-            try:
-                mp.spawn(ep_worker, nprocs=world_size,
-                         args=(world_size, free_port(), threads, preset, balancer, warmup, repeats, out_dir))
-            except (mp.ProcessExitedException, mp.ProcessRaisedException) as e:
-                # On a shared machine the free port can be taken by someone
-                # else before the rendezvous binds it: one retry, new port.
-                if attempt + 1 == attempts:
-                    raise
-                print(f"warning: expert-parallel run failed ({e}); retrying once", file=sys.stderr)
-                continue
-            ranks = [json.loads((Path(out_dir) / f"rank{r}.json").read_text()) for r in range(world_size)]
+        try:
+            ranks = plumbing.spawn(ep_worker, world_size, threads, preset, balancer, warmup, repeats, timeout=600)
             break
+        except (RuntimeError, TimeoutError) as e:
+            # On a shared machine the free port can be taken by someone
+            # else before the rendezvous binds it: one retry, new port.
+            if attempt + 1 == attempts:
+                raise
+            print(f"warning: expert-parallel run failed ({str(e).splitlines()[0]}); retrying once", file=sys.stderr)
     # A step ends when the slowest rank is done; the ranks wait for each other
     # in the collectives anyway, so their step times barely differ.
     step_s = [max(ts) for ts in zip(*(r["step_s"] for r in ranks))]

@@ -1,461 +1,517 @@
 """
-compare.py -- train every load-balancing strategy on the same data, model and
-seeds, and check the papers' claims against the numbers.
+compare.py -- check the papers' claims with numbers made here, the way the
+papers measured them.
 
-    python compare.py              # about 20 min on 2 CPU cores: 4 seeds, all sweeps
+    python compare.py              # the full comparison: about 45 min on 2 CPU cores
     python compare.py --quick      # a few minutes: 2 seeds, short runs
-    torchrun --nproc_per_node=2 compare.py --quick    # the same, expert parallel
+    python compare.py --smoke      # seconds: does everything run?
+    python compare.py --publish    # copy the results to results/ and the README
 
 It teaches how to compare training recipes honestly:
-  - one model, one schedule and the same seeds for every strategy, so two
-    runs with the same seed see the same initialisation and the same batches;
-  - several seeds, and differences taken *within* a seed (paired), so that a
-    difference can be weighed against seed-to-seed noise;
-  - a verdict for each paper claim computed from the numbers, so a claim
-    that fails at this scale is reported as failing, not tuned until it passes.
+  - each claim is tested with arms that differ only in what the paper
+    varied (same gate, the paper's coefficients, same data), and the same
+    seeds: two runs with the same seed share initialisation and batches;
+  - differences are taken *within* a seed (paired), in nats for the loss,
+    and weighed by a 95% t-interval over seeds;
+  - a three-way verdict: "holds" if the interval lies on the claimed side,
+    "contradicted" if it lies wholly on the other, "unresolved" otherwise --
+    with the number of seeds that would resolve it at the measured spread.
+    A mean inside its own interval never decides anything.
 
 Read it top to bottom:
-  1. the plan: the main comparison and the sweeps that mirror the papers'
-     figures; each point of the plan is a set of train.py flags
-  2. running the plan through train.main, resumably (finished runs are kept)
-  3. reading summary.json / log.jsonl, statistics over seeds
-  4. the claims: a few lines of verdict logic each
-  5. the plots, one function per paper figure
-  6. results.md and main
-
-Output (--out, default compare_out/): results.md, the PNG plots, and each
-run's log.jsonl, summary.json and train.txt under runs/.
+  1. the arms and the claims, each citing the table or figure it mirrors
+  2. running the arms: train.py in parallel subprocesses, resumably
+  3. reading a run, and the within-model shuffle test of expert choice
+  4. statistics: intervals, the verdict rule, seeds needed
+  5. the claims' parts, results.json and results.md
+  6. plots, one per paper figure
+  7. main
 """
 
+import argparse
+import contextlib
+import dataclasses
+import hashlib
 import json
 import math
 import os
 import platform
 import shlex
-import signal
+import shutil
+import subprocess
 import sys
 import time
-from contextlib import redirect_stdout
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
+import plumbing
 import train
+from balancers import BALANCERS
+
+HERE = Path(__file__).resolve().parent
 
 # ----------------------------------------------------------------------------
-# 1. The plan.
+# 1. The arms and the claims.
 
-# How big each run is. The papers' effects need a few hundred steps to show,
-# so the default spends its budget on steps and seeds rather than on width:
-# train.py's tiny model (2 layers, d_model 64) with 16 experts top-2, batches
-# of 32 x 64 bytes. `quick` cuts steps and seeds; `smoke` only checks that
-# everything runs (the tests use it).
+# Every run: the tiny model of train.py with 16 experts top-2, batches of 32
+# sequences of 64 bytes, validation on up to 512 windows per domain (the whole
+# split where it is smaller; the same windows for every run). The default
+# size and seed counts were chosen from the paired spread of earlier runs
+# (README, "How the scale was chosen").
 SIZES = {
-    "default": dict(seeds=4, steps=400, batch=32, warmup=20, log_every=5, val_seqs=32,
+    "default": dict(steps=500, batch=32, warmup=25, val_seqs=512, seeds_scale=1.0,
                     model=["--preset", "tiny", "--n-experts", "16"]),
-    "quick": dict(seeds=2, steps=120, batch=32, warmup=10, log_every=2, val_seqs=16,
+    "quick": dict(steps=150, batch=32, warmup=10, val_seqs=128, seeds_scale=0.0,
                   model=["--preset", "tiny", "--n-experts", "16"]),
-    "smoke": dict(seeds=1, steps=3, batch=16, warmup=1, log_every=1, val_seqs=4,
+    "smoke": dict(steps=3, batch=16, warmup=1, val_seqs=4, seeds_scale=-1.0,
                   model=["--preset", "tiny", "--n-experts", "8", "--d-model", "32", "--n-heads", "2",
                          "--d-expert", "32", "--seq-len", "32"]),
 }
-
-STRATEGIES = ["none", "aux", "global_aux", "lossfree", "seq_aux", "expert_choice"]
-
-# The main comparison, at the papers' settings: alpha = 1e-2 (Switch), u = 1e-3
-# (Wang et al.). Knobs that a sweep varies are spelled out, so the sweep point
-# with the same value is literally the same run and is trained once.
-MAIN = {
-    "none": ["--balancer", "none"],
-    "aux": ["--balancer", "aux", "--alpha", "1e-2", "--balance-seqs", "2"],
-    "global_aux": ["--balancer", "global_aux", "--alpha", "1e-2"],
-    "lossfree": ["--balancer", "lossfree", "--bias-rate", "1e-3"],
-    "seq_aux": ["--balancer", "seq_aux"],
-    "expert_choice": ["--balancer", "expert_choice", "--route-seqs", "2"],
-}
+MICRO = 8          # Qiu et al.'s micro-batch: a quarter of the global batch (4 data-parallel ranks)
 
 
-def sweeps(micro_seqs, large_chunk):
-    """One sweep per paper figure: {sweep: [(label, flags), ...]}."""
-    aux = lambda alpha, seqs: ["--balancer", "aux", "--alpha", alpha, "--balance-seqs", str(seqs)]
-    ec = ["--balancer", "expert_choice", "--route-seqs"]
-    return {
-        # Wang et al. 2024, Fig. 2: a large alpha balances but costs perplexity.
-        "alpha": [(f"aux alpha={a}", aux(a, 2)) for a in ("1e-2", "1e-3", "1e-4")],
-        # Wang et al. 2024, Sec. 4.3: u = 1e-4 is too slow, 1e-2 oscillates.
-        "bias_rate": [(f"lossfree u={u}", ["--balancer", "lossfree", "--bias-rate", u])
-                      for u in ("1e-4", "1e-3", "1e-2")],
-        # Qiu et al. 2025, Fig. 1b and Table 2: the balance batch, from one
-        # sequence to one rank's micro-batch to the global batch.
-        "balance_batch": [("aux, 1 seq", aux("1e-2", 1)),
-                          ("aux, 2 seqs", aux("1e-2", 2)),
-                          (f"aux, micro-batch ({micro_seqs} seqs)", aux("1e-2", micro_seqs)),
-                          ("global_aux (global batch)", MAIN["global_aux"])],
-        # Wang et al. 2024, Fig. 9: expert choice's loss against its routing chunk.
-        "route": [("EC, chunk 1 seq", ec + ["1"]),
-                  ("EC, chunk 2 seqs", MAIN["expert_choice"]),
-                  (f"EC, chunk {large_chunk} seqs", ec + [str(large_chunk)]),
-                  ("EC, chunk 1 seq, shuffled", ec + ["1", "--route-shuffle"])],
-    }
+@dataclasses.dataclass
+class Claim:
+    key: str
+    text: str            # the paper's claim, in one sentence
+    source: str          # the table or figure it mirrors
+    seeds: int           # at the default size; chosen from the measured spread
+    arms: dict           # {label: train.py flags}; the parts below refer to them by position
 
 
-def run_name(flags, seed):
-    """A folder name that says what the run is, e.g. aux-alpha1e-2-balance-seqs2-s0."""
-    parts, i = [flags[1]], 2
-    while i < len(flags):
-        key = flags[i].lstrip("-")
-        if i + 1 < len(flags) and not flags[i + 1].startswith("--"):
-            parts.append(key + flags[i + 1])
-            i += 2
-        else:
-            parts.append(key)
-            i += 1
-    return "-".join(parts) + f"-s{seed}"
+def claims(size):
+    """Every claim with its arms. A label is what a table row says; arms of
+    equal settings (the same label in two claims, or the default strategy
+    and its explicit twin) are the same runs, trained once."""
+    batch = SIZES[size]["batch"]
+    micro = min(MICRO, batch // 2)
+    aux = lambda alpha, *more: ["--balancer", "aux", "--alpha", alpha, *more]
+    ec = lambda seqs, *more: ["--balancer", "expert_choice", "--route-seqs", str(seqs), *more]
+    sigmoid_aux = {f"aux sigmoid alpha={x}": aux(x, "--gate", "sigmoid") for x in ("1e-2", "1e-3", "1e-4", "0")}
+    lossfree = lambda u: {f"lossfree u={u}": ["--balancer", "lossfree", "--bias-rate", u]}
+    qiu = ["--domain-block", str(micro)]
+    everyone = {name: ["--balancer", name] for name in BALANCERS}
+    token_choice = {n: f for n, f in everyone.items() if BALANCERS[n].token_choice}
+    return [
+        Claim("lossfree", "Loss-free balancing reaches a lower MaxVio_global than the aux loss, at no worse "
+                          "perplexity", "Wang et al. 2024, Table 2: sigmoid gate on both sides, alpha 1e-3", 10,
+              {"aux sigmoid alpha=1e-3": sigmoid_aux["aux sigmoid alpha=1e-3"], **lossfree("1e-3")}),
+        Claim("alpha", "A large alpha balances but costs perplexity; a small alpha does not balance",
+              "Wang et al. 2024, Fig. 2: sigmoid gate", 6, {**sigmoid_aux, **lossfree("1e-3")}),
+        Claim("softmax", "With the softmax gate, loss-free (proportional update) also balances better at no "
+                         "worse perplexity", "Wang et al. 2024, App. C: softmax gate, alpha 3e-4", 6,
+              {"aux softmax alpha=3e-4": aux("3e-4", "--gate", "softmax"),
+               "lossfree softmax proportional": ["--balancer", "lossfree", "--gate", "softmax",
+                                                 "--bias-update", "proportional"]}),
+        Claim("global", "Balancing over the global batch instead of single-domain micro-batches lets experts "
+                        "specialise by domain and lowers perplexity",
+              "Qiu et al. 2025, Sec. 2.2, Fig. 1b and Table 1: every micro-batch from one domain", 8,
+              {**{f"aux, {n} seq{'s' * (n > 1)}, one domain per {micro}": aux("1e-2", "--balance-seqs", str(n), *qiu)
+                  for n in (1, 2, micro)},
+               f"global_aux, one domain per {micro}": ["--balancer", "global_aux", *qiu]}),
+        Claim("expert_choice", "Expert choice leaks future tokens: the causality probe is non-zero, and a model "
+                               "trained with small routing chunks relies on the leak (its loss rises when its "
+                               "chunks are shuffled), unlike one trained shuffled",
+              "Wang et al. 2024, Sec. 2.3, App. C and Fig. 9", 4,
+              {"EC, chunk 1 seq": ec(1), "EC, chunk 2 seqs": ec(2), f"EC, chunk {batch} seqs": ec(batch),
+               "EC, chunk 1 seq, trained shuffled": ec(1, "--route-shuffle"), **token_choice}),
+        Claim("bias_rate", "Update rate: u = 1e-4 balances too slowly, u = 1e-2 oscillates late in training",
+              "Wang et al. 2024, Sec. 4.3 and Fig. 4", 6, {**lossfree("1e-4"), **lossfree("1e-3"), **lossfree("1e-2")}),
+        Claim("main", "(no verdict) every registered strategy at its own defaults", "all papers", 4, everyone),
+    ]
 
 
-class Plan:
-    """Which runs to train and where each one is reported.
-
-    points: {label: flags} for every strategy and sweep point; every point is
-    trained with every seed. runs: {folder name: (flags, seed)}, each distinct
-    run once, seed by seed, so that an interrupted comparison has whole seeds."""
-
-    def __init__(self, seeds, micro_seqs, large_chunk):
-        self.seeds = seeds
-        self.sweeps = {g: [label for label, _ in pts] for g, pts in sweeps(micro_seqs, large_chunk).items()}
-        self.points = dict(MAIN)
-        for pts in sweeps(micro_seqs, large_chunk).values():
-            self.points.update(pts)
-        self.runs = {}
-        for seed in seeds:
-            for flags in self.points.values():
-                self.runs.setdefault(run_name(flags, seed), (flags, seed))
-
-    def names(self, label):
-        """The runs of one point, one per seed."""
-        return [run_name(self.points[label], s) for s in self.seeds]
-
-
-def common_flags(size, steps, extra):
-    """The train.py flags every run shares: same model, data and schedule."""
-    s = SIZES[size]
-    return s["model"] + ["--batch-size", str(s["batch"]), "--steps", str(steps), "--warmup", str(s["warmup"]),
-                         "--eval-every", "0", "--log-every", str(s["log_every"]),
-                         "--val-seqs", str(s["val_seqs"])] + extra
+def seeds_for(claim, size):
+    """Default: the claim's own count. quick: 2 seeds. smoke: 1."""
+    scale = SIZES[size]["seeds_scale"]
+    return claim.seeds if scale > 0 else 2 if scale == 0 else 1
 
 
 # ----------------------------------------------------------------------------
-# 2. Running the plan.
+# 2. Running the arms.
+
+def settings_key(flags, common):
+    """What makes two runs the same run: the strategy's resolved settings and
+    every other train.py flag. Two labels with equal keys share runs."""
+    args = train.parse_args(common + flags)
+    resolved = dataclasses.asdict(BALANCERS[args.balancer].settings(train.balance_config(args)))
+    rest = {k: v for k, v in vars(args).items() if k not in resolved and k not in ("out", "seed")}
+    return json.dumps({"strategy": resolved, **rest}, sort_keys=True, default=str)
+
+
+class Plan:
+    """Which runs to train: every arm with the largest seed count of the
+    claims that use it. runs: {folder: (flags, seed)}; labels: {label: folder
+    stem}; seeds: {label: [seed, ...]}."""
+
+    def __init__(self, size, common, only_seeds=None):
+        self.size, self.common = size, common
+        self.claims = claims(size)
+        self.arms = {label: flags for c in self.claims for label, flags in c.arms.items()}
+        self.seeds = {}
+        for c in self.claims:
+            for label in c.arms:
+                n = seeds_for(c, size) if only_seeds is None else only_seeds
+                self.seeds[label] = list(range(max(n, len(self.seeds.get(label, [])))))
+        self.stem, self.runs = {}, {}
+        for label, seeds in self.seeds.items():
+            flags = self.arms[label]
+            digest = hashlib.sha1(settings_key(flags, common).encode()).hexdigest()[:8]
+            self.stem[label] = f"{flags[1]}-{digest}"
+            for s in seeds:
+                self.runs.setdefault(f"{self.stem[label]}-s{s}", (flags, s))
+
+    def folder(self, label, seed):
+        return f"{self.stem[label]}-s{seed}"
+
+
+def run_state(run_dir, argv):
+    """done: summary.json from exactly these flags; resume: an interrupted run
+    of these flags left a checkpoint; new: anything else."""
+    recorded = read_json(run_dir / "run.json") or {}
+    if recorded.get("argv") != argv:
+        return "new"
+    if "val_loss" in (read_json(run_dir / "summary.json") or {}) and recorded.get("finished"):
+        return "done"
+    return "resume" if (run_dir / "ckpt.pt").exists() else "new"
+
 
 def read_json(path):
     try:
-        with open(path) as f:
-            return json.load(f)
+        return json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return None
 
 
-STATES = ["new", "resume", "done"]
+def train_one(run_dir, argv, state, launcher):
+    """One train.py run in its own process (output in train.txt), then the
+    measurements that need its checkpoint; the checkpoint is then deleted."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if state == "new":
+        for stale in ("summary.json", "extra.json", "ckpt.pt", "log.jsonl"):
+            (run_dir / stale).unlink(missing_ok=True)
+    (run_dir / "run.json").write_text(json.dumps({"argv": argv}))
+    flags = argv + ["--out", str(run_dir)] + (["--resume"] if state == "resume" else [])
+    start = time.time()
+    with open(run_dir / "train.txt", "a") as log:
+        if launcher:
+            env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+            code = subprocess.call(launcher + [str(HERE / "train.py"), *flags], stdout=log, stderr=log, env=env,
+                                   cwd=HERE)
+        else:                       # one run at a time: in this process, which saves starting Python
+            with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+                try:
+                    code = train.main(flags)
+                except (ValueError, FloatingPointError) as e:
+                    print(f"error: {e}", file=log)
+                    code = 2
+    if code != 0:
+        return False
+    extra = {}
+    if not BALANCERS[train.parse_args(argv).balancer].token_choice:
+        extra = shuffled_routing_eval(run_dir)
+    (run_dir / "extra.json").write_text(json.dumps(extra))
+    (run_dir / "ckpt.pt").unlink(missing_ok=True)         # the report needs only the logs
+    (run_dir / "run.json").write_text(json.dumps({"argv": argv, "finished": True, "elapsed_s": time.time() - start}))
+    return True
 
 
-def run_state(run_dir, argv, steps):
-    """'done': summary.json with the expected steps, made by exactly these flags
-    (recorded in run.json). 'resume': an interrupted run of these flags left a
-    checkpoint. 'new': anything else (start over)."""
-    recorded = read_json(os.path.join(run_dir, "run.json")) or {}
-    if recorded.get("argv") != argv:
-        return "new"
-    summary = read_json(os.path.join(run_dir, "summary.json")) or {}
-    if summary.get("steps") == steps and "val_loss" in summary:
-        return "done"
-    return "resume" if os.path.exists(os.path.join(run_dir, "ckpt.pt")) else "new"
+def run_plan(plan, root, jobs, launcher):
+    """Train every run that is not finished, `jobs` at a time. True if all
+    finished; False if one failed or was stopped (run the same command again
+    to go on: finished runs are kept, interrupted ones resume)."""
+    todo = []
+    for name, (flags, seed) in plan.runs.items():
+        argv = plan.common + flags + ["--seed", str(seed)]
+        state = run_state(root / "runs" / name, argv)
+        if state != "done":
+            todo.append((name, argv, state))
+    print(f"{len(plan.runs)} runs, {len(plan.runs) - len(todo)} finished earlier; training {len(todo)} "
+          f"with {jobs} at a time", flush=True)
+    done, failed, t0 = 0, [], time.time()
 
+    def one(item):
+        name, argv, state = item
+        ok = train_one(root / "runs" / name, argv, state, launcher)
+        return name, ok
 
-def agree(value, world_size):
-    """Rank 0 decides, every rank follows (a small int): train.main is
-    collective, so all ranks must train, skip or stop on the same runs."""
-    if world_size == 1:
-        return value
-    t = torch.tensor([value])
-    dist.broadcast(t, 0)
-    return int(t.item())
-
-
-def train_one(run_dir, argv, resume, rank):
-    """Call train.main with this run's flags. Its text output goes to
-    train.txt in the run folder (its tqdm bar still shows on the terminal).
-    train.main takes over Ctrl-C to checkpoint cleanly; give it back after."""
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    flags = argv + ["--out", run_dir] + (["--resume"] if resume else ["--overwrite"])
-    try:
-        if rank != 0:
-            return train.main(flags)
-        os.makedirs(run_dir, exist_ok=True)
-        stale = os.path.join(run_dir, "summary.json")
-        if not resume and os.path.exists(stale):
-            os.remove(stale)                     # from other flags: must not pass for this run's result
-        with open(os.path.join(run_dir, "run.json"), "w") as f:
-            json.dump({"argv": argv}, f)
-        with open(os.path.join(run_dir, "train.txt"), "a") as out, redirect_stdout(out):
-            return train.main(flags)
-    finally:
-        for s, h in handlers.items():
-            signal.signal(s, h)
-
-
-def run_plan(plan, common, steps, root, rank, world_size):
-    """Train every run that is not finished yet, showing run i of N and an ETA.
-    Returns how many runs were trained, or None if one was stopped (Ctrl-C,
-    SIGTERM): run the same command again to go on."""
-    say = print if rank == 0 else (lambda *a, **k: None)
-    spent, trained, t0 = 0.0, 0, time.time()
-    for i, (name, (flags, seed)) in enumerate(plan.runs.items(), 1):
-        run_dir = os.path.join(root, "runs", name)
-        argv = common + flags + ["--seed", str(seed)]
-        state = STATES[agree(STATES.index(run_state(run_dir, argv, steps)) if rank == 0 else 0, world_size)]
-        if state == "done":
-            say(f"[{i}/{len(plan.runs)}] {name}: finished earlier, kept")
-            continue
-        eta = f", about {spent / trained * (len(plan.runs) - i + 1) / 60:.0f} min left" if trained else ""
-        say(f"[{i}/{len(plan.runs)}] {name}{' (resuming)' if state == 'resume' else ''}{eta}", flush=True)
-        start = time.time()
-        code = train_one(run_dir, argv, state == "resume", rank)
-        finished = code == 0 and (rank != 0 or os.path.exists(os.path.join(run_dir, "summary.json")))
-        if not agree(int(finished), world_size):
-            say(f"stopped during {name}; run the same command again to continue")
-            return None
-        took = time.time() - start
-        spent, trained = spent + took, trained + 1
-        if rank == 0:
-            with open(os.path.join(run_dir, "run.json"), "w") as f:
-                json.dump({"argv": argv, "elapsed_s": took}, f)
-            ckpt = os.path.join(run_dir, "ckpt.pt")
-            if os.path.exists(ckpt):
-                os.remove(ckpt)                  # the report needs only the logs; keeps the folder small
-            s = read_json(os.path.join(run_dir, "summary.json"))
-            say(f"    val ppl {s['val_ppl']:.3f} | MaxVio_global {s['maxvio_global']:.3f} | "
-                f"specialisation {s['specialization']:.3f} | {took:.0f} s", flush=True)
-    say(f"trained {trained} run(s) in {(time.time() - t0) / 60:.1f} min")
-    return trained
+    # Subprocesses run `jobs` at a time; in-process runs (launcher None) one
+    # by one in the main thread, where train.py may install its signal handlers.
+    with ThreadPoolExecutor(jobs) if launcher else contextlib.nullcontext() as pool:
+        for name, ok in (pool.map(one, todo) if launcher else map(one, todo)):
+            done += 1
+            if not ok:
+                failed.append(name)
+            left = (time.time() - t0) / done * (len(todo) - done) / 60
+            print(f"[{done}/{len(todo)}] {name}: {'ok' if ok else 'FAILED (see its train.txt)'}"
+                  f" | about {left:.0f} min left", flush=True)
+    if failed:
+        print(f"{len(failed)} run(s) did not finish, e.g. {root / 'runs' / failed[0] / 'train.txt'}; "
+              f"run the same command again to continue")
+    return not failed
 
 
 # ----------------------------------------------------------------------------
-# 3. Reading the runs, and statistics over seeds.
+# 3. Reading a run.
+
+def shuffled_routing_eval(run_dir):
+    """Wang et al. 2024's control for expert choice, within one trained model:
+    its validation loss with routing groups made of whole sequences (as
+    trained with small chunks) and with the tokens shuffled across groups,
+    so a group holds almost nothing of any one sequence's future. A model
+    that learnt to read the future from its routing loses when shuffled."""
+    ckpt = torch.load(run_dir / "ckpt.pt", map_location="cpu", weights_only=False)
+    args = train.parse_args([f"--{k.replace('_', '-')}={v}" for k, v in ckpt["args"].items()
+                             if k in ("preset", "balancer")] + ["--out", str(run_dir)])
+    args = argparse.Namespace(**{**vars(args), **ckpt["args"]})
+    proc = plumbing.Proc()
+    model, _ = train.build(args, proc)
+    model.load_state_dict(ckpt["model"])
+    from data import load_corpus, val_batches
+    corpus = load_corpus(args.data, seq_len=args.seq_len, log=lambda *a: None)
+    batches = val_batches(corpus, args.seq_len, args.batch_size // args.grad_accum, args.val_seqs)
+    out = {}
+    for shuffle in (False, True):
+        for layer in model.moe_layers():
+            layer.balancer.cfg = dataclasses.replace(layer.balancer.cfg, route_shuffle=shuffle)
+        out["val_loss_" + ("shuffled" if shuffle else "grouped")] = train.evaluate(model, corpus, batches, proc)["val_loss"]
+    return out
+
 
 def load_log(run_dir):
-    with open(os.path.join(run_dir, "log.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if line.strip()]
+
+
+def reversal_rate(log):
+    """How often a bias update reverses the previous one, over the last
+    quarter of training: near 1 when the bias overshoots back and forth
+    every step (oscillation), lower when it drifts. From the logged bias
+    (every step is logged in the comparison)."""
+    biases = [torch.tensor(r["state"]["bias"]) for r in log if "bias" in r.get("state", {})]
+    biases = biases[-max(3, len(biases) // 4):]
+    if len(biases) < 3:
+        return float("nan")
+    moves = torch.stack([b - a for a, b in zip(biases, biases[1:])])
+    flips = (moves[1:] * moves[:-1]) < 0
+    return flips.float().mean().item()
 
 
 def metrics(run_dir):
-    """The table's columns for one run, plus two figures from the log that the
-    update-rate claim needs: MaxVio_batch over the first half of training (how
-    fast balance is reached) and over the last quarter (does it stay balanced
-    or oscillate), Wang et al. 2024, Sec. 4.3."""
-    s, log = read_json(os.path.join(run_dir, "summary.json")), load_log(run_dir)
+    """The figures a claim may use, for one run."""
+    s, log, extra = read_json(run_dir / "summary.json"), load_log(run_dir), read_json(run_dir / "extra.json") or {}
     vio = [r["maxvio_batch"] for r in log]
+    q = max(1, len(vio) // 4)
     return {"val_loss": s["val_loss"], "val_ppl": s["val_ppl"],
-            **{f"ppl_{d}": s["val_ppl_by_domain"][d] for d in s["domains"]},
+            **{f"loss_{d}": s["val_loss_by_domain"][d] for d in s["domains"]},
             "maxvio_global": s["maxvio_global"], "maxvio_batch": s["maxvio_batch"],
+            "maxvio_early": sum(vio[:q]) / q, "maxvio_late": sum(vio[-q:]) / q,
             "specialization": s["specialization"], "causal_leak": s["causal_leak"],
-            "tokens_per_second": s["tokens_per_second"],
-            "maxvio_early": mean(vio[:max(1, len(vio) // 2)]),
-            "maxvio_late": mean(vio[-max(1, len(vio) // 4):])}
+            "tokens_per_second": s["tokens_per_second"], "bias_reversals": reversal_rate(log),
+            **({"shuffle_cost": extra["val_loss_shuffled"] - extra["val_loss_grouped"]} if extra else {})}
 
 
-def mean(xs):
-    return sum(xs) / len(xs)
+# ----------------------------------------------------------------------------
+# 4. Statistics.
+
+# Student t quantiles by degrees of freedom: two-sided 95% (for the interval)
+# and one-sided 80% (for the power estimate). Beyond 30: the normal's.
+T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+        2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+        2.045, 2.042]
+T80 = [1.376, 1.061, 0.978, 0.941, 0.920, 0.906, 0.896, 0.889, 0.883, 0.879, 0.876, 0.873, 0.870, 0.868,
+       0.866, 0.865, 0.863, 0.862, 0.861, 0.860, 0.859, 0.858, 0.858, 0.857, 0.856, 0.856, 0.855, 0.855,
+       0.854, 0.854]
 
 
-def std(xs):
-    """Sample standard deviation; None for a single value (no noise estimate)."""
-    if len(xs) < 2:
+def t_quantile(table, df, normal):
+    return table[df - 1] if df <= len(table) else normal
+
+
+def interval(values):
+    """Mean, sample std and 95% t-interval of the mean; no interval for one value."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, None, None, None
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = t_quantile(T975, n - 1, 1.960) * sd / math.sqrt(n)
+    return mean, sd, mean - half, mean + half
+
+
+def seeds_needed(mean, sd, target):
+    """Seeds at which a difference of this mean and spread would leave `target`
+    outside its 95% interval 80% of the time; None if it cannot (mean on the
+    target)."""
+    gap = abs(mean - target)
+    if sd is None or gap == 0:
         return None
-    mu = mean(xs)
-    return math.sqrt(sum((x - mu) ** 2 for x in xs) / (len(xs) - 1))
+    for n in range(2, 100_000):
+        if (t_quantile(T975, n - 1, 1.960) + t_quantile(T80, n - 1, 0.842)) * sd / math.sqrt(n) < gap:
+            return n
+    return None
 
 
-# Two-sided 95% quantiles of Student's t by degrees of freedom: with 3 seeds
-# the interval is mean +- 4.30 standard errors, much wider than +- 2.
-T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23}
+def verdict(diffs, side, margin=0.0):
+    """The rule, for d = a - b per seed and the claim "d < margin" (side "<")
+    or "d > margin" (side ">"): holds if the 95% interval lies wholly on the
+    claimed side of the margin, contradicted if wholly on the other side,
+    unresolved otherwise. For "a is no worse than b" the margin is the
+    non-inferiority margin, stated with the result."""
+    mean, sd, low, high = interval(diffs)
+    if low is None:
+        v = "unresolved"
+    elif (high < margin) if side == "<" else (low > margin):
+        v = "holds"
+    elif (low > margin) if side == "<" else (high < margin):
+        v = "contradicted"
+    else:
+        v = "unresolved"
+    return {"diff": mean, "sd": sd, "ci_low": low, "ci_high": high, "seeds": len(diffs), "verdict": v,
+            "claim": f"{side} {margin:g}", "seeds_to_resolve": seeds_needed(mean, sd, margin) if v == "unresolved" else None}
 
 
-class Stat:
-    """One quantity over seeds: its values, mean, std, and the half-width of
-    the 95% confidence interval of the mean (None with one seed)."""
+def combine(verdicts):
+    """A claim holds if every part holds, is contradicted if any part is."""
+    return "contradicted" if "contradicted" in verdicts else "holds" if all(v == "holds" for v in verdicts) else "unresolved"
 
-    def __init__(self, values):
-        self.values, self.n = list(values), len(values)
-        self.mean, self.std = mean(self.values), std(self.values)
-        self.half = None if self.std is None else T95.get(self.n - 1, 2.0) * self.std / math.sqrt(self.n)
 
-    def __format__(self, spec):
-        if self.std is None:
-            return format(self.mean, spec)
-        return f"{format(self.mean, spec)} ± {format(self.std, spec)}"
+# ----------------------------------------------------------------------------
+# 5. The claims' parts.
+
+MARGIN = 0.01   # nats: "equal perplexity" means the loss is worse by less than this (about 1% in perplexity)
 
 
 class Results:
-    """Every run's metrics, looked up by plan point: results[label][column] is
-    a Stat over seeds, and results.diff(a, b, column) the paired difference."""
+    """metrics of every run, by label and seed."""
 
     def __init__(self, root, plan):
         self.plan = plan
-        self.rows = {n: metrics(os.path.join(root, "runs", n)) for n in plan.runs}
-        self.domains = read_json(os.path.join(root, "runs", next(iter(plan.runs)), "summary.json"))["domains"]
+        self.rows = {name: metrics(root / "runs" / name) for name in plan.runs}
 
-    def per_seed(self, label, column):
-        return [self.rows[n][column] for n in self.plan.names(label)]
+    def values(self, label, column, seeds=None):
+        return [self.rows[self.plan.folder(label, s)][column] for s in (seeds or self.plan.seeds[label])]
 
-    def __getitem__(self, label):
-        return {c: Stat(self.per_seed(label, c)) for c in self.rows[self.plan.names(label)[0]]}
+    def part(self, what, a, b, column, side, margin=0.0, unit="", seeds=None):
+        """A paired difference a - b over the seeds both arms have (or `seeds`)."""
+        seeds = seeds or [s for s in self.plan.seeds[a] if s in self.plan.seeds[b]]
+        d = [x - y for x, y in zip(self.values(a, column, seeds), self.values(b, column, seeds))]
+        return {"part": what, "a": a, "b": b, "metric": column, "unit": unit, **verdict(d, side, margin),
+                **({"margin": margin} if margin else {})}
 
-    def diff(self, a, b, column):
-        """a - b seed by seed. Both runs of a seed share initialisation and
-        batches, so most of the seed-to-seed noise cancels in the difference."""
-        return Stat([x - y for x, y in zip(self.per_seed(a, column), self.per_seed(b, column))])
+    def single(self, what, a, column, side, unit=""):
+        """One arm's own figure against zero (e.g. a within-model difference)."""
+        return {"part": what, "a": a, "b": None, "metric": column, "unit": unit,
+                **verdict(self.values(a, column), side)}
 
-
-# ----------------------------------------------------------------------------
-# 4. The claims.
-#
-# Each claim is split into parts, and each part is answered from a paired
-# difference d (Stat over seeds) and its 95% interval:
-#   "yes"      the interval lies on the claimed side of zero
-#   "no"       the mean lies on the other side
-#   "unclear"  the claimed direction, but the interval includes zero
-# A "no worse than" part is "yes" when the mean is no worse, "no" when the
-# interval lies on the worse side, and "unclear" in between: a difference
-# hidden in the noise is not evidence that there is none.
-# A claim holds if every part is "yes", does not hold if any part is "no", and
-# is not measurable at this scale otherwise (or with a single seed).
-
-def above(d):
-    """The claim: a > b."""
-    if d.half is None:
-        return "unclear"
-    return "yes" if d.mean - d.half > 0 else "no" if d.mean <= 0 else "unclear"
+    def exact(self, what, ok):
+        """A part that is not statistical (the causality probe is exactly 0 or not)."""
+        return {"part": what, "verdict": "holds" if all(ok) else "contradicted" if not any(ok) else "unresolved",
+                "seeds": len(ok), "unit": "", "metric": "causal_leak"}
 
 
-def below(d):
-    """The claim: a < b."""
-    return above(Stat([-v for v in d.values]))
+def claim_parts(c, r):
+    """The parts of a claim, from its arms in the order claims() lists them."""
+    if c.key in ("lossfree", "softmax"):
+        aux, lossfree = list(c.arms)
+        return [r.part("MaxVio_global lower", lossfree, aux, "maxvio_global", "<"),
+                r.part(f"val loss no worse (margin {MARGIN} nats)", lossfree, aux, "val_loss", "<", MARGIN, "nats")]
+    if c.key == "alpha":
+        big, _, small, _, lossfree = list(c.arms)
+        return [r.part("alpha 1e-2 balances better than 1e-4 (MaxVio_global)", big, small, "maxvio_global", "<"),
+                r.part("alpha 1e-2 costs loss against 1e-4", big, small, "val_loss", ">", 0.0, "nats"),
+                r.part("alpha 1e-4 balances worse than loss-free (MaxVio_global)", small, lossfree, "maxvio_global", ">")]
+    if c.key == "global":
+        micro, glob = list(c.arms)[2:4]
+        return [r.part("specialisation higher", glob, micro, "specialization", ">"),
+                r.part("val loss lower", glob, micro, "val_loss", "<", 0.0, "nats")]
+    if c.key == "expert_choice":
+        leaky, _, _, control, *token_choice = list(c.arms)
+        probe_ok = [v > 1e-4 for v in r.values(leaky, "causal_leak")] + \
+                   [v == 0 for n in token_choice for v in r.values(n, "causal_leak")]
+        return [r.exact("causality probe > 0 for expert choice, exactly 0 for every token-choice strategy", probe_ok),
+                r.single("trained with 1-sequence chunks: loss rises when its chunks are shuffled", leaky,
+                         "shuffle_cost", ">", "nats"),
+                r.part("that rise exceeds the control's (trained shuffled)", leaky, control, "shuffle_cost", ">",
+                       0.0, "nats")]
+    if c.key == "bias_rate":
+        slow, mid, fast = list(c.arms)
+        return [r.part("u=1e-4 less balanced early (MaxVio_batch, first quarter)", slow, mid, "maxvio_early", ">"),
+                r.part("u=1e-2 less balanced late (MaxVio_batch, last quarter)", fast, mid, "maxvio_late", ">"),
+                r.part("u=1e-2's bias reverses direction more often late", fast, mid, "bias_reversals", ">")]
+    return []
 
 
-def not_above(d):
-    """The claim: a is no larger than b (e.g. perplexity no worse)."""
-    if d.half is None:
-        return "unclear"
-    return "yes" if d.mean <= 0 else "no" if d.mean - d.half > 0 else "unclear"
+def judge(r):
+    out = []
+    for c in r.plan.claims:
+        parts = claim_parts(c, r)
+        out.append({"key": c.key, "claim": c.text, "source": c.source, "parts": parts,
+                    "verdict": combine([p["verdict"] for p in parts]) if parts else None,
+                    "seeds": len(r.plan.seeds[next(iter(c.arms))])})
+    return out
 
 
-def all_of(parts):
-    """Several parts as one: any "no" wins, then any "unclear"."""
-    return "no" if "no" in parts else "unclear" if "unclear" in parts else "yes"
+def results_json(root, r, plan, judged, args, wall):
+    runs = []
+    for name, (flags, seed) in plan.runs.items():
+        summary = read_json(root / "runs" / name / "summary.json")
+        summary = {k: v for k, v in summary.items() if k not in ("args", "config")}
+        runs.append({"run": name, "flags": plan.common + flags + ["--seed", str(seed)], "seed": seed,
+                     "labels": [lbl for lbl in plan.seeds if plan.stem[lbl] == name.rsplit("-s", 1)[0]],
+                     "metrics": r.rows[name], "summary": summary})
+    return {"command": " ".join(["python compare.py"] + [shlex.quote(a) for a in args.argv]),
+            "size": args.size, "steps": SIZES[args.size]["steps"], "wall_time_s": wall,
+            "val_windows_per_domain": SIZES[args.size]["val_seqs"], "non_inferiority_margin_nats": MARGIN,
+            "machine": {"cpus": os.cpu_count(), "arch": platform.machine(), "torch": torch.__version__,
+                        "jobs": args.jobs},
+            "claims": judged, "arms": {lbl: {"flags": plan.arms[lbl], "seeds": plan.seeds[lbl]} for lbl in plan.seeds},
+            "runs": runs}
 
 
-def verdict(parts):
-    return {"yes": "holds", "no": "does not hold", "unclear": "not measurable at this scale"}[all_of(parts)]
+def fmt(x, spec=".3f"):
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
-def show(d, spec=".3f"):
-    """A paired difference as 'mean ± 95% half-width'."""
-    return format(d.mean, spec) if d.half is None else f"{d.mean:+{spec}} ± {format(d.half, spec)}"
-
-
-def claim_lossfree(r):
-    """Claim 1 (Wang et al. 2024, Table 1): lossfree is far better balanced than
-    the aux loss, at equal or better perplexity."""
-    vio, ppl = r.diff("lossfree", "aux", "maxvio_global"), r.diff("lossfree", "aux", "val_ppl")
-    lf, aux = r["lossfree"], r["aux"]
-    far = "yes" if lf["maxvio_global"].mean <= 0.5 * aux["maxvio_global"].mean else "no"   # "far": at most half
-    parts = [below(vio), far, not_above(ppl)]
-    return ("Loss-free reaches a far lower MaxVio_global than the aux loss, at equal or better perplexity",
-            verdict(parts),
-            f"MaxVio_global {lf['maxvio_global']:.3f} (lossfree) vs {aux['maxvio_global']:.3f} (aux, alpha 1e-2), "
-            f"paired difference {show(vio)}; val ppl {lf['val_ppl']:.3f} vs {aux['val_ppl']:.3f}, "
-            f"difference {show(ppl)}.")
-
-
-def claim_alpha(r):
-    """Claim 2 (Wang et al. 2024, Fig. 2): the alpha dilemma. The small alpha
-    "does not balance" if its MaxVio_global is nearer to no balancing than to
-    alpha = 1e-2."""
-    big, mid, small = r.plan.sweeps["alpha"]
-    vio, ppl = r.diff(big, small, "maxvio_global"), r.diff(big, small, "val_ppl")
-    v = {k: r[k]["maxvio_global"].mean for k in (big, mid, small, "none")}
-    near_none = "yes" if abs(v[small] - v["none"]) < abs(v[small] - v[big]) else "no"
-    parts = [below(vio), above(ppl), near_none]
-    p = {k: r[k]["val_ppl"].mean for k in (big, mid, small)}
-    return ("A large alpha balances but hurts perplexity; a small alpha does not balance",
-            verdict(parts),
-            f"alpha 1e-2 / 1e-3 / 1e-4: MaxVio_global {v[big]:.3f} / {v[mid]:.3f} / {v[small]:.3f} "
-            f"(none {v['none']:.3f}), val ppl {p[big]:.3f} / {p[mid]:.3f} / {p[small]:.3f}; 1e-2 minus 1e-4: "
-            f"MaxVio_global {show(vio)}, ppl {show(ppl)}.")
-
-
-def claim_global(r):
-    """Claim 3 (Qiu et al. 2025, Fig. 1b, Table 2): balancing over the global
-    batch lets experts specialise by domain, and perplexity is no worse."""
-    micro, glob = "aux", "global_aux"
-    spec, ppl = r.diff(glob, micro, "specialization"), r.diff(glob, micro, "val_ppl")
-    trend = "; ".join(f"{label}: {r[label]['specialization'].mean:.3f} / {r[label]['val_ppl'].mean:.3f}"
-                      for label in r.plan.sweeps["balance_batch"])
-    return ("Global-batch balancing gives higher per-domain specialisation than micro-batch balancing, "
-            "and perplexity no worse",
-            verdict([above(spec), not_above(ppl)]),
-            f"specialisation {r[glob]['specialization']:.3f} (global_aux) vs {r[micro]['specialization']:.3f} "
-            f"(aux over 2-sequence groups), difference {show(spec)}; val ppl {r[glob]['val_ppl']:.3f} vs "
-            f"{r[micro]['val_ppl']:.3f}, difference {show(ppl)}. Balance-batch sweep (specialisation / ppl): {trend}.")
-
-
-def claim_expert_choice(r):
-    """Claim 4 (Zhou et al. 2022; Wang et al. 2024, Sec. 2.3, Fig. 9): expert
-    choice is balanced by construction but is not causal. Token-choice runs set
-    the floor of the causality probe (floating-point noise)."""
-    ec = r["expert_choice"]
-    one, _, large, shuffled = r.plan.sweeps["route"]
-    floor = max(max(r.per_seed(b, "causal_leak")) for b in STRATEGIES if b != "expert_choice")
-    balanced = "yes" if max(r.per_seed("expert_choice", "maxvio_global") +
-                            r.per_seed("expert_choice", "maxvio_batch")) < 0.05 else "no"
-    leaks = "yes" if min(r.per_seed("expert_choice", "causal_leak")) > max(1e-4, 100 * floor) else "no"
-    drop, back = r.diff(one, large, "val_loss"), r.diff(shuffled, one, "val_loss")
-    loss = {k: r[k]["val_loss"] for k in (one, large, shuffled)}
-    return ("Expert choice is balanced by construction, but leaks future tokens: non-zero causality probe, "
-            "and a loss that drops when the routing chunk shrinks and recovers when shuffled",
-            verdict([balanced, leaks, below(drop), above(back)]),
-            f"MaxVio_batch {ec['maxvio_batch']:.3f}, MaxVio_global {ec['maxvio_global']:.3f}; causality probe "
-            f"{ec['causal_leak']:.2e} (token choice at most {floor:.1e}); val loss "
-            f"{one.split(', ', 1)[1]} / {large.split(', ', 1)[1]} / {shuffled.split(', ', 1)[1]}: "
-            f"{loss[one]:.4f} / {loss[large]:.4f} / {loss[shuffled]:.4f}; small minus large chunk {show(drop, '.4f')}, "
-            f"shuffled minus small {show(back, '.4f')}.")
-
-
-def claim_bias_rate(r):
-    """Claim 5 (Wang et al. 2024, Sec. 4.3): the bias update rate u."""
-    slow, mid, fast = r.plan.sweeps["bias_rate"]
-    early, late = r.diff(slow, mid, "maxvio_early"), r.diff(fast, mid, "maxvio_late")
-    vs_slow, vs_fast = r.diff(mid, slow, "val_ppl"), r.diff(mid, fast, "val_ppl")
-    parts = [above(early), above(late), all_of([not_above(vs_slow), not_above(vs_fast)])]
-    f = lambda col: " / ".join(f"{r[k][col].mean:.3f}" for k in (slow, mid, fast))
-    return ("Update rate: 1e-4 balances slowly, 1e-2 oscillates, 1e-3 is a good middle",
-            verdict(parts),
-            f"u = 1e-4 / 1e-3 / 1e-2: MaxVio_batch over the first half of training {f('maxvio_early')}, over the "
-            f"last quarter {f('maxvio_late')}, val ppl {f('val_ppl')}; 1e-4 minus 1e-3 early {show(early)}, "
-            f"1e-2 minus 1e-3 late {show(late)}; ppl of 1e-3 minus 1e-4 {show(vs_slow)}, minus 1e-2 {show(vs_fast)}.")
-
-
-def check_claims(r):
-    """[(claim, verdict, numbers)] for the five claims. One seed gives no noise
-    estimate, so then nothing is judged."""
-    claims = [c(r) for c in (claim_lossfree, claim_alpha, claim_global, claim_expert_choice, claim_bias_rate)]
-    if len(r.plan.seeds) < 2:
-        claims = [(c, "not measurable at this scale (one seed: no noise estimate)", n) for c, _, n in claims]
-    return claims
+def markdown(res):
+    """results.md (and the README's Results section) from results.json alone."""
+    by_label = {}
+    for run in res["runs"]:
+        for lbl in run["labels"]:
+            by_label.setdefault(lbl, []).append(run["metrics"])
+    cols = [("val loss (nats)", "val_loss", ".4f"), ("val ppl", "val_ppl", ".3f"), ("MaxVio_global", "maxvio_global", ".3f"),
+            ("MaxVio_batch", "maxvio_batch", ".3f"), ("specialisation", "specialization", ".3f"),
+            ("causal leak", "causal_leak", ".1e")]
+    mean_sd = lambda xs: f"{fmt(sum(xs) / len(xs))}" if len(xs) < 2 else \
+        f"{sum(xs) / len(xs):.4g} ± {interval(xs)[1]:.2g}"
+    lines = [f"Produced by `{res['command']}` in {res['wall_time_s'] / 60:.1f} min ({res['machine']['cpus']} CPUs, "
+             f"{res['machine']['jobs']} runs at a time, torch {res['machine']['torch']}); {res['steps']} steps per run, "
+             f"validation on up to {res['val_windows_per_domain']} windows per domain. Rows: mean ± std over seeds.",
+             "", "| arm | seeds | " + " | ".join(c[0] for c in cols) + " |", "|---" * (len(cols) + 2) + "|"]
+    for lbl, arm in res["arms"].items():
+        rows = by_label.get(lbl, [])
+        lines.append(f"| {lbl} | {len(rows)} | " + " | ".join(mean_sd([m[k] for m in rows]) for _, k, _ in cols) + " |")
+    lines += ["", f"Verdicts: each part is a paired difference a - b within seed, mean and 95% t-interval; "
+              f"**holds** if the interval lies on the claimed side, **contradicted** if wholly on the other, "
+              f"**unresolved** otherwise, with the seeds that would resolve it at the measured spread (80% power). "
+              f"\"No worse\" uses a non-inferiority margin of {res['non_inferiority_margin_nats']} nats.", ""]
+    for i, c in enumerate([c for c in res["claims"] if c["verdict"]], 1):
+        lines += [f"{i}. *{c['claim']}* ({c['source']}; {c['seeds']} seed{'s' * (c['seeds'] > 1)}): "
+                  f"**{c['verdict']}**", ""]
+        lines += ["   | part | difference | 95% interval | seeds | verdict |", "   |---|---|---|---|---|"]
+        for p in c["parts"]:
+            diff = f"{fmt(p.get('diff'), '+.4f')} {p['unit']}".strip() if "diff" in p else "exact"
+            ci = f"[{fmt(p.get('ci_low'), '+.4f')}, {fmt(p.get('ci_high'), '+.4f')}]" if "diff" in p else "-"
+            more = f" (~{p['seeds_to_resolve']} seeds would resolve it)" if p.get("seeds_to_resolve") else ""
+            lines.append(f"   | {p['part']} | {diff} | {ci} | {p['seeds']} | {p['verdict']}{more} |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------
-# 5. The plots (matplotlib's Agg backend: no display needed).
+# 6. Plots (matplotlib's Agg backend: no display needed). Bold: mean over
+# seeds; faint: each seed, since the claims rest on within-seed differences.
 
 def pyplot():
     import matplotlib
@@ -465,266 +521,220 @@ def pyplot():
 
 
 def save(fig, root, name):
-    fig.savefig(os.path.join(root, name), dpi=110)
+    fig.savefig(root / name, dpi=110)
     pyplot().close(fig)
     return name
 
 
+def curve(root, r, label, key="maxvio_batch"):
+    """Steps and the mean over seeds of a logged figure."""
+    logs = [load_log(root / "runs" / r.plan.folder(label, s)) for s in r.plan.seeds[label]]
+    n = min(len(lg) for lg in logs)
+    return [rec["step"] for rec in logs[0][:n]], [sum(lg[i][key] for lg in logs) / len(logs) for i in range(n)]
+
+
+def claim_arms(r, key):
+    return list(next(c for c in r.plan.claims if c.key == key).arms)
+
+
+def plot_alpha(root, r):
+    """Wang et al. 2024, Fig. 2: loss against MaxVio_global along the alpha
+    sweep (sigmoid gate), with loss-free off the trade-off curve."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.5), layout="constrained")
+    *labels, lossfree = claim_arms(r, "alpha")
+    for seed in r.plan.seeds[labels[0]]:
+        ax.plot([r.rows[r.plan.folder(lbl, seed)]["maxvio_global"] for lbl in labels],
+                [r.rows[r.plan.folder(lbl, seed)]["val_loss"] for lbl in labels], color="tab:blue", alpha=0.2)
+    mx = [sum(r.values(lbl, "maxvio_global")) / len(r.values(lbl, "maxvio_global")) for lbl in labels]
+    my = [sum(r.values(lbl, "val_loss")) / len(r.values(lbl, "val_loss")) for lbl in labels]
+    ax.plot(mx, my, "o-", color="tab:blue", lw=2, label="aux loss, alpha sweep")
+    for lbl, x, y in zip(labels, mx, my):
+        ax.annotate(lbl.split("=")[1], (x, y), textcoords="offset points", xytext=(6, 6))
+    softmax_aux, softmax_lossfree = claim_arms(r, "softmax")
+    for lbl, color, marker in ((lossfree, "tab:red", "*"), (softmax_lossfree, "tab:orange", "P"),
+                               (softmax_aux, "tab:green", "s")):
+        ax.plot(sum(r.values(lbl, "maxvio_global")) / len(r.plan.seeds[lbl]),
+                sum(r.values(lbl, "val_loss")) / len(r.plan.seeds[lbl]), marker, color=color, ms=12, label=lbl)
+    ax.set(xlabel="MaxVio_global (lower: better balanced)", ylabel="validation loss (nats/byte)",
+           title="Balance vs loss (bold: mean over seeds, faint: each seed)")
+    ax.legend(fontsize=8)
+    return save(fig, root, "alpha_tradeoff.png")
+
+
 def plot_maxvio_batch(root, r):
-    """MaxVio_batch over training for every strategy, mean over seeds with a
-    band from the lowest to the highest seed (Wang et al. 2024, Fig. 3)."""
+    """Wang et al. 2024, Fig. 3: MaxVio_batch over training, with no
+    balancing (alpha = 0) for reference."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5), layout="constrained")
-    for b in STRATEGIES:
-        logs = [load_log(os.path.join(root, "runs", n)) for n in r.plan.names(b)]
-        n = min(len(lg) for lg in logs)
-        steps = [rec["step"] for rec in logs[0][:n]]
-        curves = list(zip(*[[rec["maxvio_batch"] for rec in lg[:n]] for lg in logs]))
-        line, = ax.plot(steps, [mean(c) for c in curves], label=b)
-        ax.fill_between(steps, [min(c) for c in curves], [max(c) for c in curves], color=line.get_color(), alpha=0.15)
-    ax.set(xlabel="step", ylabel="MaxVio_batch (mean over layers)",
-           title=f"Load imbalance of each training batch ({len(r.plan.seeds)} seeds: mean, band min-max)")
+    for lbl in claim_arms(r, "lossfree") + [claim_arms(r, "alpha")[3]]:
+        ax.plot(*curve(root, r, lbl), label=lbl)
+    ax.set(xlabel="step", ylabel="MaxVio_batch (mean over layers and seeds)", title="Load imbalance of each training batch")
     ax.legend()
     return save(fig, root, "maxvio_batch.png")
 
 
-def plot_heatmaps(root, r):
-    """How often each expert is chosen for tokens of each domain, from one
-    sequence to the global batch as the balance batch (Qiu et al. 2025,
-    Fig. 1b). First seed; uniform would be top_k / n_experts everywhere."""
+def plot_bias_rate(root, r):
+    """Wang et al. 2024, Fig. 4 and Sec. 4.3: MaxVio_batch for each update
+    rate, and the first seed's bias trajectories in layer 0."""
     plt = pyplot()
-    labels = r.plan.sweeps["balance_batch"]
-    freqs = [read_json(os.path.join(root, "runs", r.plan.names(label)[0], "summary.json"))["expert_freq"]
-             for label in labels]
-    n_layers = len(freqs[0])
-    vmax = max(v for f in freqs for layer in f for row in layer for v in row)
-    fig, axes = plt.subplots(n_layers, len(labels), squeeze=False, layout="constrained",
-                             figsize=(3.6 * len(labels), 1.5 + 1.3 * n_layers))
-    for j, (label, freq) in enumerate(zip(labels, freqs)):
-        for l in range(n_layers):
-            ax = axes[l][j]
-            im = ax.imshow(freq[l], aspect="auto", cmap="viridis", vmin=0, vmax=vmax)
-            ax.set_yticks(range(len(r.domains)), r.domains)
-            ax.set_xlabel("expert" if l == n_layers - 1 else "")
-            ax.set_title(f"{label}\nlayer {l}" if l == 0 else f"layer {l}", fontsize=9)
-    fig.colorbar(im, ax=axes, shrink=0.8, label="selection frequency")
-    fig.suptitle(f"Expert selection per domain, validation set (seed {r.plan.seeds[0]})")
-    return save(fig, root, "expert_selection.png")
-
-
-def plot_bias(root, r):
-    """Loss-free bias trajectories for each update rate u: MaxVio_batch, then
-    every expert's bias in each layer, over training (Wang et al. 2024,
-    Sec. 4.3). First seed."""
-    plt = pyplot()
-    labels = r.plan.sweeps["bias_rate"]
-    logs = [load_log(os.path.join(root, "runs", r.plan.names(label)[0])) for label in labels]
-    n_layers = len(logs[0][0]["bias"])
-    fig, axes = plt.subplots(len(labels), 1 + n_layers, squeeze=False, layout="constrained",
-                             figsize=(4 * (1 + n_layers), 2.6 * len(labels)))
-    for i, (label, log) in enumerate(zip(labels, logs)):
+    labels = claim_arms(r, "bias_rate")
+    fig, axes = plt.subplots(1, 1 + len(labels), figsize=(16, 3.8), layout="constrained")
+    for lbl in labels:
+        axes[0].plot(*curve(root, r, lbl), label=lbl.split(" ")[1])
+    axes[0].set(xlabel="step", ylabel="MaxVio_batch", title="balance over training")
+    axes[0].legend()
+    for ax, lbl in zip(axes[1:], labels):
+        log = load_log(root / "runs" / r.plan.folder(lbl, r.plan.seeds[lbl][0]))
         steps = [rec["step"] for rec in log]
-        axes[i][0].plot(steps, [rec["maxvio_batch"] for rec in log], color="black")
-        axes[i][0].set(title=f"{label}: MaxVio_batch", xlabel="step")
-        for l in range(n_layers):
-            for traj in zip(*[rec["bias"][l] for rec in log]):
-                axes[i][1 + l].plot(steps, traj, lw=0.8)
-            axes[i][1 + l].set(title=f"{label.replace('lossfree ', '')}: bias per expert, layer {l}", xlabel="step")
+        for traj in zip(*[rec["state"]["bias"][0] for rec in log]):
+            ax.plot(steps, traj, lw=0.7)
+        ax.set(xlabel="step", title=f"{lbl.split(' ')[1]}: bias per expert, layer 0")
     return save(fig, root, "lossfree_bias.png")
 
 
-def seeds_and_mean(ax, r, labels, x, y, color, **kw):
-    """Each seed as a faint line, the mean over seeds bold on top. The faint
-    lines show what the claims use: differences within a seed are often much
-    smaller than the spread between seeds. x and y: a column name, or a list
-    of positions (one per label)."""
-    get = lambda col, label: r.per_seed(label, col) if isinstance(col, str) else [col[labels.index(label)]] * len(r.plan.seeds)
-    xs = [get(x, label) for label in labels]                       # [label][seed]
-    ys = [get(y, label) for label in labels]
-    for s in range(len(r.plan.seeds)):
-        ax.plot([v[s] for v in xs], [v[s] for v in ys], "-", color=color, alpha=0.25, lw=1, **kw)
-    mx, my = [mean(v) for v in xs], [mean(v) for v in ys]
-    ax.plot(mx, my, color=color, lw=2, **kw)
-    return mx, my
-
-
-def plot_alpha(root, r):
-    """Perplexity against MaxVio_global: the aux-loss alpha sweep traces the
-    dilemma, and lossfree sits off that curve (Wang et al. 2024, Fig. 2)."""
+def plot_global(root, r):
+    """Qiu et al. 2025, Fig. 1b: how often each expert is chosen for tokens of
+    each domain, micro-batch vs global-batch balancing (first seed, layer 0),
+    and specialisation and loss along the balance batch."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 4.5), layout="constrained")
-    labels = r.plan.sweeps["alpha"]
-    mx, my = seeds_and_mean(ax, r, labels, "maxvio_global", "val_ppl", "tab:blue", marker="o",
-                            label="aux loss, alpha sweep")
-    for label, x, y in zip(labels, mx, my):
-        ax.annotate(label.split(" ")[1], (x, y), textcoords="offset points", xytext=(6, 6))
-    seeds_and_mean(ax, r, ["lossfree"], "maxvio_global", "val_ppl", "tab:red", marker="*", ms=14, label="lossfree")
-    seeds_and_mean(ax, r, ["none"], "maxvio_global", "val_ppl", "gray", marker="x", ms=8, label="none")
-    handles, names = ax.get_legend_handles_labels()
-    n = len(r.plan.seeds) + 1                                       # keep only the bold (mean) entries
-    ax.legend(handles[n - 1::n], names[n - 1::n], fontsize=8)
-    ax.set(xlabel="MaxVio_global (lower: better balanced)", ylabel="validation perplexity",
-           title=f"Balance vs perplexity (bold: mean of {len(r.plan.seeds)} seeds, faint: each seed)")
-    return save(fig, root, "alpha_tradeoff.png")
+    labels = claim_arms(r, "global")
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.6), layout="constrained")
+    for ax, lbl in zip(axes[:2], labels[2:4]):
+        s = read_json(root / "runs" / r.plan.folder(lbl, r.plan.seeds[lbl][0]) / "summary.json")
+        im = ax.imshow(s["expert_freq"][0], aspect="auto", cmap="viridis")
+        ax.set_yticks(range(len(s["domains"])), s["domains"])
+        ax.set(xlabel="expert", title=f"{lbl}\nlayer 0")
+        fig.colorbar(im, ax=ax, shrink=0.8)
+    x = list(range(len(labels)))
+    for ax, col, name in ((axes[2], "specialization", "specialisation"), (axes[3], "val_loss", "val loss (nats)")):
+        for seed in r.plan.seeds[labels[0]]:
+            ax.plot(x, [r.rows[r.plan.folder(lbl, seed)][col] for lbl in labels], color="tab:blue", alpha=0.2)
+        ax.plot(x, [sum(r.values(lbl, col)) / len(r.values(lbl, col)) for lbl in labels], "o-", lw=2)
+        ax.set_xticks(x, ["1", "2", "micro", "global"])
+        ax.set(xlabel="balance batch (sequences)", title=name)
+    return save(fig, root, "global_batch.png")
 
 
-def plot_balance_batch(root, r, sizes):
-    """Perplexity and specialisation against the balance batch, from one
-    sequence to the global batch (Qiu et al. 2025, Table 2)."""
+def plot_expert_choice(root, r):
+    """Wang et al. 2024, Fig. 9 and App. C: loss against the routing chunk, the
+    within-model shuffle test, and the causality probe of every strategy."""
     plt = pyplot()
-    labels = r.plan.sweeps["balance_batch"]
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.8), layout="constrained")
-    for ax, col, name in ((axes[0], "val_ppl", "validation perplexity"), (axes[1], "specialization", "specialisation")):
-        seeds_and_mean(ax, r, labels, sizes, col, "tab:blue", marker="o")
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(sizes, [str(x) for x in sizes])
-        ax.set(xlabel="balance batch in sequences (last: global_aux)", ylabel=name,
-               title=f"{name} (bold: mean, faint: each seed)")
-    return save(fig, root, "balance_batch.png")
-
-
-def plot_leak(root, r):
-    """Expert choice's leak: validation loss for each routing chunk (Wang et
-    al. 2024, Fig. 9), next to the causality probe of every strategy."""
-    plt = pyplot()
-    labels = r.plan.sweeps["route"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
-    _, my = seeds_and_mean(axes[0], r, labels, list(range(len(labels))), "val_loss", "tab:red", marker="o")
-    for i, y in enumerate(my):
-        axes[0].annotate(f"{y:.4f}", (i, y), textcoords="offset points", xytext=(0, 8), ha="center")
-    axes[0].set_xticks(range(len(labels)), [label.replace("EC, ", "") for label in labels], rotation=12, fontsize=8)
-    axes[0].set(ylabel="validation loss (nats/byte)", title="Expert choice: loss vs routing chunk (bold: mean)")
-    leaks = [r[b]["causal_leak"].mean for b in STRATEGIES]
-    axes[1].bar(STRATEGIES, [max(v, 1e-12) for v in leaks], color="tab:purple")
-    axes[1].set_yscale("log")
-    axes[1].tick_params(axis="x", rotation=25, labelsize=8)
-    axes[1].set(ylabel="max |logit change| at t <= T/2", title="Causality probe (0 is causal; drawn at >= 1e-12)")
+    chunks = claim_arms(r, "expert_choice")[:4]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4), layout="constrained")
+    axes[0].plot(range(len(chunks)), [sum(r.values(lbl, "val_loss")) / len(r.values(lbl, "val_loss")) for lbl in chunks], "o-")
+    axes[0].set_xticks(range(len(chunks)), [lbl.replace("EC, ", "") for lbl in chunks], rotation=12, fontsize=8)
+    axes[0].set(ylabel="validation loss (nats)", title="loss vs routing chunk (as trained)")
+    costs = [r.values(lbl, "shuffle_cost") for lbl in chunks]
+    axes[1].bar(range(len(chunks)), [sum(v) / len(v) for v in costs], color="tab:red")
+    for i, v in enumerate(costs):
+        axes[1].plot([i] * len(v), v, "k.", alpha=0.5)
+    axes[1].set_xticks(range(len(chunks)), [lbl.replace("EC, ", "") for lbl in chunks], rotation=12, fontsize=8)
+    axes[1].set(ylabel="loss shuffled - loss grouped (nats)", title="same model, chunks shuffled at evaluation")
+    names = list(BALANCERS)
+    leaks = [max(sum(r.values(n, "causal_leak")) / len(r.plan.seeds[n]), 1e-12) for n in names]
+    axes[2].bar(names, leaks, color="tab:purple")
+    axes[2].set_yscale("log")
+    axes[2].tick_params(axis="x", rotation=25, labelsize=8)
+    axes[2].set(ylabel="max |logit change| at t <= T/2", title="causality probe (0 is causal; drawn at >= 1e-12)")
     return save(fig, root, "expert_choice_leak.png")
 
 
+PLOTS = [plot_alpha, plot_maxvio_batch, plot_bias_rate, plot_global, plot_expert_choice]
+
+
 # ----------------------------------------------------------------------------
-# 6. results.md and main.
+# 7. main.
 
-COLUMNS = [("val ppl", "val_ppl", ".3f"), ("MaxVio_global", "maxvio_global", ".3f"),
-           ("MaxVio_batch (mean)", "maxvio_batch", ".3f"), ("specialisation", "specialization", ".3f"),
-           ("causal leak", "causal_leak", ".1e"), ("tokens/s", "tokens_per_second", ".0f")]
+README_BEGIN, README_END = "<!-- compare.py results: begin -->", "<!-- compare.py results: end -->"
 
 
-def table(rows, domains):
-    """A markdown table; rows are (label, {column: Stat or number})."""
-    cols = COLUMNS[:1] + [(f"ppl {d}", f"ppl_{d}", ".3f") for d in domains] + COLUMNS[1:]
-    out = ["| run | " + " | ".join(c[0] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    for label, m in rows:
-        out.append(f"| {label} | " + " | ".join(format(m[key], spec) for _, key, spec in cols) + " |")
-    return "\n".join(out)
-
-
-SWEEP_TITLES = {"alpha": "Aux-loss coefficient alpha (Wang et al. 2024, Fig. 2)",
-                "bias_rate": "Loss-free update rate u (Wang et al. 2024, Sec. 4.3)",
-                "balance_batch": "Balance batch, from one sequence to the global batch (Qiu et al. 2025)",
-                "route": "Expert-choice routing chunk (Wang et al. 2024, Fig. 9)"}
-
-
-def write_results(root, args, common, r, claims, plots, wall, trained):
-    """results.md: how it was made, the tables, the verdicts, the plots."""
-    seeds = r.plan.seeds
-    n = f"{len(seeds)} seed{'s' if len(seeds) > 1 else ''}"
-    elapsed = sum((read_json(os.path.join(root, "runs", name, "run.json")) or {}).get("elapsed_s", 0)
-                  for name in r.plan.runs)
-    lines = [
-        "# Load-balancing strategies compared", "",
-        f"Produced by `{' '.join(['python compare.py'] + [shlex.quote(a) for a in args.argv])}`.", "",
-        f"- Every run: `python train.py {' '.join(common)} <strategy flags> --seed S`, i.e. "
-        f"{args.steps} steps of {SIZES[args.size]['batch']} sequences, same initialisation and batches for "
-        f"every strategy with the same seed.",
-        f"- Every row: mean ± std over seeds {', '.join(map(str, seeds))} ({len(r.plan.runs)} runs in all).",
-        f"- Machine: {os.cpu_count()} CPU cores ({platform.machine()}), torch {torch.__version__}, "
-        f"{args.world_size} process(es), {args.threads} thread(s) each. Wall time of the runs, summed: "
-        f"{elapsed / 60:.1f} min" + (f" (this invocation trained {trained} of them in {wall / 60:.1f} min)"
-                                     if 0 < trained < len(r.plan.runs) else "") +
-        ". tokens/s depends on what else the machine is doing.", "",
-        f"## Main comparison ({n})", "",
-        table([(b, r[b]) for b in STRATEGIES], r.domains), "", f"## Sweeps ({n})", ""]
-    for g, labels in r.plan.sweeps.items():
-        lines += [f"### {SWEEP_TITLES[g]}", "", table([(label, r[label]) for label in labels], r.domains), ""]
-    lines += ["## Claims", "",
-              "Each claim is checked with differences taken within a seed (same initialisation and batches), "
-              "shown as mean ± the half-width of their 95% confidence interval (Student t over seeds). A part of "
-              "a claim is confirmed when the interval excludes zero on the claimed side (for \"no worse\": when "
-              "the mean is no worse); a claim holds when every part is confirmed, does not hold when a part goes "
-              "the other way, and is not measurable at this scale when a difference is in the claimed direction "
-              "but within the noise.", ""]
-    lines += [f"{i}. *{claim}*: **{v}**. {numbers}" for i, (claim, v, numbers) in enumerate(claims, 1)]
-    lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
-    lines += ["", "## Every run", "", table(list(r.rows.items()), r.domains), ""]
-    with open(os.path.join(root, "results.md"), "w") as f:
-        f.write("\n".join(lines))
+def publish(root):
+    """Copy results.json, results.md and the plots to results/, and put
+    results.md into the README between the markers."""
+    dest = HERE / "results"
+    dest.mkdir(exist_ok=True)
+    res = read_json(root / "results.json")
+    if res is None:
+        raise ValueError(f"no {root / 'results.json'} to publish: run python compare.py first")
+    for name in ["results.json", "results.md"] + res["plots"]:
+        shutil.copy(root / name, dest / name)
+    readme = (HERE / "README.md").read_text()
+    if README_BEGIN not in readme or README_END not in readme:
+        raise ValueError("README.md has no results markers to write between")
+    head, rest = readme.split(README_BEGIN, 1)
+    body = markdown(res).replace("](", "](results/")
+    body += "\n" + "\n".join(f"![{p}](results/{p})" for p in res["plots"]) + "\n"
+    readme = head + README_BEGIN + "\n" + body + README_END + rest.split(README_END, 1)[1]
+    (HERE / "README.md").write_text(readme)
+    print(f"copied the results to {dest}/ and updated README.md")
 
 
 def parse_args(argv=None):
     p = train.OneLineParser(
-        description="Train every load-balancing strategy with the same data, model and seeds, plus the sweeps "
-                    "that mirror the papers' figures, then write results.md (tables and a verdict per paper "
-                    "claim) and PNG plots. Finished runs are kept: run the same command again to resume or redraw.")
+        description="Train the arms of every paper claim (same data, model and seeds; each claim's arms differ "
+                    "only in what the paper varied), then write results.json, results.md (tables and a three-way "
+                    "verdict per claim) and the plots. Finished runs are kept: run the same command again to "
+                    "resume or redraw.")
     size = p.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="a few minutes: 2 seeds, 120 steps")
-    size.add_argument("--smoke", action="store_true", help="under a minute: 1 seed, 3 steps, a toy model (tests)")
-    p.add_argument("--out", default="compare_out", metavar="DIR",
-                   help="results.md, the plots and runs/ go here (default: compare_out)")
-    p.add_argument("--seeds", type=int, metavar="N", help="seeds 0..N-1 (default: 4; quick 2; smoke 1)")
-    p.add_argument("--steps", type=int, metavar="N", help="steps of every run (default: 400; quick 120; smoke 3)")
-    p.add_argument("--micro-seqs", type=int, metavar="S",
-                   help="the 'micro-batch' point of the balance-batch sweep, in sequences (default: a quarter of "
-                        "the global batch, what each of 4 data-parallel ranks would hold)")
-    p.add_argument("--threads", type=int, default=1, metavar="N",
-                   help="torch threads per process (default: 1; for this small model one is fastest, and it "
-                        "stays fast when the machine is busy)")
-    p.add_argument("--train-args", default="", metavar="'FLAGS'",
-                   help="extra train.py flags for every run, e.g. '--data mytext/'")
+    size.add_argument("--quick", action="store_true", help="a few minutes: 2 seeds, 150 steps")
+    size.add_argument("--smoke", action="store_true", help="seconds: 1 seed, 3 steps, a toy model (tests)")
+    p.add_argument("--out", default="compare_out", metavar="DIR", help="results and runs/ go here (default: compare_out)")
+    p.add_argument("--seeds", type=int, metavar="N", help="N seeds for every arm (default: per claim, chosen from "
+                                                          "the measured spread; quick 2; smoke 1)")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, metavar="N",
+                   help="runs at a time, one thread each (default: the number of CPUs)")
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="processes per run (torchrun, expert parallel; default: 1)")
+    p.add_argument("--train-args", default="", metavar="'FLAGS'", help="extra train.py flags for every run, "
+                                                                      "e.g. '--data mytext/' or '--device cuda'")
+    p.add_argument("--publish", action="store_true", help="copy OUT's results to results/ and the README, then stop")
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     args.size = "quick" if args.quick else "smoke" if args.smoke else "default"
-    size = SIZES[args.size]
-    args.seeds = size["seeds"] if args.seeds is None else args.seeds
-    args.steps = size["steps"] if args.steps is None else args.steps
-    for flag in ("seeds", "steps", "threads"):
-        if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag} must be >= 1 (got {getattr(args, flag)})")
+    for flag in ("seeds", "jobs", "nproc"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag} must be >= 1 (got {value})")
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    rank, world_size, _ = train.setup_distributed()
-    args.world_size = world_size
-    batch = SIZES[args.size]["batch"]
-    micro = args.micro_seqs or batch // 4
-    large_chunk = batch // world_size          # the largest group one process can route
-    if micro < 1 or (batch // world_size) % micro:
-        raise ValueError(f"--micro-seqs {micro} must divide the {batch // world_size} sequences of each process")
-    plan = Plan(list(range(args.seeds)), micro, large_chunk)
-    common = common_flags(args.size, args.steps, shlex.split(args.train_args))
-    if rank == 0:
-        os.makedirs(args.out, exist_ok=True)
-        print(f"{len(plan.runs)} runs: {len(plan.runs) // args.seeds} settings x {args.seeds} seed(s), {args.steps} steps "
-              f"each, {world_size} process(es); output in {args.out}/")
-    t0 = time.time()
-    trained = run_plan(plan, common, args.steps, args.out, rank, world_size)
-    if trained is None:
-        return 1
-    if rank != 0:
+    root = Path(args.out)
+    if args.publish:
+        publish(root)
         return 0
-    r = Results(args.out, plan)
-    claims = check_claims(r)
-    plots = [plot_maxvio_batch(args.out, r), plot_heatmaps(args.out, r), plot_bias(args.out, r),
-             plot_alpha(args.out, r), plot_balance_batch(args.out, r, [1, 2, micro, batch]), plot_leak(args.out, r)]
-    write_results(args.out, args, common, r, claims, plots, time.time() - t0, trained)
-    for i, (claim, v, _) in enumerate(claims, 1):
-        print(f"claim {i}: {v} -- {claim}")
-    print(f"wrote {os.path.join(args.out, 'results.md')} and {len(plots)} plots")
+    size = SIZES[args.size]
+    common = size["model"] + ["--batch-size", str(size["batch"]), "--steps", str(size["steps"]),
+                              "--warmup", str(size["warmup"]), "--eval-every", "0", "--log-every", "1",
+                              "--val-seqs", str(size["val_seqs"]), "--ckpt-every", str(max(1, size["steps"] // 4)),
+                              *shlex.split(args.train_args)]
+    train.check_args(train.parse_args(common), args.nproc)
+    plan = Plan(args.size, common, args.seeds)
+    launcher = None if args.nproc == 1 and args.jobs == 1 else [sys.executable] if args.nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}"]
+    if launcher is None:
+        torch.set_num_threads(1)
+    root.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    if not run_plan(plan, root, args.jobs, launcher):
+        return 1
+    wall = time.time() - t0
+    r = Results(root, plan)
+    judged = judge(r)
+    res = results_json(root, r, plan, judged, args, wall)
+    res["plots"] = [plot(root, r) for plot in PLOTS]
+    (root / "results.json").write_text(json.dumps(res, indent=1, default=float))
+    (root / "results.md").write_text("# The papers' claims, measured here\n\n" + markdown(res) + "\n" +
+                                     "\n".join(f"![{p}]({p})" for p in res["plots"]) + "\n")
+    for c in judged:
+        if c["verdict"]:
+            print(f"{c['key']}: {c['verdict']} -- {c['claim']}")
+    print(f"wall time {wall / 60:.1f} min; wrote {root / 'results.json'}, {root / 'results.md'} and "
+          f"{len(res['plots'])} plots (python compare.py --publish copies them to results/ and the README)")
     return 0
 
 
 if __name__ == "__main__":
-    train.cli(main)   # same one-line errors and clean shutdown as train.py
+    plumbing.cli(main)

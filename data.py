@@ -378,10 +378,20 @@ def read_cache(cache_dir: Path):
         return None
 
 
-def build(docs_by_domain: dict[str, list[bytes]]):
-    """Documents per domain -> sorted domain names, train and val streams, doc counts."""
+def build(docs_by_domain: dict[str, list[bytes]], log=print):
+    """Documents per domain -> sorted domain names, train and val streams, doc
+    counts. Dropping repeated documents is reported: a folder of copies can
+    shrink to a fraction of its size, and a user should know why."""
     domains = sorted(docs_by_domain)
-    parts = [split_domain(unique_documents(docs_by_domain[name])) for name in domains]
+    unique = {name: unique_documents(docs_by_domain[name]) for name in domains}
+    for name in domains:
+        dropped = [d for d in docs_by_domain[name] if d]
+        n_dropped = len(dropped) - len(unique[name])
+        if n_dropped:
+            lost = sum(map(len, dropped)) - sum(map(len, unique[name]))
+            log(f"note: domain '{name}': dropped {n_dropped} repeated document(s), {human(lost)} "
+                f"(a copy in the validation split would leak training text)")
+    parts = [split_domain(unique[name]) for name in domains]
     train, val, train_docs, val_docs = (list(column) for column in zip(*parts))
     return domains, train, val, train_docs, val_docs
 
@@ -394,7 +404,7 @@ def builtin_corpus(cache_dir, log=print):
         log(f"using cached corpus at {cache_dir}")
         return cached, f"built-in (cache {cache_dir})"
     log(f"building the built-in corpus into {cache_dir} (one time; delete the folder to rebuild)")
-    parts = build(builtin_documents(log))
+    parts = build(builtin_documents(log), log)
     try:
         write_cache(cache_dir, *parts)
     except OSError as e:
@@ -432,7 +442,7 @@ def load_corpus(data_dir: str | None = None, cache_dir: str | None = None,
     if data_dir is None:
         parts, source = builtin_corpus(cache_dir, log)
     else:
-        parts, source = build(user_documents(data_dir, log)), f"data folder {data_dir}"
+        parts, source = build(user_documents(data_dir, log), log), f"data folder {data_dir}"
     domains, train, val, train_docs, val_docs = parts
     if not domains:
         raise DataError(f"no domains found in {source}; add text to it")
@@ -453,8 +463,12 @@ def load_corpus(data_dir: str | None = None, cache_dir: str | None = None,
 # -----------------------------------------------------------------------------
 # training batches
 
-def global_batch_plan(corpus: Corpus, step: int, seed: int, batch_size: int, seq_len: int):
+def global_batch_plan(corpus: Corpus, step: int, seed: int, batch_size: int, seq_len: int,
+                      domain_block: int = 1):
     """Domain and start offset of each of the batch_size sequences of one step.
+    Each run of `domain_block` consecutive sequences shares one domain: with
+    domain_block = a balance group, every group is single-domain, the setting
+    of Qiu et al. 2025 (Sec. 2.2) in which micro-batch balancing hurts most.
 
     Only (seed, step) seed the generator, nothing that depends on the rank,
     the number of ranks or the accumulation steps: every process can compute
@@ -464,7 +478,10 @@ def global_batch_plan(corpus: Corpus, step: int, seed: int, batch_size: int, seq
     # Domains are drawn uniformly, not in proportion to their size: otherwise
     # the biggest domain (code) would fill most batches and the small ones
     # would barely be seen, and we want every domain to compete for experts.
-    domain = torch.randint(len(corpus.domains), (batch_size,), generator=g)
+    if batch_size % domain_block:
+        raise DataError(f"domain_block {domain_block} must divide the batch of {batch_size} sequences")
+    domain = torch.randint(len(corpus.domains), (batch_size // domain_block,), generator=g)
+    domain = domain.repeat_interleave(domain_block)
     # valid starts are 0 .. len - seq_len - 1, so that y = tokens[s+1 : s+T+1] fits
     n_starts = torch.tensor([len(t) - seq_len for t in corpus.train], dtype=torch.float64)[domain]
     u = torch.rand(batch_size, generator=g, dtype=torch.float64)
@@ -473,7 +490,8 @@ def global_batch_plan(corpus: Corpus, step: int, seed: int, batch_size: int, seq
 
 
 def get_batch(corpus: Corpus, step: int, seed: int, batch_size: int, seq_len: int,
-              rank: int = 0, world_size: int = 1, micro_step: int = 0, grad_accum: int = 1):
+              rank: int = 0, world_size: int = 1, micro_step: int = 0, grad_accum: int = 1,
+              domain_block: int = 1):
     """This process's share of the global batch of `step`.
 
     batch_size is the global batch: sequences per optimizer step over all ranks
@@ -493,7 +511,7 @@ def get_batch(corpus: Corpus, step: int, seed: int, batch_size: int, seq_len: in
             raise DataError(f"domain '{name}' has {len(stream)} training bytes, too few for seq_len "
                             f"{seq_len}; use a smaller seq_len")
 
-    domain, start = global_batch_plan(corpus, step, seed, batch_size, seq_len)
+    domain, start = global_batch_plan(corpus, step, seed, batch_size, seq_len, domain_block)
     b = batch_size // chunks
     lo = (rank * grad_accum + micro_step) * b
     domain, start = domain[lo:lo + b], start[lo:lo + b]

@@ -33,12 +33,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from balancers import BalanceConfig, make_balancer, router_z_loss
+from balancers import BalanceConfig, check_strategy, make_balancer
+from data import VOCAB_SIZE
 
 
 @dataclass
 class GPTConfig:
-    vocab_size: int = 256          # bytes are tokens (data.py)
+    vocab_size: int = VOCAB_SIZE   # bytes are tokens (data.py)
     seq_len: int = 128
     n_layers: int = 4
     d_model: int = 128
@@ -51,8 +52,9 @@ class GPTConfig:
     balance: BalanceConfig = field(default_factory=BalanceConfig)
 
 
-def check_config(cfg, world_size=1):
-    """Raise ValueError naming the setting and the fix, before anything is built."""
+def check_config(cfg, world_size=1, local_seqs=None):
+    """Raise ValueError naming the setting and the fix, before anything is built.
+    `local_seqs`: sequences per process and micro-step, when known."""
     for name in ("n_layers", "d_model", "n_heads", "n_experts", "top_k", "d_expert", "seq_len"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"{name}={getattr(cfg, name)} must be >= 1")
@@ -64,7 +66,7 @@ def check_config(cfg, world_size=1):
     if cfg.n_experts % world_size:
         raise ValueError(f"n_experts={cfg.n_experts} is not divisible by the {world_size} processes: "
                          f"each rank must own the same number of experts; change --n-experts or --nproc_per_node")
-    make_balancer(cfg.balancer, cfg.n_experts, cfg.top_k, cfg.balance)  # validates the strategy's knobs
+    check_strategy(cfg.balancer, cfg.n_experts, cfg.top_k, cfg.balance, local_seqs)
 
 
 # ----------------------------------------------------------------------------
@@ -266,7 +268,6 @@ class MoELayer(nn.Module):
         super().__init__()
         self.n_experts, self.world_size = cfg.n_experts, world_size
         self.n_local = cfg.n_experts // world_size
-        self.z_loss = cfg.balance.z_loss
         self.router = Router(cfg.d_model, cfg.n_experts)
         self.balancer = make_balancer(cfg.balancer, cfg.n_experts, cfg.top_k, cfg.balance, world_size)
         self.experts = Experts(cfg, rank, world_size)
@@ -277,16 +278,13 @@ class MoELayer(nn.Module):
 
     def forward(self, x):
         B, T, d = x.shape
-        routing = self.balancer.route(self.router(x))
+        routing, loss = self.balancer(self.router(x))
         if self.training:
             self.load += torch.bincount(routing.expert_idx, minlength=self.n_experts)
         h = x.reshape(B * T, d)
         y = self.combine(h, routing)
         if self.shared is not None:
             y = y + self.shared(h)
-        loss = self.balancer.loss(routing)
-        if self.z_loss:
-            loss = loss + self.z_loss * router_z_loss(routing.logits)
         return y.view(B, T, d), loss, routing
 
     def combine(self, h, routing):
@@ -403,6 +401,22 @@ class GPT(nn.Module):
     def moe_layers(self):
         return [block.moe for block in self.blocks]
 
+    def active_params(self):
+        """Parameters one token is multiplied with, the N of "6N FLOPs per
+        token": attention, router, its top_k routed experts and the shared
+        ones, and the output head. Embeddings are lookups and norms are
+        negligible, so neither counts. (Expert choice gives a token top_k
+        experts on average when its capacity factor equals top_k.)"""
+        cfg, d = self.cfg, self.cfg.d_model
+        per_layer = 4 * d * d + d * cfg.n_experts + (cfg.top_k + cfg.shared_experts) * 3 * d * cfg.d_expert
+        return cfg.n_layers * per_layer + d * cfg.vocab_size
+
+    def strategy_state(self):
+        """{name: [n_layers, ...] tensor} of every layer's strategy state
+        (balancers.Balancer.state), e.g. {"bias": [layers, E]} for lossfree."""
+        states = [layer.balancer.state() for layer in self.moe_layers()]
+        return {k: torch.stack([s[k] for s in states]) for k in states[0]}
+
     def end_step(self):
         """Call once per optimizer step, after all micro-steps. Sums each
         layer's load over all ranks, hands it to the strategy's step() (lossfree
@@ -415,15 +429,6 @@ class GPT(nn.Module):
             layer.balancer.step(load)
             layer.load.zero_()
         return loads
-
-
-def max_violation(load):
-    """MaxVio = (max_i Load_i - mean Load) / mean Load (Wang et al. 2024, Eq. 4).
-    load: [..., E] counts; returns [...]. 0 is perfect balance; E-1 means one
-    expert took everything (with k = 1)."""
-    load = load.float()
-    mean = load.mean(-1)
-    return (load.max(-1).values - mean) / mean.clamp(min=1e-9)
 
 
 # ----------------------------------------------------------------------------

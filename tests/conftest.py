@@ -1,4 +1,6 @@
-"""Shared test set-up: import the project's flat modules, and run on one thread."""
+"""Shared test set-up: import the project's flat modules, register the
+throw-away strategy (tests/toy_strategy.py) so that every test parametrised
+over the registry runs it too, and run on one thread."""
 
 import sys
 from pathlib import Path
@@ -6,7 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+HERE = Path(__file__).resolve().parent
+for folder in (str(HERE.parent), str(HERE)):   # the code under test, and this folder
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+
+import toy_strategy  # noqa: E402,F401  (registers "toy_ema" in balancers.BALANCERS)
 
 
 @pytest.fixture(scope="module", autouse=True)

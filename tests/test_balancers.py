@@ -4,19 +4,18 @@ enough to work out by hand. (The multi-process properties of global_aux and
 lossfree are in test_parallel.py.)"""
 
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from balancers import (BALANCERS, BalanceConfig, expert_capacity, gate_scores,  # noqa: E402
-                       make_balancer)
-from moe import GPT, GPTConfig, max_violation  # noqa: E402
+from balancers import BALANCERS, BalanceConfig, LossFree, expert_capacity, gate_scores, make_balancer
+from moe import GPT, GPTConfig
+from train import max_violation
 
-WITH_BIAS = ["lossfree", "seq_aux"]
-DEFAULT_ALPHA = {"aux": 1e-2, "global_aux": 1e-2, "seq_aux": 1e-4}
+# Derived from the registry: a new strategy joins the tests that apply to it.
+WITH_BIAS = [n for n, c in BALANCERS.items() if issubclass(c, LossFree)]
+WITH_ALPHA = [n for n, c in BALANCERS.items() if "alpha" in c.defaults]
+TOKEN_CHOICE = [n for n, c in BALANCERS.items() if c.token_choice]
 
 
 def random_logits(*shape, seed=0, scale=1.0):
@@ -34,14 +33,15 @@ def per_token_experts(routing, n_tokens):
 # ----------------------------------------------------------------------------
 # Token choice (none, aux, global_aux): top-k of the gate scores.
 
-@pytest.mark.parametrize("strategy", ["none", "aux", "global_aux"])
+@pytest.mark.parametrize("strategy", TOKEN_CHOICE)
 def test_token_choice_sends_each_token_to_its_k_highest_scores(strategy):
     """Token choice: every token goes to exactly its k best-scoring experts,
-    weighted by that (softmax) score."""
+    weighted by that score (before any bias has been learnt)."""
     B, T, E, k = 2, 5, 6, 2
     logits = random_logits(B, T, E)
-    routing = make_balancer(strategy, E, k, BalanceConfig()).route(logits)
-    scores = logits.softmax(-1).reshape(-1, E)
+    bal = make_balancer(strategy, E, k, BalanceConfig())
+    routing = bal.route(logits)
+    scores = gate_scores(logits, bal.cfg.gate).reshape(-1, E)
     assert torch.equal(routing.token_idx, torch.arange(B * T).repeat_interleave(k))
     best = scores.topk(k, dim=-1).indices
     assert per_token_experts(routing, B * T) == [set(row) for row in best.tolist()]
@@ -49,10 +49,31 @@ def test_token_choice_sends_each_token_to_its_k_highest_scores(strategy):
     torch.testing.assert_close(routing.probs.sum(-1), torch.ones(B, T))
 
 
+@pytest.mark.parametrize("strategy", list(BALANCERS))
+def test_scratch_buffers_are_back_to_zero_after_step(strategy):
+    """state() is what a checkpoint keeps. A buffer registered with
+    persistent=False is left out of it, so it must hold nothing once the
+    optimizer step is over (global_aux's count buffer is reset by step());
+    otherwise a resumed run would silently start from a different state."""
+    cfg = GPTConfig(vocab_size=32, seq_len=8, n_layers=2, d_model=16, n_heads=2, n_experts=4,
+                    top_k=2, d_expert=8, balancer=strategy)
+    torch.manual_seed(0)
+    model = GPT(cfg).train()
+    out = model(torch.randint(0, 32, (2, 8)), torch.randint(0, 32, (2, 8)))
+    (out.lm_loss + out.balance_loss).backward()
+    model.end_step()
+    for layer in model.moe_layers():
+        kept = layer.balancer.state()
+        assert kept.keys() == layer.balancer.state_dict().keys()
+        for name, buf in layer.balancer.named_buffers():
+            if name not in kept:
+                assert not buf.any(), f"{strategy}: scratch buffer {name} not reset by step()"
+
+
 # ----------------------------------------------------------------------------
 # The auxiliary loss (Fedus et al. 2021, Sec. 2.2).
 
-@pytest.mark.parametrize("strategy", ["aux", "global_aux", "seq_aux"])
+@pytest.mark.parametrize("strategy", WITH_ALPHA)
 @pytest.mark.parametrize("E,k", [(4, 1), (8, 2)])
 def test_uniform_router_costs_exactly_alpha(strategy, E, k):
     """With f normalised by k*T, a router that scores every expert equally
@@ -63,7 +84,7 @@ def test_uniform_router_costs_exactly_alpha(strategy, E, k):
     for alpha in (None, 0.25):
         bal = make_balancer(strategy, E, k, BalanceConfig(alpha=alpha)).train()
         loss = bal.loss(bal.route(logits))
-        expected = DEFAULT_ALPHA[strategy] if alpha is None else alpha
+        expected = BALANCERS[strategy].defaults["alpha"] if alpha is None else alpha
         assert loss.item() == torch.tensor(expected, dtype=torch.float32).item()
 
 
@@ -121,12 +142,13 @@ def test_aux_loss_is_mean_over_balance_groups():
     assert one_group.loss(one_group.route(logits)) < 0.8 * whole
 
 
-@pytest.mark.parametrize("strategy,knob", [("aux", "balance_seqs"), ("expert_choice", "route_seqs")])
+@pytest.mark.parametrize("strategy,knob", [(n, k) for n, c in BALANCERS.items()
+                                           for k in ("balance_seqs", "route_seqs") if k in c.defaults])
 def test_group_size_must_divide_local_batch(strategy, knob):
     """A group that straddles micro-batches cannot be formed: refuse, naming
     the setting, rather than silently using a smaller group."""
     bal = make_balancer(strategy, 4, 2, BalanceConfig(**{knob: 2}))
-    with pytest.raises(ValueError, match=knob):
+    with pytest.raises(ValueError, match="--" + knob.replace("_", "-")):
         bal.route(torch.zeros(3, 4, 4))
 
 
@@ -177,8 +199,10 @@ def test_bias_steers_choice_but_gate_weight_is_unbiased_sigmoid_score(strategy):
 
 @pytest.mark.parametrize("strategy", WITH_BIAS)
 def test_bias_gets_no_gradient(strategy):
-    """The bias is state, not a parameter: it is not in parameters(), and
-    backpropagating the layer's output and loss leaves it without gradient."""
+    """The bias is state, not a parameter: it is not in parameters(), and even
+    when autograd is asked to track it, backpropagating the layer's output and
+    loss gives it no gradient -- it only chooses experts, it never enters a
+    value (Wang et al. 2024, Eq. 3)."""
     cfg = GPTConfig(vocab_size=32, seq_len=8, n_layers=1, d_model=16, n_heads=2, n_experts=4,
                     top_k=2, d_expert=8, balancer=strategy)
     torch.manual_seed(0)
@@ -187,7 +211,7 @@ def test_bias_gets_no_gradient(strategy):
     bal.bias.copy_(torch.tensor([0.1, -0.1, 0.2, 0.0]))
     assert not any(p is bal.bias for p in model.parameters())
     assert not any(".balancer." in name for name, _ in model.named_parameters())
-    assert not bal.bias.requires_grad
+    bal.bias.requires_grad_(True)           # if the bias entered any value, it would now get a gradient
     out = model(torch.randint(0, 32, (2, 8)), torch.randint(0, 32, (2, 8)))
     (out.lm_loss + out.balance_loss).backward()
     assert model.blocks[0].moe.router.weight.grad.abs().sum() > 0
@@ -227,6 +251,18 @@ def test_lossfree_step_moves_bias_by_exactly_u_against_the_load():
     assert bal.bias.tolist() == [-u, u, 0.0, 0.0]
     bal.step(torch.tensor([1, 1, 1, 9]))             # mean 3
     assert bal.bias.tolist() == [0.0, 2 * u, u, -u]
+
+
+def test_proportional_update_moves_bias_by_u_times_error_over_mean_load():
+    """Wang et al. 2024, App. C (the softmax-gate variant): b_i += u * e_i /
+    mean(c). Unlike the sign rule, a far-off expert moves further. (u = 1/32
+    and these loads keep the arithmetic exact in binary.)"""
+    u = 1 / 32
+    bal = make_balancer("lossfree", 4, 1, BalanceConfig(bias_rate=u, bias_update="proportional"))
+    bal.step(torch.tensor([14, 2, 8, 8]))            # mean 8: e = (-6, 6, 0, 0)
+    assert bal.bias.tolist() == [-6 * u / 8, 6 * u / 8, 0.0, 0.0]
+    bal.step(torch.tensor([4, 4, 4, 4]))             # balanced: no move
+    assert bal.bias.tolist() == [-6 * u / 8, 6 * u / 8, 0.0, 0.0]
 
 
 def test_lossfree_default_rate_is_paper_value():
@@ -332,21 +368,38 @@ def test_expert_choice_gives_every_expert_exactly_C_tokens_per_group(B, T, seqs,
 # ----------------------------------------------------------------------------
 # Settings a newcomer gets wrong.
 
-@pytest.mark.parametrize("kwargs,n_experts,top_k,setting", [
-    ({}, 4, 5, "top_k"),
-    ({}, 4, 0, "top_k"),
-    ({"capacity_factor": 0.0}, 4, 2, "capacity_factor"),
-    ({"capacity_factor": -1.0}, 4, 2, "capacity_factor"),
-    ({"gate": "relu"}, 4, 2, "gate"),
-    ({"balance_seqs": 0}, 4, 2, "balance_seqs"),
-    ({"route_seqs": 0}, 4, 2, "route_seqs"),
-])
-def test_bad_strategy_setting_raises_value_error_naming_it(kwargs, n_experts, top_k, setting):
-    """A mistake is reported as a ValueError that names the setting to change,
-    for every strategy."""
-    for name in BALANCERS:
-        with pytest.raises(ValueError, match=setting):
-            make_balancer(name, n_experts, top_k, BalanceConfig(**kwargs))
+# Each strategy's own knobs, with a bad value for each: the knobs a class
+# lists in `defaults` are the ones it must check.
+BAD_VALUES = {"alpha": [-1.0, float("nan")], "balance_seqs": [0], "bias_rate": [-1.0, float("nan"), 1e30],
+              "bias_update": ["sometimes"], "capacity_factor": [0.0, -1.0, float("inf")], "route_seqs": [0],
+              "z_loss": [-1e-3, float("inf")], "gate": ["relu"]}
+BAD_SETTINGS = [(name, knob, value) for name, c in BALANCERS.items() for knob in c.defaults
+                for value in BAD_VALUES.get(knob, [])]
+
+
+@pytest.mark.parametrize("strategy,knob,value", BAD_SETTINGS)
+def test_bad_strategy_setting_raises_value_error_naming_it(strategy, knob, value):
+    """A mistake is reported as a ValueError that names the flag to change,
+    by the strategy that reads the knob."""
+    with pytest.raises(ValueError, match="--" + knob.replace("_", "-")):
+        make_balancer(strategy, 4, 2, BalanceConfig(**{knob: value}))
+
+
+@pytest.mark.parametrize("strategy", list(BALANCERS))
+def test_top_k_outside_one_to_n_experts_is_refused(strategy):
+    for top_k in (0, 5):
+        with pytest.raises(ValueError, match="top_k"):
+            make_balancer(strategy, 4, top_k, BalanceConfig())
+
+
+@pytest.mark.parametrize("strategy", list(BALANCERS))
+def test_a_knob_the_strategy_does_not_read_is_refused(strategy):
+    """Setting --alpha on lossfree would otherwise be silently ignored."""
+    unread = [f for f in BAD_VALUES if f not in BALANCERS[strategy].defaults]
+    for knob in unread:
+        good = {"gate": "softmax", "bias_update": "sign"}.get(knob, 1)
+        with pytest.raises(ValueError, match=f"does not apply to {strategy}"):
+            make_balancer(strategy, 4, 2, BalanceConfig(**{knob: good}))
 
 
 def test_unknown_strategy_raises_value_error_listing_choices():

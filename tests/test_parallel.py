@@ -11,26 +11,23 @@ Spawning costs a few seconds, so one spawn does every 2-process run of the
 module and the tests compare slices of its results."""
 
 import functools
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import train  # noqa: E402
-from balancers import BALANCERS, BalanceConfig, make_balancer  # noqa: E402
-from data import Corpus  # noqa: E402
-from distributed import run_distributed  # noqa: E402
-from moe import GPT, is_expert_param  # noqa: E402
+import plumbing
+import train
+from balancers import BALANCERS, BalanceConfig, make_balancer
+from data import Corpus
+from distributed import run_distributed
+from moe import is_expert_param
 
 WORLD = 2
 STEPS = 3
 STRATEGIES = list(BALANCERS)
 # global_aux's Algorithm-1 buffer lets early micro-steps see only the counts
 # seen so far, so its loss changes with accumulation by design.
-ACCUM_INVARIANT = [s for s in STRATEGIES if s != "global_aux"]
+ACCUM_INVARIANT = [s for s in STRATEGIES if BALANCERS[s].accum_invariant]
 
 
 # ----------------------------------------------------------------------------
@@ -67,9 +64,8 @@ def train_run(balancer, grad_accum, rank, world_size):
                              "--seq-len", "32", "--warmup", "0", "--grad-clip", "0.25",
                              "--grad-accum", str(grad_accum)])
     train.check_args(args, world_size)
-    torch.manual_seed(args.seed)
-    model = GPT(train.model_config(args), rank, world_size)
-    opt = train.make_optimizer(model, args)
+    proc = plumbing.Proc(rank, world_size, torch.device("cpu"))
+    model, opt = train.build(args, proc)
     for group in opt.param_groups:
         group["eps"] = ADAM_EPS
     local_loads, global_loads, grads = [], [], []
@@ -87,8 +83,7 @@ def train_run(balancer, grad_accum, rank, world_size):
 
     model.end_step, opt.step = recording_end_step, recording_opt_step
     corpus = tiny_corpus()
-    recs = [train.train_step(model, opt, corpus, step, args, rank, world_size, torch.device("cpu"))
-            for step in range(STEPS)]
+    recs = [train.train_step(model, opt, corpus, step, args, proc) for step in range(STEPS)]
     return {
         "loss": torch.tensor([r["loss"] for r in recs], dtype=torch.float64),
         "balance_loss": torch.tensor([r["balance_loss"] for r in recs], dtype=torch.float64),
@@ -97,8 +92,7 @@ def train_run(balancer, grad_accum, rank, world_size):
         "params": {n: p.detach().clone() for n, p in model.named_parameters()},
         "local_loads": torch.stack(local_loads),     # [steps, layers, E] before the all-reduce
         "loads": torch.stack(global_loads),          # [steps, layers, E] what step() received
-        "bias": [layer.balancer.bias.clone() for layer in model.moe_layers()
-                 if hasattr(layer.balancer, "bias")],
+        "state": model.strategy_state(),             # {name: [layers, ...]}, e.g. lossfree's bias
     }
 
 
@@ -173,8 +167,6 @@ def test_replicated_parameters_stay_identical_on_every_rank(two_rank, strategy):
     for name, p in r0["params"].items():
         if not is_expert_param(name):
             assert torch.equal(p, r1["params"][name]), name
-    for b0, b1 in zip(r0["bias"], r1["bias"]):
-        assert torch.equal(b0, b1)
 
 
 @pytest.mark.parametrize("strategy", ACCUM_INVARIANT)
@@ -192,23 +184,29 @@ def test_two_rank_with_grad_accumulation_equals_one_rank(two_rank, strategy):
                          f"{strategy}, 2 ranks x accum 2 vs 1 rank")
 
 
-def test_lossfree_load_and_bias_are_identical_on_every_rank(two_rank):
-    """Wang et al. 2024, Alg. 1: the bias follows the load of the whole
-    global batch. The ranks see different tokens, so their local counts
-    differ, yet step() must get the same all-reduced counts everywhere and
-    every rank must end with the same bias (else the replicas route
-    differently)."""
-    for accum in (1, 2):
-        r0, r1 = two_rank[("lossfree", accum)]
-        assert not torch.equal(r0["local_loads"], r1["local_loads"]), "ranks saw the same routing"
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_strategy_state_is_identical_on_every_rank_and_equals_one_rank(two_rank, strategy):
+    """Whatever state a strategy keeps (lossfree's bias, Wang et al. 2024,
+    Alg. 1) follows the load of the whole global batch. The ranks see
+    different tokens, so their local counts differ, yet step() must get the
+    same all-reduced counts everywhere and every rank must end with the same
+    state as one process (else the replicas route differently). A strategy
+    that keeps state must also have moved it."""
+    for accum in (1, 2) if strategy in ACCUM_INVARIANT else (1,):
+        r0, r1 = two_rank[(strategy, accum)]
+        ref = one_rank(strategy, 1)
+        if BALANCERS[strategy].token_choice:    # expert choice's loads are equal by construction
+            assert not torch.equal(r0["local_loads"], r1["local_loads"]), "ranks saw the same routing"
         assert torch.equal(r0["loads"], r0["local_loads"] + r1["local_loads"])
         assert torch.equal(r0["loads"], r1["loads"])
-        assert torch.equal(r0["loads"], one_rank("lossfree", 1)["loads"])
-        assert len(r0["bias"]) == 2
-        for b0, b1, ref in zip(r0["bias"], r1["bias"], one_rank("lossfree", 1)["bias"]):
-            assert b0.abs().sum() > 0, "the bias never moved"
-            assert torch.equal(b0, b1)
-            assert torch.equal(b0, ref)
+        assert torch.equal(r0["loads"], ref["loads"])
+        assert r0["state"].keys() == r1["state"].keys() == ref["state"].keys()
+        for name, value in ref["state"].items():
+            assert value.shape[0] == 2, f"{name}: one entry per layer"
+            if value.is_floating_point():
+                assert value.abs().sum() > 0, f"{strategy}: state {name} never moved"
+            assert torch.equal(r0["state"][name], value), f"{strategy}: {name} on rank 0 differs from 1 rank"
+            assert torch.equal(r1["state"][name], value), f"{strategy}: {name} on rank 1 differs from 1 rank"
 
 
 # ----------------------------------------------------------------------------

@@ -1,0 +1,441 @@
+"""
+plumbing.py -- what a training run needs that is not the lesson.
+
+train.py reads like the papers: settings, model, train_step, the
+measurements, the loop. Everything a real run also needs so that it never
+loses work lives here, in the order a run meets it:
+
+  1. Proc         who this process is (rank, world size, device), from
+                  torchrun's environment or as the only process
+  2. RunDir       the output folder: a lock so two runs cannot share it, the
+                  log (rewritten atomically on resume, strictly valid JSON),
+                  summary.json
+  3. checkpoints  written atomically, only from a finite state, with every
+                  expert gathered so any number of processes can resume
+  4. StopFlag     SIGTERM or Ctrl-C: finish the step, save, exit (every rank
+                  at the same step)
+  5. cli / leave  user mistakes become one line and exit code 2; processes
+                  that used torch.distributed leave without the teardown
+  6. spawn        start N local processes joined by gloo (tests, bench.py)
+"""
+
+import errno
+import fcntl
+import json
+import math
+import os
+import signal
+import socket
+import sys
+import tempfile
+import traceback
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from balancers import all_reduce
+from moe import is_expert_param
+
+# ----------------------------------------------------------------------------
+# 1. Who am I.
+
+
+@dataclass
+class Proc:
+    """One process of the run. torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; plain
+    `python` is rank 0 of 1. Read from the environment first, so the flags can
+    be checked before the process group starts (a mistake then stops every
+    rank with one line instead of a hung rendezvous)."""
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @classmethod
+    def from_env(cls, device="auto"):
+        world_size, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+        if device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda: this PyTorch build sees no CUDA GPU; use --device cpu or auto")
+        if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
+            return cls(rank, world_size, torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))))
+        return cls(rank, world_size, torch.device("cpu"))
+
+    def start(self):
+        """Join the process group: nccl between GPUs, gloo between CPU processes.
+        A bounded timeout, so that if one rank dies the others fail instead of
+        waiting forever."""
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        if self.world_size > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo", timeout=timedelta(minutes=5))
+        return self
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+    def log(self, *a, **k):
+        if self.main:
+            print(*a, **k, flush=True)
+
+    def all_reduce(self, t, op="sum"):
+        return all_reduce(t, self.world_size, op)
+
+    def agree(self, flag):
+        """True on every rank if it is true on any (stop signals, failures)."""
+        return bool(self.all_reduce(torch.tensor(float(flag), device=self.device), "max").item())
+
+
+# ----------------------------------------------------------------------------
+# 2. The output folder.
+
+def finite_json(record):
+    """A log record as strict JSON: NaN and infinities are not JSON, so they
+    become null and the record names them under "nonfinite"."""
+    bad = []
+
+    def clean(v, key):
+        if isinstance(v, float) and not math.isfinite(v):
+            bad.append(key)
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x, k) for k, x in v.items()}
+        if isinstance(v, list):
+            return [clean(x, key) for x in v]
+        return v
+    out = clean(record, None)
+    if bad:
+        out["nonfinite"] = sorted(set(bad))
+    return json.dumps(out, allow_nan=False)
+
+
+def write_atomic(path, write):
+    """write(f) into a temporary file beside `path`, then rename it over path:
+    a reader (or a crash) sees the old file or the new one, never half. A full
+    disk becomes one line and leaves no temporary file behind."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        os.chmod(tmp, 0o666 & ~umask)          # mkstemp makes it private; results are for everyone
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise ValueError(f"the disk holding {path.parent} is full; free some space and run again with "
+                             f"--resume (the previous {path.name} is intact)") from None
+        raise
+
+
+class RunDir:
+    """--out: ckpt.pt, log.jsonl, summary.json, and a lock.
+
+    The lock is an flock on OUT/.lock held for the whole run: a second run
+    on the same folder fails at once with one line, and since the kernel
+    drops an flock when its process dies, a killed run never leaves a stale
+    lock behind."""
+
+    def __init__(self, out, proc, resume, overwrite):
+        self.out, self.proc = Path(out), proc
+        self.ckpt, self.log_path, self.summary = self.out / "ckpt.pt", self.out / "log.jsonl", self.out / "summary.json"
+        self.lock, self.logf = None, None
+        if not proc.main:
+            return
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.lock = open(self.out / ".lock", "w")
+        except OSError as e:
+            raise ValueError(f"--out {out} cannot be written ({e.strerror}): choose another folder") from None
+        try:
+            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.close()
+            raise ValueError(f"another run is writing to {out} right now: wait for it, or choose another --out") from None
+        for p in (self.ckpt, self.log_path, self.summary):
+            if p.exists() and not p.is_file():
+                self.close()
+                raise ValueError(f"{p} is not a file: move it away or choose another --out")
+        if self.ckpt.exists() and not (resume or overwrite):
+            self.close()
+            raise ValueError(f"{self.ckpt} already exists: add --resume to continue that run, --overwrite to "
+                             f"start over, or choose another --out")
+
+    def open_log(self, upto_step):
+        """Keep the log's records up to the checkpoint's step (those after it
+        were lost with the interruption and will be redone), rewritten
+        atomically: a kill during the rewrite leaves the old log whole."""
+        if not self.proc.main:
+            return []
+        records = []
+        if upto_step and self.log_path.exists():
+            for line in self.log_path.read_text().splitlines():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:   # a line torn by a hard kill
+                    continue
+            records = [r for r in records if r.get("step", 0) <= upto_step]
+        write_atomic(self.log_path, lambda f: f.writelines((json.dumps(r) + "\n").encode() for r in records))
+        self.logf = open(self.log_path, "a")
+        return records
+
+    def append(self, record):
+        if self.logf:
+            try:
+                self.logf.write(finite_json(record) + "\n")
+                self.logf.flush()
+            except OSError as e:
+                raise ValueError(f"cannot write {self.log_path} ({e.strerror}); free space and use --resume") from None
+
+    def write_summary(self, summary):
+        if self.proc.main:
+            write_atomic(self.summary, lambda f: f.write(finite_json(summary).encode()))
+
+    def close(self):
+        for f in (self.logf, self.lock):
+            if f:
+                f.close()
+        self.logf = self.lock = None
+
+
+def open_run_dir(out, proc, resume, overwrite):
+    """RunDir on rank 0, with its verdict shared: if rank 0 may not use the
+    folder, every rank stops at once instead of training without it."""
+    error, run = None, None
+    try:
+        run = RunDir(out, proc, resume, overwrite)
+    except ValueError as e:
+        error = e
+    if proc.agree(error is not None):
+        raise error or ValueError(f"--out {out} cannot be used (rank 0 says why)")
+    return run
+
+
+# ----------------------------------------------------------------------------
+# 3. Checkpoints.
+#
+# A checkpoint holds every expert (gathered from the ranks that own them) so
+# a run can resume on any number of processes; each rank then keeps its own
+# slice. Only a finite state is ever written: NaN weights would replace the
+# last good checkpoint, and every resume from it would fail again.
+
+def gather_experts(tensor, world_size):
+    if world_size == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(world_size)]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
+
+
+def shard_experts(tensor, rank, world_size):
+    n = tensor.shape[0] // world_size
+    return tensor[rank * n:(rank + 1) * n]
+
+
+def is_finite_state(model, opt, proc):
+    """Are the parameters, the optimizer's moments and the strategy's state
+    finite on every rank? (Collective.)"""
+    tensors = list(model.state_dict().values()) + [v for s in opt.state.values() for v in s.values()
+                                                   if torch.is_tensor(v)]
+    ok = all(torch.isfinite(t).all().item() for t in tensors if t.is_floating_point())
+    return not proc.agree(not ok)
+
+
+def expert_slots(names):
+    """Positions, in the optimizer's numbering, of the expert parameters."""
+    return [i for i, n in enumerate(names) if is_expert_param(n)]
+
+
+def save_checkpoint(path, model, opt, step, meta, proc):
+    """Gather, check, write atomically (collective: every rank calls it).
+    Raises FloatingPointError, and writes nothing, if the state is not finite."""
+    if not is_finite_state(model, opt, proc):
+        raise FloatingPointError(f"the weights or optimizer state became NaN or infinite by step {step}; "
+                                 f"{path} keeps the last good state. Try a lower --lr")
+    W = proc.world_size
+    model_state = {k: gather_experts(v, W) if is_expert_param(k) else v for k, v in model.state_dict().items()}
+    names = param_names(model, opt)
+    opt_state = opt.state_dict()
+    for i in expert_slots(names):
+        if i in opt_state["state"]:
+            opt_state["state"][i] = {k: gather_experts(v, W) if v.dim() else v for k, v in opt_state["state"][i].items()}
+    if proc.main:
+        ckpt = {"model": model_state, "optimizer": opt_state, "param_order": names, "step": step,
+                "rng": torch.get_rng_state(), **meta}
+        write_atomic(path, lambda f: torch.save(ckpt, f))
+
+
+def param_names(model, opt):
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    return [name_of[id(p)] for group in opt.param_groups for p in group["params"]]
+
+
+def read_checkpoint(path):
+    if not os.path.exists(path):
+        raise ValueError(f"--resume: no checkpoint at {path}; run without --resume first")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # a truncated or foreign file
+        raise ValueError(f"--resume: {path} is not a readable checkpoint ({type(e).__name__}); "
+                         f"delete it or point --out elsewhere") from None
+
+
+def load_checkpoint(ckpt, model, opt, proc):
+    """Restore model (strict: a renamed or missing key is an error, never a
+    silently fresh tensor), optimizer and RNG from a read checkpoint."""
+    r, W = proc.rank, proc.world_size
+    try:
+        model.load_state_dict({k: shard_experts(v, r, W) if is_expert_param(k) else v
+                               for k, v in ckpt["model"].items()})
+    except RuntimeError as e:
+        raise ValueError(f"--resume: the checkpoint does not fit this model ({str(e).splitlines()[0]})") from None
+    opt_state = ckpt["optimizer"]
+    for i in expert_slots(ckpt["param_order"]):
+        if i in opt_state["state"]:
+            opt_state["state"][i] = {k: shard_experts(v, r, W) if v.dim() else v
+                                     for k, v in opt_state["state"][i].items()}
+    opt.load_state_dict(opt_state)
+    torch.set_rng_state(ckpt["rng"])
+
+
+# ----------------------------------------------------------------------------
+# 4. Stopping cleanly.
+
+class StopFlag:
+    """SIGTERM (a scheduler, torchrun being stopped) or Ctrl-C sets a flag;
+    the loop finishes the step, saves a checkpoint and exits, every rank at
+    the same step (Proc.agree). A second Ctrl-C leaves at once."""
+
+    def __init__(self):
+        self.raised = False
+        self.previous = {s: signal.signal(s, self.on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def on_signal(self, signum, frame):
+        if self.raised and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.raised = True
+
+    def restore(self):
+        for s, h in self.previous.items():
+            signal.signal(s, h)
+
+
+# ----------------------------------------------------------------------------
+# 5. The command-line wrapper.
+
+OUT_OF_MEMORY = ("out of memory", "can't allocate memory", "not enough memory")
+
+
+def cli(entry):
+    """Run entry() as a program. User mistakes (ValueError) become one line on
+    stderr and exit code 2; a run that diverged (FloatingPointError) one line
+    and exit 1; running out of memory one line naming what to lower."""
+    code = 0
+    try:
+        code = entry()
+        if dist.is_initialized():
+            dist.barrier()          # tear down together, once every rank is done
+    except (ValueError, FloatingPointError, MemoryError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and not any(s in str(e).lower() for s in OUT_OF_MEMORY):
+            raise
+        if isinstance(e, (MemoryError, RuntimeError)):
+            e = ValueError("out of memory: lower --batch-size (or raise --grad-accum), --n-experts, "
+                           "--d-model or --d-expert")
+        # Every rank sees the same flags and fails the same way: one line is enough.
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        code = 2 if isinstance(e, ValueError) else 1
+    finally:
+        distributed = dist.is_initialized()
+        if distributed:
+            dist.destroy_process_group()
+    if distributed:
+        leave(code)
+    sys.exit(code)
+
+
+def leave(code):
+    """End a process that used torch.distributed, skipping the interpreter's
+    teardown. Now and then (a few runs in a hundred here) a gloo process
+    aborts in a C++ destructor after all Python code has run ("terminate
+    called without an active exception"), which would turn a finished run
+    into a failure. Everything this project writes is closed or flushed by
+    then, so there is nothing left for the teardown to do."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+# ----------------------------------------------------------------------------
+# 6. Starting local processes (tests, bench.py).
+
+def free_port():
+    """A TCP port nobody listens on right now (the OS picks it for port 0)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world_size, port, fn, args, out_dir, collective_timeout):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
+    torch.set_num_threads(1)
+    out = Path(out_dir)
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world_size,
+                                timeout=timedelta(seconds=collective_timeout))
+        result = fn(rank, world_size, *args)
+        torch.save(result, out / f"result{rank}.pt")
+        dist.barrier()      # tear down together, once every rank is done
+    except BaseException:
+        (out / f"error{rank}.txt").write_text(traceback.format_exc())
+        raise SystemExit(1)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    leave(0)
+
+
+def spawn(fn, world_size, *args, timeout=180.0, collective_timeout=60.0):
+    """Run fn(rank, world_size, *args) in world_size fresh processes joined by
+    gloo on a free local port; return their results, ordered by rank.
+
+    fn must be a module-level function of an importable module (the workers
+    are started with "spawn" and import it by name). An exception in a worker
+    is re-raised here with the worker's traceback, and a worker that hangs
+    (one rank waiting in a collective the other never joined) is killed after
+    `timeout` seconds instead of blocking the caller."""
+    ctx = mp.get_context("spawn")
+    with tempfile.TemporaryDirectory() as out_dir:
+        port = free_port()
+        procs = [ctx.Process(target=_worker, daemon=True,
+                             args=(rank, world_size, port, fn, args, out_dir, collective_timeout))
+                 for rank in range(world_size)]
+        for p in procs:
+            p.start()
+        hung = []
+        for p in procs:
+            p.join(timeout)
+            if p.is_alive():
+                hung.append(p)
+        for p in hung:   # only the processes started above, by handle
+            p.kill()
+            p.join(10)
+        out = Path(out_dir)
+        errors = [f"rank {r}:\n{(out / f'error{r}.txt').read_text()}"
+                  for r in range(world_size) if (out / f"error{r}.txt").exists()]
+        if errors:
+            raise RuntimeError("distributed worker failed\n" + "\n".join(errors))
+        if hung:
+            raise TimeoutError(f"{len(hung)} of {world_size} workers still running after {timeout:.0f} s")
+        bad = [r for r, p in enumerate(procs) if p.exitcode != 0]
+        if bad:
+            raise RuntimeError(f"workers {bad} exited with codes {[procs[r].exitcode for r in bad]}")
+        return [torch.load(out / f"result{r}.pt", weights_only=False) for r in range(world_size)]
