@@ -263,9 +263,7 @@ def shuffled_routing_eval(run_dir):
     so a group holds almost nothing of any one sequence's future. A model
     that learnt to read the future from its routing loses when shuffled."""
     ckpt = torch.load(run_dir / "ckpt.pt", map_location="cpu", weights_only=False)
-    args = train.parse_args([f"--{k.replace('_', '-')}={v}" for k, v in ckpt["args"].items()
-                             if k in ("preset", "balancer")] + ["--out", str(run_dir)])
-    args = argparse.Namespace(**{**vars(args), **ckpt["args"]})
+    args = argparse.Namespace(**ckpt["args"])
     proc = plumbing.Proc()
     model, _ = train.build(args, proc)
     model.load_state_dict(ckpt["model"])
@@ -714,8 +712,7 @@ def main(argv=None):
     plan = Plan(args.size, common, args.seeds)
     launcher = None if args.nproc == 1 and args.jobs == 1 else [sys.executable] if args.nproc == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}"]
-    if launcher is None:
-        torch.set_num_threads(1)
+    torch.set_num_threads(1)          # like every run: one thread each
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     if not run_plan(plan, root, args.jobs, launcher):
