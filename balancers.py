@@ -43,14 +43,15 @@ import torch.distributed as dist
 import torch.nn as nn
 
 
-def knob(help, type=float, choices=None, low=0, high=None, strict=False):
+def knob(help, type=float, choices=None, low=0, high=None, strict=False, group=False):
     """A BalanceConfig field. Its default is None, "the strategy's own value"
     (each class lists its values in `defaults`). The rest is what the knob may
-    be -- a number in [low, high] (low excluded if strict), or one of `choices`
-    -- and its help: Balancer.check validates it and train.py turns it into a
-    command-line flag, so a new knob is one line."""
+    be -- a number in [low, high] (low excluded if strict), one of `choices`,
+    or (group) a number of sequences that must divide each process's
+    micro-batch -- and its help: Balancer.check validates it and train.py
+    turns it into a command-line flag, so a new knob is one line."""
     return field(default=None, metadata=dict(help=help, type=type, choices=choices, low=low, high=high,
-                                             strict=strict))
+                                             strict=strict, group=group))
 
 
 @dataclass
@@ -59,12 +60,13 @@ class BalanceConfig:
     in `defaults`; setting any other is an error, not silently ignored."""
     gate: str | None = knob("router gate G in s = G(u . e)", str, ("softmax", "sigmoid"))
     alpha: float | None = knob("aux-loss coefficient", high=1)
-    balance_seqs: int | None = knob("sequences per balance group (Qiu et al.'s balance batch)", int, low=1)
+    balance_seqs: int | None = knob("sequences per balance group (Qiu et al.'s balance batch)", int, low=1,
+                                    group=True)
     bias_rate: float | None = knob("bias update rate u (Wang et al. Alg. 1)", high=1)
     bias_update: str | None = knob("sign: b += u sign(e) (Alg. 1); proportional: b += u e / mean(load) "
                                    "(App. C)", str, ("sign", "proportional"))
     capacity_factor: float | None = knob("c in C = n c / E tokens per expert (Zhou et al. Eq. 1)", strict=True)
-    route_seqs: int | None = knob("sequences per routing group", int, low=1)
+    route_seqs: int | None = knob("sequences per routing group", int, low=1, group=True)
     route_shuffle: bool | None = knob("fill routing groups with tokens shuffled across the micro-batch "
                                       "(the control for the leak, Wang et al. Fig. 9)", bool)
     z_loss: float | None = knob("router z-loss coefficient (ST-MoE: 1e-3)", high=1)
@@ -159,11 +161,12 @@ def groups_of(n_seqs, group_seqs, flag):
 # The strategies.
 #
 # Each class says what it is (`paper`, `summary`), which knobs it reads and
-# their values (`defaults`), whether it is token choice (`token_choice`: the
-# model is then exactly causal, which the tests check), and what may go wrong
-# with its knobs (`check`). Everything that lists strategies -- the CLI, the
-# comparison, the benchmarks, the tests -- reads these attributes from
-# BALANCERS at the bottom of the file.
+# their values (`defaults`; BalanceConfig says what range each knob may take,
+# and Balancer.check holds every strategy to it), and whether it is token
+# choice (`token_choice`: the model is then exactly causal, which the tests
+# check). Everything that lists strategies -- the CLI, the comparison, the
+# benchmarks, the tests -- reads these attributes from BALANCERS at the
+# bottom of the file.
 
 class Balancer(nn.Module):
     """The interface and the do-nothing defaults. One instance per MoE layer,
@@ -221,6 +224,8 @@ class Balancer(nn.Module):
             if not math.isfinite(value) or too_low or value > high:
                 bounds = f"{'>' if m['strict'] else '>='} {m['low']}" + (f" and <= {high}" if high < math.inf else "")
                 raise ValueError(f"{flag} must be a finite number {bounds} (got {value})")
+            if m["group"] and local_seqs is not None:
+                groups_of(local_seqs, value, f.name)
         return cfg
 
     # -- the interface ----------------------------------------------------------
@@ -270,13 +275,6 @@ class AuxLoss(Balancer):
     paper = "Fedus et al. 2021 (Switch), Lepikhin et al. 2020 (GShard)"
     summary = "aux loss alpha * E * sum_i f_i P_i over balance groups"
     defaults = dict(Balancer.defaults, alpha=1e-2, balance_seqs=2)
-
-    @classmethod
-    def check(cls, cfg, local_seqs=None):
-        cfg = super().check(cfg, local_seqs)
-        if local_seqs is not None:
-            groups_of(local_seqs, cfg.balance_seqs, "balance_seqs")
-        return cfg
 
     def route(self, logits):
         groups_of(logits.shape[0], self.cfg.balance_seqs, "balance_seqs")
@@ -392,13 +390,6 @@ class ExpertChoice(Balancer):
     summary = "experts pick their top-C tokens: balanced, but it leaks future tokens"
     token_choice = False
     defaults = dict(Balancer.defaults, capacity_factor=2.0, route_seqs=2, route_shuffle=False)
-
-    @classmethod
-    def check(cls, cfg, local_seqs=None):
-        cfg = super().check(cfg, local_seqs)
-        if local_seqs is not None:
-            groups_of(local_seqs, cfg.route_seqs, "route_seqs")
-        return cfg
 
     def route(self, logits):
         B, T, E = logits.shape

@@ -54,7 +54,7 @@ PRESETS = {
 }
 
 # Every numeric flag and the smallest value it may take; floats must also be
-# finite. (A strategy's knobs are checked by its class in balancers.py.)
+# finite. (A strategy's knobs carry their ranges in balancers.BalanceConfig.)
 AT_LEAST = dict(n_layers=1, d_model=1, n_heads=1, n_experts=1, top_k=1, d_expert=1, shared_experts=0,
                 steps=1, batch_size=1, grad_accum=1, domain_block=1, seq_len=1, warmup=0, seed=0,
                 eval_every=0, log_every=1, val_seqs=1, ckpt_every=1, weight_decay=0.0)
