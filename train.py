@@ -88,10 +88,9 @@ def parse_args(argv=None):
                    help=" | ".join(f"{n}: {c.summary}" for n, c in BALANCERS.items()) + " (default: lossfree)")
     p.add_argument("--preset", default="default", choices=list(PRESETS),
                    help="sizes and schedule; explicit flags override it (default: default)")
-    sized = {}   # the flags whose default comes from the preset
 
     def preset_flag(group, name, type, help):
-        sized[name] = group.add_argument("--" + name.replace("_", "-"), type=type,
+        group.add_argument("--" + name.replace("_", "-"), type=type, metavar="N" if type is int else "X",
                                          help=f"{help} (default: {preset_default(name)})")
     g = p.add_argument_group("model")
     preset_flag(g, "n_layers", int, "transformer blocks")
@@ -100,20 +99,20 @@ def parse_args(argv=None):
     preset_flag(g, "n_experts", int, "routed experts per MoE layer")
     preset_flag(g, "top_k", int, "experts per token (token-choice strategies)")
     preset_flag(g, "d_expert", int, "hidden width of each expert")
-    g.add_argument("--shared-experts", type=int, default=0, help="always-on experts, DeepSeekMoE (default: 0)")
+    g.add_argument("--shared-experts", type=int, default=0, metavar="N", help="always-on experts, DeepSeekMoE (default: 0)")
     g = p.add_argument_group("training")
     preset_flag(g, "steps", int, "optimizer steps")
     preset_flag(g, "batch_size", int, "GLOBAL batch in sequences; processes and --grad-accum split it")
-    g.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step (default: 1)")
+    g.add_argument("--grad-accum", type=int, default=1, metavar="N", help="micro-steps per optimizer step (default: 1)")
     g.add_argument("--domain-block", type=int, default=1, metavar="S",
                    help="draw every S consecutive sequences from one domain; S = --balance-seqs makes every "
                         "balance group single-domain, Qiu et al.'s setting (default: 1)")
     preset_flag(g, "seq_len", int, "bytes per sequence")
     preset_flag(g, "lr", float, "peak learning rate (warm-up, then cosine to 10%%)")
     preset_flag(g, "warmup", int, "warm-up steps")
-    g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (default: 0.1)")
-    g.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm to this (default: 1.0)")
-    g.add_argument("--seed", type=int, default=0, help="initialisation and batches (default: 0)")
+    g.add_argument("--weight-decay", type=float, default=0.1, metavar="X", help="AdamW weight decay (default: 0.1)")
+    g.add_argument("--grad-clip", type=float, default=1.0, metavar="X", help="clip the global gradient norm to this (default: 1.0)")
+    g.add_argument("--seed", type=int, default=0, metavar="N", help="initialisation and batches (default: 0)")
     g.add_argument("--data", metavar="DIR", help="your own text: one domain per subfolder (or per file) "
                                                  "(default: the built-in corpus)")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
@@ -132,7 +131,8 @@ def parse_args(argv=None):
     for f in fields(BalanceConfig):
         kind = f.metadata["type"]
         flag = "--" + f.name.replace("_", "-")
-        extra = dict(action="store_const", const=True) if kind is bool else dict(type=kind, choices=f.metadata["choices"])
+        extra = dict(action="store_const", const=True) if kind is bool else \
+            dict(type=kind, choices=f.metadata["choices"], metavar=None if f.metadata["choices"] else "N" if kind is int else "X")
         g.add_argument(flag, **extra, help=f"{f.metadata['help']} (default: {knob_default(f.name)})")
     args = p.parse_args(argv)
     for key, value in PRESETS[args.preset].items():

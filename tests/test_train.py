@@ -304,3 +304,20 @@ def test_killing_a_save_leaves_the_previous_checkpoint_loadable(tmp_path):
         proc.wait()
         ckpt = torch.load(path, weights_only=False)
         assert ckpt["step"] >= 1 and "model" in ckpt
+
+
+# ----------------------------------------------------------------------------
+# The measurements themselves.
+
+def test_specialisation_is_zero_when_domains_share_experts_and_high_when_they_split_them():
+    """Qiu et al. 2025, Fig. 1b, as one number: the distance between each
+    domain's expert distribution and the all-domain average. Domains using
+    the experts alike score 0 -- also when the router collapsed onto one
+    expert (imbalance is not specialisation); two domains on disjoint halves
+    of the experts score 0.5."""
+    alike = torch.full((1, 2, 4), 0.25)
+    collapsed = torch.tensor([[[1.0, 0, 0, 0], [1.0, 0, 0, 0]]])
+    split = torch.tensor([[[0.5, 0.5, 0, 0], [0, 0, 0.5, 0.5]]])
+    assert train.specialization_score(alike) == 0
+    assert train.specialization_score(collapsed) == 0
+    assert train.specialization_score(split) == pytest.approx(0.5)
