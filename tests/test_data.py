@@ -221,6 +221,23 @@ def test_batch_depends_only_on_seed_and_step(builtin_cache):
     assert not torch.equal(a[0], data.get_batch(corpus, step=5, seed=2, batch_size=16, seq_len=32)[0])
 
 
+def test_domain_block_puts_one_domain_in_every_balance_group(builtin_cache):
+    """--domain-block S: every S consecutive sequences come from one domain, so
+    a balance group of S sequences is single-domain (Qiu et al. 2025, Sec.
+    2.2), while the global batch still mixes domains. S = 1 is the plain
+    batch, draw for draw."""
+    _, corpus, _ = builtin_cache
+    _, _, plain = data.get_batch(corpus, step=4, seed=0, batch_size=32, seq_len=16)
+    _, _, same = data.get_batch(corpus, step=4, seed=0, batch_size=32, seq_len=16, domain_block=1)
+    assert torch.equal(plain, same)
+    _, _, dom = data.get_batch(corpus, step=4, seed=0, batch_size=32, seq_len=16, domain_block=8)
+    blocks = dom.view(4, 8)
+    assert (blocks == blocks[:, :1]).all()
+    assert len(set(blocks[:, 0].tolist())) > 1 or len(set(
+        data.get_batch(corpus, step=s, seed=0, batch_size=32, seq_len=16, domain_block=8)[2][0].item()
+        for s in range(8))) > 1
+
+
 def test_batch_size_not_divisible_by_world_size_times_grad_accum_is_a_data_error(builtin_cache):
     _, corpus, _ = builtin_cache
     with pytest.raises(DataError):
