@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import data  # noqa: E402
-from data import DataError  # noqa: E402
+import data
+from data import DataError
 
 
 def quiet(*args, **kwargs):
