@@ -1,0 +1,647 @@
+"""
+show_routing.py -- routing made visible: which expert did every byte go to?
+
+    python show_routing.py runs/aux/ckpt.pt runs/global_aux/ckpt.pt
+    python show_routing.py runs/*/ckpt.pt --text notes.txt --layer 1 --out notes
+
+writes PREFIX.html (default routing.html: one self-contained page, no network,
+no script; hover a byte to see all its experts and weights) and PREFIX.png
+(the same picture, for a README).
+
+What it teaches. Qiu et al. 2025 ("Demons in the Detail", Fig. 1b) show that
+whether experts specialise by domain depends on *where* the load is counted.
+Balancing over a micro-batch of a few sequences asks every few sequences to
+spread evenly over the experts, so a code sequence and a math sequence end
+up using the experts in much the same proportions. Balancing over the global
+batch only asks the corpus as a whole to be even, so code may go to "code
+experts". Their figure shows the frequencies; this page shows the same thing
+on the bytes themselves, one column per checkpoint, so runs trained with
+aux, global_aux or lossfree can be read side by side:
+
+  - rows: a code, a math and a prose sample from the built-in validation
+    split (or one sample, your --text file);
+  - every byte coloured by its top-1 expert in layer --layer: the assignment
+    with the largest gate weight. Under expert choice a byte may be taken by
+    no expert (grey: only the residual stream carries it) or by several;
+  - below, per domain, how often each expert is among a token's selections
+    over the validation set (Qiu et al. Fig. 1b); the dashed line is where
+    every bar would sit if that domain used all experts equally.
+
+Choices worth knowing:
+  - A sample longer than the model's seq_len is cut into windows of seq_len,
+    each routed as its own sequence, as in training (the position embedding
+    ends there). The last window is slid back to end on the sample's last
+    byte, so every window is full length; a byte covered by two windows is
+    shown once, from the earlier one.
+  - The windows are routed as one batch, topped up to a whole number of
+    balance / routing groups by repeating its first windows (as
+    data.val_batches tops up its last batch). Token choice does not notice;
+    under expert choice a byte's experts depend on the other tokens of its
+    group, so the page shows the routing this particular batch gets.
+  - Checkpoints hold every expert (train.py gathers them before saving), so
+    the model is rebuilt with world_size=1 whatever world size trained it,
+    and everything runs on the CPU in seconds.
+"""
+
+import argparse
+import html
+import math
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import data
+from balancers import BalanceConfig
+from moe import GPT, GPTConfig
+
+
+class InputError(ValueError):
+    """Something the user passed cannot be used; the message is one line
+    naming the problem and the fix."""
+
+
+# ----------------------------------------------------------------------------
+# 1. The inputs: checkpoints and text.
+
+def load_model(path):
+    """The model of a train.py checkpoint, in evaluation mode on the CPU.
+
+    Of the checkpoint dict only two keys matter here: "config" (asdict of
+    moe.GPTConfig, whose "balance" is asdict of balancers.BalanceConfig) and
+    "model" (the state dict, every expert in it). A checkpoint that does not
+    fit this code exactly -- a config field it does not know, a missing or
+    misshapen tensor -- is refused with one line rather than loaded by guess:
+    a half-fitting model would colour the page with a routing nobody trained."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "ckpt.pt")          # a run folder (train.py --out)
+    if not os.path.isfile(path):
+        raise InputError(f"checkpoint {path} does not exist; pass a ckpt.pt written by train.py")
+    try:
+        # weights_only=False unpickles arbitrary objects (the optimizer state
+        # and args are plain Python): open only checkpoints you trust.
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise InputError(f"{path} cannot be read as a checkpoint ({type(e).__name__}): "
+                         f"truncated, or not a file train.py wrote?") from None
+    if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
+        raise InputError(f"{path} is not a train.py checkpoint (it has no 'config' and 'model')")
+    try:
+        c = ckpt["config"]
+        cfg = GPTConfig(**{**c, "balance": BalanceConfig(**c["balance"])})
+        model = GPT(cfg)
+        model.load_state_dict(ckpt["model"])
+    except (TypeError, KeyError, ValueError, RuntimeError) as e:
+        why = " ".join(str(e).split())[:160]           # load_state_dict explains over many lines
+        raise InputError(f"{path} does not fit this version of moe.py ({why})") from None
+    return model.eval()
+
+
+def read_text(path):
+    """The bytes of a --text file, after checking that they are text.
+
+    A few undecodable bytes are tolerated (a file cut inside a character, a
+    stray Latin-1 accent): they are bytes like any other and get shown as
+    U+FFFD. More than that means the file is not UTF-8 text, and colouring
+    its bytes would show nothing a reader could follow."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise InputError(f"--text {path}: {e.strerror}") from None
+    if not raw:
+        raise InputError(f"--text {path} is empty; give it some text")
+    if b"\0" in raw:
+        raise InputError(f"--text {path} looks binary (it contains NUL bytes); give a UTF-8 text file")
+    bad = raw.decode("utf-8", errors="replace").count("\ufffd") - raw.count("\ufffd".encode())
+    if bad > max(3, len(raw) // 100):
+        raise InputError(f"--text {path} is not UTF-8 text ({bad} undecodable bytes of {len(raw)}); "
+                         f"convert it to UTF-8")
+    return raw
+
+
+def cut_bytes(raw, n):
+    """At most n bytes, cut before a character rather than inside one (a UTF-8
+    continuation byte looks like 10xxxxxx)."""
+    if len(raw) <= n:
+        return raw
+    while n > 0 and raw[n] & 0xC0 == 0x80:
+        n -= 1
+    return raw[:n]
+
+
+def builtin_samples(corpus, n_bytes):
+    """One sample per domain: n_bytes of its validation stream, from the
+    first unindented line after a blank line past the middle (the first
+    line past the middle if the stream has no blank lines). Past the middle,
+    because a stream begins with its first document's header (a module
+    docstring is prose, not code); after a blank line, so a code sample
+    starts with a statement and a prose sample with a paragraph."""
+    samples = []
+    for name, stream in zip(corpus.domains, corpus.val):
+        raw = stream.numpy().tobytes()
+        para = re.compile(rb"\n\n(?=\S)").search(raw, len(raw) // 2)
+        start = para.end() if para else raw.find(b"\n", len(raw) // 2) + 1
+        samples.append((name, cut_bytes(raw[start:], n_bytes)))
+    return samples
+
+
+# ----------------------------------------------------------------------------
+# 2. Routing, byte by byte.
+
+def windows(n, T):
+    """Windows that cover positions 0..n-1: (start, length, first_new) each.
+    Every window has length min(T, n); the last one ends on byte n-1 and
+    contributes only the bytes from first_new on, the earlier ones being
+    shown already with the context of their own window."""
+    T = min(T, n)
+    starts = list(range(0, n, T))
+    starts[-1] = n - T
+    return [(s, T, 0 if i == 0 else starts[i - 1] + T - s) for i, s in enumerate(starts)]
+
+
+def group_size(cfg):
+    """The batch must hold whole balance groups (aux) and routing groups
+    (expert choice); other strategies route each token alone and take any
+    batch. Asking for both multiples is harmless there."""
+    return math.lcm(cfg.balance.balance_seqs, cfg.balance.route_seqs)
+
+
+@torch.no_grad()
+def route_batch(model, x, layer):
+    """The routing of one layer for the sequences x [B, T], batch topped up
+    to whole groups by repeating its first rows. Assignments of the top-up
+    rows have token_idx >= B*T; callers drop them."""
+    g = group_size(model.cfg)
+    rows = torch.arange(math.ceil(x.shape[0] / g) * g) % x.shape[0]
+    return model(x[rows]).routings[layer]
+
+
+def route_samples(model, samples, layer):
+    """For every byte of every sample, its (expert, weight) assignments in
+    `layer`, largest weight first: [sample][byte] -> list of pairs."""
+    rows = [(s, start, T, first) for s, sample in enumerate(samples)
+            for start, T, first in windows(len(sample), model.cfg.seq_len)]
+    picks = [[[] for _ in sample] for sample in samples]
+    # windows of one length go in one batch; only a sample shorter than
+    # seq_len makes a second length
+    for T in sorted({r[2] for r in rows}):
+        batch = [r for r in rows if r[2] == T]
+        x = torch.tensor([list(samples[s][start:start + T]) for s, start, _, _ in batch])
+        routing = route_batch(model, x, layer)
+        for tok, e, w in zip(routing.token_idx.tolist(), routing.expert_idx.tolist(),
+                             routing.weight.tolist()):
+            r, t = divmod(tok, T)
+            if r >= len(batch):
+                continue
+            s, start, _, first = batch[r]
+            if t >= first:
+                picks[s][start + t].append((e, w))
+    for sample in picks:
+        for byte in sample:
+            byte.sort(key=lambda p: (-p[1], p[0]))
+    return picks
+
+
+@torch.no_grad()
+def domain_frequency(model, batches, layer, n_domains):
+    """freq[d, e]: how often expert e is among the selections of a token of
+    domain d in `layer` (Qiu et al. 2025, Fig. 1b), counted the way
+    train.evaluate counts it. Micro-batch balancing keeps every row of it
+    near uniform; global balancing lets rows differ."""
+    E = model.cfg.n_experts
+    picks = torch.zeros(n_domains, E)
+    tokens = torch.zeros(n_domains)
+    for x, _, dom in batches:
+        B, T = x.shape
+        routing = route_batch(model, x, layer)
+        real = routing.token_idx < B * T
+        tok_domain = dom.repeat_interleave(T)[routing.token_idx[real]]
+        picks.index_put_((tok_domain, routing.expert_idx[real]), torch.ones(int(real.sum())), accumulate=True)
+        tokens += torch.bincount(dom, minlength=n_domains) * T
+    return picks / tokens.clamp(min=1)[:, None]
+
+
+def sample_frequency(picks, n_experts):
+    """The same frequency for one sample: the share of its bytes that have
+    expert e among their selections."""
+    freq = torch.zeros(n_experts)
+    for byte in picks:
+        for e, _ in byte:
+            freq[e] += 1
+    return freq / len(picks)
+
+
+def specialisation(freq):
+    """One number for a freq[d, e] table: the total-variation distance between
+    each domain's distribution over experts and the all-domain average,
+    averaged over domains (train.py reports the same measure over all
+    layers). 0: every domain uses the experts alike."""
+    p = freq / freq.sum(-1, keepdim=True).clamp(min=1e-9)
+    return (0.5 * (p - p.mean(0)).abs().sum(-1)).mean().item()
+
+
+# ----------------------------------------------------------------------------
+# 3. Colours and glyphs, shared by the page and the picture.
+
+NO_EXPERT = "#c8c8c8"   # a byte no expert took (expert choice only)
+
+# matplotlib's tab20, greys left out (grey means "no expert"): nine strong
+# hues, then their light twins, so that experts 0..8 differ in hue at once.
+TAB20_STRONG = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf"]
+TAB20_LIGHT = ["#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2", "#dbdb8d", "#9edae5"]
+
+
+def expert_colours(n):
+    """One background colour per expert, as '#rrggbb'. Past 18 experts no
+    palette stays readable, so hues are spread evenly at three lightnesses."""
+    if n <= len(TAB20_STRONG) + len(TAB20_LIGHT):
+        return (TAB20_STRONG + TAB20_LIGHT)[:n]
+    import colorsys
+    rgb = [colorsys.hls_to_rgb(i / n, (0.45, 0.65, 0.8)[i % 3], 0.75) for i in range(n)]
+    return ["#" + "".join(f"{round(255 * c):02x}" for c in col) for col in rgb]
+
+
+def ink(colour):
+    """Black or white text, whichever reads better on `colour` (relative
+    luminance as in WCAG, threshold near its midpoint)."""
+    r, g, b = (int(colour[i:i + 2], 16) / 255 for i in (1, 3, 5))
+    lum = sum(w * (c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4)
+              for w, c in zip((0.2126, 0.7152, 0.0722), (r, g, b)))
+    return "#000000" if lum > 0.2 else "#ffffff"
+
+
+def top1_colour(assignments, colours):
+    return colours[assignments[0][0]] if assignments else NO_EXPERT
+
+
+def utf8_size(lead):
+    """How many bytes the UTF-8 character starting with byte `lead` has
+    (0: `lead` cannot start a character)."""
+    for size, prefix, bits in ((1, 0b0, 1), (2, 0b110, 3), (3, 0b1110, 4), (4, 0b11110, 5)):
+        if lead >> (8 - bits) == prefix:
+            return size
+    return 0
+
+
+def glyphs(sample):
+    """What to draw for every byte. Bytes are tokens, but a reader wants to
+    see characters: a multi-byte UTF-8 character is drawn on its first byte,
+    and its other bytes draw nothing (they still get their colour). Line
+    breaks and control bytes get visible symbols, so their colour shows."""
+    out, i = [], 0
+    while i < len(sample):
+        size = utf8_size(sample[i])
+        try:
+            char = sample[i:i + size].decode("utf-8") if size else None
+        except UnicodeDecodeError:
+            char = None
+        if char is None:
+            out.append("\ufffd")                      # a byte that starts no character
+            i += 1
+            continue
+        if char == "\n":
+            char = "\u21b5"                           # ↵
+        elif char == "\t":
+            char = "\u2192"                           # →
+        elif ord(char) < 0x20:
+            char = chr(0x2400 + ord(char))            # the Unicode "control pictures"
+        elif char == "\x7f":
+            char = "\u2421"
+        out += [char] + [""] * (size - 1)
+        i += size
+    return out
+
+
+# ----------------------------------------------------------------------------
+# 4. The HTML page: hover shows everything, the data-* attributes let a
+#    program (the tests) read the routing back.
+
+CSS = """
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 18px; color: #222; }
+h1 { font-size: 19px; margin: 0 0 4px; }
+p.note { margin: 2px 0 10px; color: #555; font-size: 13px; max-width: 70em; }
+table.grid { border-collapse: collapse; table-layout: fixed; width: 100%; }
+.grid th, .grid td { border: 1px solid #ddd; padding: 6px 8px; vertical-align: top; }
+.grid th.ckpt { font-size: 13px; font-weight: normal; text-align: left; background: #f6f6f6; }
+.grid th.ckpt b { font-size: 15px; }
+.grid th.row { width: 6.5em; text-align: right; font-size: 13px; }
+.grid th.row small { display: block; color: #777; font-weight: normal; }
+.text { font: 13px/1.6 "DejaVu Sans Mono", Menlo, Consolas, monospace; white-space: pre-wrap; word-break: break-all; }
+.text span { padding: 1px 0; }
+.text span.cont { display: inline-block; width: 3px; height: 1.1em; vertical-align: text-bottom; padding: 0; }
+.dom { display: flex; align-items: flex-end; gap: 6px; margin: 3px 0; }
+.dom .name { width: 4.5em; font-size: 12px; text-align: right; color: #444; }
+.bars { flex: 1; display: flex; align-items: flex-end; gap: 1px; height: 44px; position: relative; border-bottom: 1px solid #999; }
+.bars div { flex: 1; }
+.bars .even { position: absolute; left: 0; right: 0; height: 0; border-top: 1px dashed #444; }
+.ticks { display: flex; gap: 1px; margin-left: calc(4.5em + 6px); font-size: 9px; color: #666; }
+.ticks span { flex: 1; text-align: center; }
+.legend { margin: 12px 0; font-size: 13px; }
+.legend span { display: inline-block; min-width: 1.7em; text-align: center; margin: 0 2px 2px 0; padding: 1px 3px; border-radius: 2px; font-family: monospace; }
+"""
+
+
+def byte_name(b):
+    return repr(chr(b)) if 0x20 <= b < 0x7f else f"0x{b:02x}"
+
+
+def byte_span(pos, b, glyph, assignments, colours):
+    """One byte as a <span>: background = its top-1 expert, title = all its
+    experts and weights (the browser shows it on hover, no script needed),
+    data-* attributes = the same facts for a program to read back."""
+    colour = top1_colour(assignments, colours)
+    lines = [f"byte {pos}: {byte_name(b)}"]
+    lines += [f"expert {e}: weight {w:.3f}" for e, w in assignments] or ["no expert (the residual carries it)"]
+    experts = " ".join(f"{e}:{w:.4f}" for e, w in assignments)
+    text = html.escape(glyph) + ("\n" if b == 0x0A else "")
+    cls = ' class="cont"' if glyph == "" else ""
+    return (f'<span{cls} data-pos="{pos}" data-byte="{b}" data-experts="{experts}" '
+            f'style="background:{colour};color:{ink(colour)}" title="{html.escape(chr(10).join(lines))}">{text}</span>')
+
+
+def sample_cell(sample, picks, colours):
+    return "".join(byte_span(i, b, g, p, colours) for i, (b, g, p) in enumerate(zip(sample, glyphs(sample), picks)))
+
+
+def bars_cell(freq, names, colours, top):
+    """Small multiples: for each domain, one bar per expert in that expert's
+    colour, on a scale shared by every column so heights compare across runs."""
+    parts = []
+    for name, row in zip(names, freq.tolist()):
+        even = sum(row) / len(row)
+        bars = "".join(f'<div style="height:{100 * f / top:.1f}%;background:{c}" '
+                       f'title="{html.escape(name)}, expert {e}: {f:.3f}"></div>'
+                       for e, (f, c) in enumerate(zip(row, colours)))
+        parts.append(f'<div class="dom"><span class="name">{html.escape(name)}</span>'
+                     f'<div class="bars" data-domain="{html.escape(name)}">{bars}'
+                     f'<span class="even" style="bottom:{100 * even / top:.1f}%"></span></div></div>')
+    ticks = "".join(f"<span>{e}</span>" for e in range(len(colours))) if len(colours) <= 32 else ""
+    return "".join(parts) + f'<div class="ticks">{ticks}</div>'
+
+
+def balance_scope(cfg):
+    """Over which tokens the strategy balances: the knob Qiu et al. turn."""
+    b = cfg.balance
+    return {"aux": f"balanced per {b.balance_seqs} sequences", "global_aux": "balanced per global batch",
+            "expert_choice": f"routed per {b.route_seqs} sequences"}.get(cfg.balancer, "")
+
+
+@dataclass
+class Column:
+    """Everything one checkpoint contributes to the page and the picture."""
+    path: str
+    model: GPT
+    layer: int             # the layer shown, counted from 0
+    picks: list            # [sample][byte] -> [(expert, weight)], largest weight first
+    freq: torch.Tensor     # [rows, E]: the validation domains, then the --text sample if any
+    spread: float          # specialisation of this layer over the validation domains
+
+    @property
+    def colours(self):
+        return expert_colours(self.model.cfg.n_experts)
+
+    @property
+    def title(self):
+        cfg = self.model.cfg
+        parts = [balance_scope(cfg), f"{self.model.blocks[0].moe.balancer.gate} gate",
+                 f"{cfg.n_experts} experts top-{cfg.top_k}", f"layer {self.layer} of {cfg.n_layers}",
+                 f"specialisation {self.spread:.3f}"]
+        return ", ".join(p for p in parts if p)
+
+
+def html_page(columns, samples, freq_names, layer_label):
+    """The whole page: a header per checkpoint, a row per sample, the bars."""
+    top = max(float(col.freq.max()) for col in columns) or 1.0
+    head = "".join(f'<th class="ckpt"><b>{html.escape(col.model.cfg.balancer)}</b> &middot; '
+                   f'{html.escape(col.path)}<br>{html.escape(col.title)}</th>' for col in columns)
+    rows = []
+    for s, (name, sample) in enumerate(samples):
+        cells = "".join(f'<td class="text" data-ckpt="{c}" data-sample="{s}">'
+                        f'{sample_cell(sample, col.picks[s], col.colours)}</td>' for c, col in enumerate(columns))
+        rows.append(f'<tr><th class="row">{html.escape(name)}<small>{len(sample)} bytes</small></th>{cells}</tr>')
+    bars = "".join(f'<td class="freq" data-ckpt="{c}">{bars_cell(col.freq, freq_names, col.colours, top)}</td>'
+                   for c, col in enumerate(columns))
+    rows.append(f'<tr><th class="row">expert frequency<small>per domain, Qiu et al. Fig. 1b</small></th>{bars}</tr>')
+    widest = max(columns, key=lambda col: col.model.cfg.n_experts).colours
+    legend = "".join(f'<span style="background:{c};color:{ink(c)}">{e}</span>' for e, c in enumerate(widest))
+    legend += f' &nbsp;<span style="background:{NO_EXPERT}">&nbsp;</span> no expert (expert choice only)'
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>Routing by byte, {html.escape(layer_label)}</title>
+<style>{CSS}</style></head><body>
+<h1>Which expert did each byte go to? ({html.escape(layer_label)})</h1>
+<p class="note">Each byte is coloured by its top-1 expert (the largest gate weight); hover over a byte for all
+its experts and weights. The bars show, for each domain of the validation set, how often each expert is among
+a token's selections (Qiu et al. 2025, Fig. 1b); the dashed line is where every bar would sit if that domain
+used all experts equally. Micro-batch balancing keeps the rows alike; global-batch balancing lets domains
+pick their own experts.</p>
+<div class="legend">experts: {legend}</div>
+<table class="grid"><tr><th class="row"></th>{head}</tr>
+{chr(10).join(rows)}
+</table></body></html>
+"""
+
+
+# ----------------------------------------------------------------------------
+# 5. The PNG: the same picture, drawn by matplotlib.
+
+def text_layout(sample, width):
+    """(line, column) of every byte when the text is wrapped at `width`
+    cells: a line break ends its line after taking a cell for its symbol."""
+    places, line, col = [], 0, 0
+    for b in sample:
+        if col == width:
+            line, col = line + 1, 0
+        places.append((line, col))
+        col += 1
+        if b == 0x0A:
+            line, col = line + 1, 0
+    return places
+
+
+def draw_sample(ax, sample, picks, colours, width):
+    """One sample as a grid of coloured cells with the glyphs on top. The
+    cells are one image (fast); only the glyphs are separate text objects."""
+    places = text_layout(sample, width)
+    n_lines = places[-1][0] + 1
+    grid = torch.ones(n_lines, width, 3)
+    for (line, col), p in zip(places, picks):
+        c = top1_colour(p, colours)
+        grid[line, col] = torch.tensor([int(c[i:i + 2], 16) / 255 for i in (1, 3, 5)])
+    ax.imshow(grid.numpy(), aspect="auto", interpolation="nearest", extent=(0, width, n_lines, 0))
+    for (line, col), g, p in zip(places, glyphs(sample), picks):
+        if g.strip():
+            ax.text(col + 0.5, line + 0.55, g, ha="center", va="center", fontsize=8.3,
+                    family="DejaVu Sans Mono", color=ink(top1_colour(p, colours)))
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def draw_bars(ax, row, colours, top):
+    E = len(row)
+    ax.bar(range(E), row, width=0.85, color=colours)
+    ax.axhline(sum(row) / E, color="#444", lw=0.8, ls="--")
+    ax.set_ylim(0, top * 1.08)
+    ax.set_xlim(-0.6, E - 0.4)
+    ax.tick_params(labelsize=7)
+    ax.spines[["top", "right"]].set_visible(False)
+
+
+def png_figure(columns, samples, freq_names, layer_label, path, width=80):
+    """Rows: the samples, then one bar chart per domain; one column per
+    checkpoint. Sizes follow the text so a cell stays readable."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cell_w, line_h, bar_h = 0.075, 0.16, 0.62       # inches
+    lines = [text_layout(sample, width)[-1][0] + 1 for _, sample in samples]
+    heights = [n * line_h for n in lines] + [bar_h] * len(freq_names)
+    left = max(0.9, 0.35 + 0.075 * max(len(name) for name in freq_names))   # room for the row labels
+    fig = plt.figure(figsize=(left + 0.1 + len(columns) * (width * cell_w + 0.45), sum(heights) + 1.6))
+    grid = fig.add_gridspec(len(heights), len(columns), height_ratios=heights, left=left / fig.get_figwidth(),
+                            right=0.99, top=1 - 0.95 / fig.get_figheight(), bottom=0.45 / fig.get_figheight(),
+                            hspace=0.12, wspace=0.08)
+    top = max(float(col.freq.max()) for col in columns) or 1.0
+    for c, col in enumerate(columns):
+        for s, (name, sample) in enumerate(samples):
+            ax = fig.add_subplot(grid[s, c])
+            draw_sample(ax, sample, col.picks[s], col.colours, width)
+            if s == 0:
+                ax.set_title(f"{col.model.cfg.balancer}: {col.path}\n{col.title}", fontsize=8.5)
+            if c == 0:
+                ax.set_ylabel(name, fontsize=10)
+        for d, name in enumerate(freq_names):
+            ax = fig.add_subplot(grid[len(samples) + d, c])
+            draw_bars(ax, col.freq[d].tolist(), col.colours, top)
+            if c == 0:
+                ax.set_ylabel(name, fontsize=9, rotation=0, ha="right", va="center")
+            else:
+                ax.set_yticklabels([])
+            if d < len(freq_names) - 1:
+                ax.set_xticklabels([])
+            else:
+                ax.set_xlabel("expert: how often among a token's selections, per domain (Qiu et al. Fig. 1b)",
+                              fontsize=8)
+    fig.suptitle(f"Each byte coloured by its top-1 expert, {layer_label}", fontsize=11)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------
+# 6. The command line.
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag prints one line (not the whole usage) and exits 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def positive(text):
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+    return int(text)
+
+
+def parse_args(argv=None):
+    p = OneLineParser(description="Colour every byte of a code, a math and a prose sample (or your text) by the "
+                                  "expert it goes to, one column per checkpoint, with the per-domain expert "
+                                  "frequencies of Qiu et al. 2025, Fig. 1b. Writes PREFIX.html and PREFIX.png.")
+    p.add_argument("checkpoints", nargs="+", metavar="CKPT", help="ckpt.pt files (or run folders) written by train.py")
+    p.add_argument("--text", metavar="FILE", help="show this UTF-8 text file as the one sample")
+    p.add_argument("--layer", type=int, metavar="L",
+                   help="MoE layer to show, from 0; negative counts from the end (default: the middle one)")
+    p.add_argument("--bytes", type=positive, metavar="N", help="bytes per sample (default: 256, or up to 2048 of a --text file)")
+    p.add_argument("--val-seqs", type=positive, default=32, metavar="N",
+                   help="validation sequences per domain for the bars (default: 32)")
+    p.add_argument("--data", metavar="DIR",
+                   help="the text folder the checkpoints were trained on (default: the built-in corpus)")
+    p.add_argument("--out", default="routing", metavar="PREFIX", help="writes PREFIX.html and PREFIX.png (default: routing)")
+    return p.parse_args(argv)
+
+
+def layer_index(layer, model, path):
+    """--layer as a 0-based index into this model's layers, Python style.
+
+    The default is the middle layer: in the default preset that is where the
+    balance scope shows most (layer 2 of 4: specialisation 0.12 under aux vs
+    0.22 under global_aux, one seed), while the first and last layers differ
+    little (0.29 vs 0.33 and 0.24 vs 0.24)."""
+    n = model.cfg.n_layers
+    if layer is None:
+        return n // 2
+    if not -n <= layer < n:
+        raise InputError(f"--layer {layer} is out of range: {path} has {n} layers "
+                         f"(use 0..{n - 1}, or -1 for the last)")
+    return layer % n
+
+
+def write_file(path, write):
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        write(path)
+    except OSError as e:
+        raise InputError(f"cannot write {path} ({e.strerror}); choose another --out") from None
+
+
+def main(argv=None):
+    t0 = time.time()
+    args = parse_args(argv)
+    # The batches are a few thousand tokens: more threads only add
+    # synchronisation, and on a busy 2-core machine that made a run 3x to 10x
+    # slower than one thread.
+    torch.set_num_threads(1)
+    # the cheap checks first, so a typo fails before any model is built
+    text = read_text(args.text) if args.text else None
+    models = [(path, load_model(path)) for path in args.checkpoints]
+    layers = [layer_index(args.layer, model, path) for path, model in models]
+    corpus = data.load_corpus(args.data, seq_len=max(m.cfg.seq_len for _, m in models), log=lambda *a: None)
+
+    if text is None:
+        samples = builtin_samples(corpus, args.bytes or 256)
+    else:
+        shown = cut_bytes(text, args.bytes or 2048)
+        if len(shown) < len(text):
+            print(f"note: showing the first {len(shown)} of {len(text)} bytes of {args.text} (raise --bytes for more)")
+        samples = [(os.path.basename(args.text), shown)]
+    # the bars: every validation domain, and the --text sample as one more row
+    freq_names = corpus.domains + ([samples[0][0]] if text is not None else [])
+
+    columns = []
+    for (path, model), layer in zip(models, layers):
+        picks = route_samples(model, [sample for _, sample in samples], layer)
+        g = group_size(model.cfg)     # about 16 sequences a batch, in whole groups
+        batches = data.val_batches(corpus, model.cfg.seq_len, g * math.ceil(16 / g), args.val_seqs)
+        freq = domain_frequency(model, batches, layer, len(corpus.domains))
+        spread = specialisation(freq)
+        if text is not None:
+            freq = torch.cat([freq, sample_frequency(picks[0], model.cfg.n_experts)[None]])
+        columns.append(Column(path, model, layer, picks, freq, spread))
+
+    layer_label = "layer " + ", ".join(str(v) for v in sorted(set(layers)))
+    page = html_page(columns, samples, freq_names, layer_label)
+    write_file(args.out + ".html", lambda p: Path(p).write_text(page, encoding="utf-8"))
+    write_file(args.out + ".png", lambda p: png_figure(columns, samples, freq_names, layer_label, p))
+    print(f"wrote {args.out}.html and {args.out}.png ({len(columns)} checkpoint(s), {layer_label}) "
+          f"in {time.time() - t0:.1f} s")
+    return 0
+
+
+def cli(argv=None):
+    """Entry point: a problem with the input becomes one line on stderr and
+    exit code 2, never a traceback."""
+    try:
+        code = main(argv)
+    except (InputError, data.DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = 2
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    cli()
