@@ -669,7 +669,7 @@ def publish(root):
 
 
 def parse_args(argv=None):
-    p = train.OneLineParser(
+    p = plumbing.OneLineParser(
         description="Train the arms of every paper claim (same data, model and seeds; each claim's arms differ "
                     "only in what the paper varied), then write results.json, results.md (tables and a three-way "
                     "verdict per claim) and the plots. Finished runs are kept: run the same command again to "

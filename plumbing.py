@@ -19,6 +19,7 @@ loses work lives here, in the order a run meets it:
   6. spawn        start N local processes joined by gloo (tests, bench.py)
 """
 
+import argparse
 import errno
 import fcntl
 import json
@@ -306,6 +307,34 @@ def load_checkpoint(ckpt, model, opt, proc):
     torch.set_rng_state(ckpt["rng"])
 
 
+def load_model(path):
+    """The model of a checkpoint, whole (every expert) on one CPU process, in
+    evaluation mode, and the checkpoint itself. `path` may be a ckpt.pt or a
+    run folder. A checkpoint that does not fit this code exactly -- a config
+    field it does not know, a missing or misshapen tensor -- is refused with
+    one line rather than loaded by guess."""
+    from balancers import BalanceConfig
+    from moe import GPT, GPTConfig
+    path = os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
+    if not os.path.isfile(path):
+        raise ValueError(f"checkpoint {path} does not exist; pass a ckpt.pt written by train.py")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)   # our own files: they hold args
+    except Exception as e:
+        raise ValueError(f"{path} cannot be read as a checkpoint ({type(e).__name__}): "
+                         f"truncated, or not a file train.py wrote?") from None
+    if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
+        raise ValueError(f"{path} is not a train.py checkpoint (it has no 'config' and 'model')")
+    try:
+        c = ckpt["config"]
+        model = GPT(GPTConfig(**{**c, "balance": BalanceConfig(**c["balance"])}))
+        model.load_state_dict(ckpt["model"])
+    except (TypeError, KeyError, ValueError, RuntimeError) as e:
+        why = " ".join(str(e).split())[:160]           # load_state_dict explains over many lines
+        raise ValueError(f"{path} does not fit this version of moe.py ({why})") from None
+    return model.eval(), ckpt
+
+
 # ----------------------------------------------------------------------------
 # 4. Stopping cleanly.
 
@@ -330,6 +359,13 @@ class StopFlag:
 
 # ----------------------------------------------------------------------------
 # 5. The command-line wrapper.
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag prints one line (not the whole usage) and exits 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
 
 OUT_OF_MEMORY = ("out of memory", "can't allocate memory", "not enough memory")
 

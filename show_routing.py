@@ -48,16 +48,15 @@ import html
 import math
 import os
 import re
-import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 
 import data
-from balancers import BalanceConfig
-from moe import GPT, GPTConfig
+import plumbing
+import train
 
 
 class InputError(ValueError):
@@ -69,36 +68,11 @@ class InputError(ValueError):
 # 1. The inputs: checkpoints and text.
 
 def load_model(path):
-    """The model of a train.py checkpoint, in evaluation mode on the CPU.
-
-    Of the checkpoint dict only two keys matter here: "config" (asdict of
-    moe.GPTConfig, whose "balance" is asdict of balancers.BalanceConfig) and
-    "model" (the state dict, every expert in it). A checkpoint that does not
-    fit this code exactly -- a config field it does not know, a missing or
-    misshapen tensor -- is refused with one line rather than loaded by guess:
-    a half-fitting model would colour the page with a routing nobody trained."""
-    if os.path.isdir(path):
-        path = os.path.join(path, "ckpt.pt")          # a run folder (train.py --out)
-    if not os.path.isfile(path):
-        raise InputError(f"checkpoint {path} does not exist; pass a ckpt.pt written by train.py")
-    try:
-        # weights_only=False unpickles arbitrary objects (the optimizer state
-        # and args are plain Python): open only checkpoints you trust.
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise InputError(f"{path} cannot be read as a checkpoint ({type(e).__name__}): "
-                         f"truncated, or not a file train.py wrote?") from None
-    if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
-        raise InputError(f"{path} is not a train.py checkpoint (it has no 'config' and 'model')")
-    try:
-        c = ckpt["config"]
-        cfg = GPTConfig(**{**c, "balance": BalanceConfig(**c["balance"])})
-        model = GPT(cfg)
-        model.load_state_dict(ckpt["model"])
-    except (TypeError, KeyError, ValueError, RuntimeError) as e:
-        why = " ".join(str(e).split())[:160]           # load_state_dict explains over many lines
-        raise InputError(f"{path} does not fit this version of moe.py ({why})") from None
-    return model.eval()
+    """The model of a train.py checkpoint (or run folder), every expert in it,
+    in evaluation mode on the CPU (plumbing.load_model: a checkpoint that does
+    not fit is refused with one line; a half-fitting model would colour the
+    page with a routing nobody trained)."""
+    return plumbing.load_model(path)[0]
 
 
 def read_text(path):
@@ -164,11 +138,14 @@ def windows(n, T):
     return [(s, T, 0 if i == 0 else starts[i - 1] + T - s) for i, s in enumerate(starts)]
 
 
-def group_size(cfg):
-    """The batch must hold whole balance groups (aux) and routing groups
-    (expert choice); other strategies route each token alone and take any
-    batch. Asking for both multiples is harmless there."""
-    return math.lcm(cfg.balance.balance_seqs, cfg.balance.route_seqs)
+def group_size(model):
+    """Sequences the batch must hold a whole number of: the strategy's group
+    knobs (aux's balance groups, expert choice's routing groups; those with
+    group=True in balancers.BalanceConfig), 1 for strategies that route each
+    token alone."""
+    cfg = model.moe_layers()[0].balancer.cfg
+    return math.lcm(1, *[getattr(cfg, f.name) for f in fields(cfg)
+                         if f.metadata["group"] and getattr(cfg, f.name) is not None])
 
 
 @torch.no_grad()
@@ -176,7 +153,7 @@ def route_batch(model, x, layer):
     """The routing of one layer for the sequences x [B, T], batch topped up
     to whole groups by repeating its first rows. Assignments of the top-up
     rows have token_idx >= B*T; callers drop them."""
-    g = group_size(model.cfg)
+    g = group_size(model)
     rows = torch.arange(math.ceil(x.shape[0] / g) * g) % x.shape[0]
     return model(x[rows]).routings[layer]
 
@@ -234,15 +211,6 @@ def sample_frequency(picks, n_experts):
         for e, _ in byte:
             freq[e] += 1
     return freq / len(picks)
-
-
-def specialisation(freq):
-    """One number for a freq[d, e] table: the total-variation distance between
-    each domain's distribution over experts and the all-domain average,
-    averaged over domains (train.py reports the same measure over all
-    layers). 0: every domain uses the experts alike."""
-    p = freq / freq.sum(-1, keepdim=True).clamp(min=1e-9)
-    return (0.5 * (p - p.mean(0)).abs().sum(-1)).mean().item()
 
 
 # ----------------------------------------------------------------------------
@@ -384,18 +352,20 @@ def bars_cell(freq, names, colours, top):
     return "".join(parts) + f'<div class="ticks">{ticks}</div>'
 
 
-def balance_scope(cfg):
-    """Over which tokens the strategy balances: the knob Qiu et al. turn."""
-    b = cfg.balance
-    return {"aux": f"balanced per {b.balance_seqs} sequences", "global_aux": "balanced per global batch",
-            "expert_choice": f"routed per {b.route_seqs} sequences"}.get(cfg.balancer, "")
+def balance_scope(model):
+    """What the strategy is, and over how many sequences it balances or
+    routes (its group knobs, e.g. aux's balance_seqs: the knob Qiu et al. turn)."""
+    bal = model.moe_layers()[0].balancer
+    groups = [f"{f.name} {getattr(bal.cfg, f.name)}" for f in fields(bal.cfg)
+              if f.metadata["group"] and getattr(bal.cfg, f.name) is not None]
+    return bal.summary + (f" ({', '.join(groups)})" if groups else "")
 
 
 @dataclass
 class Column:
     """Everything one checkpoint contributes to the page and the picture."""
     path: str
-    model: GPT
+    model: torch.nn.Module
     layer: int             # the layer shown, counted from 0
     picks: list            # [sample][byte] -> [(expert, weight)], largest weight first
     freq: torch.Tensor     # [rows, E]: the validation domains, then the --text sample if any
@@ -408,7 +378,7 @@ class Column:
     @property
     def title(self):
         cfg = self.model.cfg
-        parts = [balance_scope(cfg), f"{self.model.blocks[0].moe.balancer.gate} gate",
+        parts = [balance_scope(self.model), f"{self.model.moe_layers()[0].balancer.cfg.gate} gate",
                  f"{cfg.n_experts} experts top-{cfg.top_k}", f"layer {self.layer} of {cfg.n_layers}",
                  f"specialisation {self.spread:.3f}"]
         return ", ".join(p for p in parts if p)
@@ -535,13 +505,6 @@ def png_figure(columns, samples, freq_names, layer_label, path, width=80):
 # ----------------------------------------------------------------------------
 # 6. The command line.
 
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a bad flag prints one line (not the whole usage) and exits 2."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def positive(text):
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
@@ -549,7 +512,7 @@ def positive(text):
 
 
 def parse_args(argv=None):
-    p = OneLineParser(description="Colour every byte of a code, a math and a prose sample (or your text) by the "
+    p = plumbing.OneLineParser(description="Colour every byte of a code, a math and a prose sample (or your text) by the "
                                   "expert it goes to, one column per checkpoint, with the per-domain expert "
                                   "frequencies of Qiu et al. 2025, Fig. 1b. Writes PREFIX.html and PREFIX.png.")
     p.add_argument("checkpoints", nargs="+", metavar="CKPT", help="ckpt.pt files (or run folders) written by train.py")
@@ -615,10 +578,10 @@ def main(argv=None):
     columns = []
     for (path, model), layer in zip(models, layers):
         picks = route_samples(model, [sample for _, sample in samples], layer)
-        g = group_size(model.cfg)     # about 16 sequences a batch, in whole groups
+        g = group_size(model)         # about 16 sequences a batch, in whole groups
         batches = data.val_batches(corpus, model.cfg.seq_len, g * math.ceil(16 / g), args.val_seqs)
         freq = domain_frequency(model, batches, layer, len(corpus.domains))
-        spread = specialisation(freq)
+        spread = train.specialization_score(freq[None])
         if text is not None:
             freq = torch.cat([freq, sample_frequency(picks[0], model.cfg.n_experts)[None]])
         columns.append(Column(path, model, layer, picks, freq, spread))
@@ -632,16 +595,5 @@ def main(argv=None):
     return 0
 
 
-def cli(argv=None):
-    """Entry point: a problem with the input becomes one line on stderr and
-    exit code 2, never a traceback."""
-    try:
-        code = main(argv)
-    except (InputError, data.DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        code = 2
-    sys.exit(code)
-
-
 if __name__ == "__main__":
-    cli()
+    plumbing.cli(main)      # a problem with the input: one line on stderr, exit code 2

@@ -22,7 +22,6 @@ same seed gives the same loss curve on 1 or 2 processes. Checkpoints, the log,
 signals and process exit are in plumbing.py: needed, but not the lesson.
 """
 
-import argparse
 import math
 import os
 import time
@@ -61,13 +60,6 @@ AT_LEAST = dict(n_layers=1, d_model=1, n_heads=1, n_experts=1, top_k=1, d_expert
 ABOVE = dict(lr=0.0, grad_clip=0.0)
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a bad flag prints one line (not the whole usage) and exits 2."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def preset_default(key):
     return "; ".join(f"{name} {p[key]}" for name, p in PRESETS.items())
 
@@ -81,7 +73,7 @@ def knob_default(name):
 
 
 def parse_args(argv=None):
-    p = OneLineParser(
+    p = plumbing.OneLineParser(
         description="Train a small MoE GPT with one load-balancing strategy and report perplexity, "
                     "MaxVio, expert specialisation per domain and the causality leak.")
     p.add_argument("--balancer", default="lossfree", choices=list(BALANCERS), metavar="NAME",

@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import plumbing
+import show_routing
+import train
 
-import show_routing  # noqa: E402
-import train  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 LAYER = 1                     # the tiny preset has 2 layers; show the second
 
@@ -231,7 +231,7 @@ CASES = ["missing checkpoint", "text file named .pt", "truncated checkpoint", "c
 def test_bad_input_is_one_line_and_exit_code_2(ckpts, tmp_path, capsys, case):
     argv = bad_inputs(tmp_path, ckpts)[case] + ["--out", tmp_path / "r"]
     with pytest.raises(SystemExit) as exit_:
-        show_routing.cli([str(a) for a in argv])
+        plumbing.cli(lambda: show_routing.main([str(a) for a in argv]))
     err = capsys.readouterr().err
     assert exit_.value.code == 2
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
