@@ -49,6 +49,7 @@ import torch
 import plumbing
 import train
 from balancers import BALANCERS
+from data import load_corpus, val_batches
 
 HERE = Path(__file__).resolve().parent
 
@@ -262,12 +263,9 @@ def shuffled_routing_eval(run_dir):
     trained with small chunks) and with the tokens shuffled across groups,
     so a group holds almost nothing of any one sequence's future. A model
     that learnt to read the future from its routing loses when shuffled."""
-    ckpt = torch.load(run_dir / "ckpt.pt", map_location="cpu", weights_only=False)
+    model, ckpt = plumbing.load_model(run_dir)
     args = argparse.Namespace(**ckpt["args"])
     proc = plumbing.Proc()
-    model, _ = train.build(args, proc)
-    model.load_state_dict(ckpt["model"])
-    from data import load_corpus, val_batches
     corpus = load_corpus(args.data, seq_len=args.seq_len, log=lambda *a: None)
     batches = val_batches(corpus, args.seq_len, args.batch_size // args.grad_accum, args.val_seqs)
     out = {}
