@@ -419,7 +419,10 @@ def train(args, cfg, proc, run):
         if ckpt.get("config") != meta["config"]:
             raise ValueError(f"--resume: {run.ckpt} was made with a different model or strategy; "
                              f"use the same flags or another --out")
-        if ckpt["step"] >= args.steps:
+        # Finished means the summary was written too: a run that died between
+        # its final checkpoint and summary.json (a full disk) gets it now,
+        # from that checkpoint, without training.
+        if ckpt["step"] >= args.steps and (run.summary.exists() or ckpt["step"] > args.steps):
             proc.log(f"{args.out} finished all {ckpt['step']} steps already (see {run.summary}); nothing "
                      f"changed. To train further, raise --steps")
             return 0
@@ -469,6 +472,8 @@ def train(args, cfg, proc, run):
     finally:
         bar.close()
         stop.restore()
+    if not ev:                                    # resumed after the last step, for the summary only
+        ev = evaluate(model, corpus, batches, proc)
     summary = summarize(args, cfg, model, corpus, history, ev, proc, wall + time.time() - t_start)
     run.write_summary(summary)
     proc.log(f"val loss {summary['val_loss']:.4f} (unigram {summary['unigram_loss']:.4f}) | "

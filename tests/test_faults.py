@@ -297,7 +297,7 @@ def test_a_bad_input_is_one_line_with_its_exit_code_and_leaves_out_untouched(
 
 
 # ----------------------------------------------------------------------------
-# 2. The four ways a run could lose data.
+# 2. The ways a run could lose data.
 
 def test_resuming_a_finished_run_says_so_exits_0_and_changes_no_file(finished, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
@@ -323,9 +323,9 @@ def test_a_run_stopped_and_resumed_to_its_end_is_then_finished_and_left_alone(tm
 
 
 def interrupted_log(out):
-    """A run killed after it logged step 3 but before its next checkpoint
-    (step 2), mid-way through writing step 4's line: log.jsonl is ahead of
-    ckpt.pt, so a resume must rewrite it."""
+    """What a hard kill leaves behind: ckpt.pt at step 2, but log.jsonl
+    already holding step 3 and half of step 4's line. The log is ahead of the
+    checkpoint, so a resume must rewrite it."""
     assert train.main([*TINY, "--steps", "4", "--out", str(out), "--stop-at", "2"]) == 0
     with open(out / "log.jsonl", "a") as f:
         f.write(json.dumps({"step": 3, "loss": 5.0}) + "\n" + '{"step": 4, "lo')
@@ -437,6 +437,34 @@ def test_a_full_disk_is_one_line_leaves_no_tmp_and_keeps_the_previous_checkpoint
     monkeypatch.setattr(torch, "save", real_save)   # space freed: the run goes on
     assert run_cli(monkeypatch, capsys, *TINY, "--steps", "4", "--out", out, "--resume")[0] == 0
     assert log_steps(out) == [1, 2, 3, 4]
+
+
+def test_a_run_whose_summary_could_not_be_written_gets_it_on_resume(tmp_path, monkeypatch, capsys):
+    """The disk fills up between the final checkpoint and summary.json: the
+    error says to free space and --resume, so that resume must write the
+    summary (from the final checkpoint, without training), not call the run
+    finished and point at a summary.json that is not there."""
+    out = tmp_path / "run"
+    real_write_atomic = plumbing.write_atomic
+
+    def full_at_summary(path, write):
+        def enospc(f):
+            f.write(b"{")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write_atomic(path, enospc if Path(path).name == "summary.json" else write)
+    monkeypatch.setattr(plumbing, "write_atomic", full_at_summary)
+    status, _, err = run_cli(monkeypatch, capsys, *TINY, "--steps", "2", "--out", out)
+    assert status == 2 and "full" in err.strip().splitlines()[-1]
+    assert not (out / "summary.json").exists()
+    ckpt_before, log_before = (out / "ckpt.pt").read_bytes(), (out / "log.jsonl").read_bytes()
+    monkeypatch.setattr(plumbing, "write_atomic", real_write_atomic)
+    status, stdout, _ = run_cli(monkeypatch, capsys, *TINY, "--steps", "2", "--out", out, "--resume")
+    assert status == 0 and "finished" not in stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 2 and math.isfinite(summary["val_loss"])
+    final = [json.loads(line) for line in log_before.decode().splitlines()][-1]
+    assert summary["val_loss"] == pytest.approx(final["val_loss"])      # the same final evaluation
+    assert (out / "ckpt.pt").read_bytes() == ckpt_before and (out / "log.jsonl").read_bytes() == log_before
 
 
 def strict_json(text):
@@ -566,13 +594,17 @@ def test_under_torchrun_a_bad_argument_stops_every_rank_with_one_line(tmp_path):
     waits for the other at a rendezvous; only rank 0 prints. torchrun then
     adds its own failure report ("ChildFailedError ... exitcode: 2") from the
     launcher process; a worker cannot suppress it, so the test counts our
-    line, not the lines of stderr."""
+    line, not the lines of stderr.
+
+    GLOO_SOCKET_IFNAME names a network interface that does not exist, so a
+    gloo process group cannot start here at all (torchrun's own rendezvous
+    does not use gloo): the line can only come from a check made before it."""
     out = tmp_path / "run"
     start = time.time()
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           "train.py", *TINY, "--steps", "0", "--out", str(out)],
-                         cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
-                         timeout=120)
+                         cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="nosuchif0"),
+                         capture_output=True, text=True, timeout=120)
     assert res.returncode != 0
     assert res.stderr.count("error: --steps") == 1, res.stderr
     assert time.time() - start < 60
