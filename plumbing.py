@@ -165,10 +165,14 @@ class RunDir:
             if p.exists() and not p.is_file():
                 self.close()
                 raise ValueError(f"{p} is not a file: move it away or choose another --out")
-        if self.ckpt.exists() and not (resume or overwrite):
-            self.close()
-            raise ValueError(f"{self.ckpt} already exists: add --resume to continue that run, --overwrite to "
-                             f"start over, or choose another --out")
+        # summary.json counts as much as ckpt.pt: a finished run whose
+        # checkpoint was deleted to save space (compare.py does) still has a
+        # log and results that a fresh run here would replace.
+        for p in (self.ckpt, self.summary):
+            if p.exists() and not (resume or overwrite):
+                self.close()
+                raise ValueError(f"{p} already exists: add --resume to continue that run, --overwrite to "
+                                 f"start over, or choose another --out")
 
     def open_log(self, upto_step):
         """Keep the log's records up to the checkpoint's step (those after it
@@ -178,12 +182,17 @@ class RunDir:
             return []
         records = []
         if upto_step and self.log_path.exists():
-            for line in self.log_path.read_text().splitlines():
+            # Bytes, not text: a crash can leave a torn line or a block of
+            # garbage at the end of the file, and one bad line must cost that
+            # line, not the whole resume (json.loads of bad bytes raises a
+            # ValueError, undecodable UTF-8 included).
+            for line in self.log_path.read_bytes().splitlines():
                 try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError:   # a line torn by a hard kill
+                    record = json.loads(line)
+                except ValueError:
                     continue
-            records = [r for r in records if r.get("step", 0) <= upto_step]
+                if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= upto_step:
+                    records.append(record)
         write_atomic(self.log_path, lambda f: f.writelines((json.dumps(r) + "\n").encode() for r in records))
         self.logf = open(self.log_path, "a")
         return records
@@ -279,14 +288,24 @@ def param_names(model, opt):
     return [name_of[id(p)] for group in opt.param_groups for p in group["params"]]
 
 
+CHECKPOINT_KEYS = ("model", "optimizer", "param_order", "step", "rng", "config")
+
+
 def read_checkpoint(path):
     if not os.path.exists(path):
         raise ValueError(f"--resume: no checkpoint at {path}; run without --resume first")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # a truncated or foreign file
         raise ValueError(f"--resume: {path} is not a readable checkpoint ({type(e).__name__}); "
                          f"delete it or point --out elsewhere") from None
+    # torch.load reads any pickle: a saved tensor or someone else's state_dict
+    # loads fine and would fail later with a KeyError far from the cause.
+    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt] if isinstance(ckpt, dict) else ["all"]
+    if missing:
+        raise ValueError(f"--resume: {path} is not a train.py checkpoint (missing {', '.join(missing)}); "
+                         f"delete it or point --out elsewhere")
+    return ckpt
 
 
 def load_checkpoint(ckpt, model, opt, proc):

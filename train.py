@@ -58,6 +58,8 @@ AT_LEAST = dict(n_layers=1, d_model=1, n_heads=1, n_experts=1, top_k=1, d_expert
                 steps=1, batch_size=1, grad_accum=1, domain_block=1, seq_len=1, warmup=0, seed=0,
                 eval_every=0, log_every=1, val_seqs=1, ckpt_every=1, weight_decay=0.0)
 ABOVE = dict(lr=0.0, grad_clip=0.0)
+# and the largest: torch.manual_seed takes an unsigned 64-bit seed
+AT_MOST = dict(seed=2**64 - 1)
 
 
 def preset_default(key):
@@ -111,8 +113,9 @@ def parse_args(argv=None):
                    help="auto: CUDA if this PyTorch sees a GPU, else CPU (default: auto)")
     g = p.add_argument_group("output")
     g.add_argument("--out", metavar="DIR", help="log.jsonl, summary.json and ckpt.pt go here (default: runs/BALANCER)")
-    g.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
-    g.add_argument("--overwrite", action="store_true", help="start over even if OUT/ckpt.pt exists")
+    either = g.add_mutually_exclusive_group()     # "continue" and "start over" cannot both be meant
+    either.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
+    either.add_argument("--overwrite", action="store_true", help="start over even if OUT holds a run")
     g.add_argument("--stop-at", type=int, default=-1, metavar="N",
                    help="stop after step N with a checkpoint, as if interrupted (continue with --resume)")
     preset_flag(g, "eval_every", int, "evaluate every N steps (0: only at the end)")
@@ -156,6 +159,9 @@ def check_args(args, world_size):
         value = getattr(args, name)
         if not math.isfinite(value) or value <= low:
             raise ValueError(f"{flag(name)} must be a finite number > {low} (got {value})")
+    for name, high in AT_MOST.items():
+        if getattr(args, name) > high:
+            raise ValueError(f"{flag(name)} must be at most {high} (got {getattr(args, name)})")
     if args.stop_at != -1 and args.stop_at < 1:
         raise ValueError(f"--stop-at must be a step >= 1 (got {args.stop_at})")
     split = world_size * args.grad_accum
@@ -405,7 +411,10 @@ def train(args, cfg, proc, run):
         if ckpt.get("config") != meta["config"]:
             raise ValueError(f"--resume: {run.ckpt} was made with a different model or strategy; "
                              f"use the same flags or another --out")
-        if ckpt["step"] >= args.steps:
+        # Finished means the summary was written too: a run that died between
+        # its final checkpoint and summary.json (a full disk) gets it now,
+        # from that checkpoint, without training.
+        if ckpt["step"] >= args.steps and (run.summary.exists() or ckpt["step"] > args.steps):
             proc.log(f"{args.out} finished all {ckpt['step']} steps already (see {run.summary}); nothing "
                      f"changed. To train further, raise --steps")
             return 0
@@ -455,6 +464,8 @@ def train(args, cfg, proc, run):
     finally:
         bar.close()
         stop.restore()
+    if not ev:                                    # resumed after the last step, for the summary only
+        ev = evaluate(model, corpus, batches, proc)
     summary = summarize(args, cfg, model, corpus, history, ev, proc, wall + time.time() - t_start)
     run.write_summary(summary)
     proc.log(f"val loss {summary['val_loss']:.4f} (unigram {summary['unigram_loss']:.4f}) | "

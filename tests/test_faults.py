@@ -1,0 +1,611 @@
+"""
+Faults: every way a user's input or the machine can still break a run, and
+the proof that none of them loses data.
+
+1. PROBES, a table of bad inputs, each run through the real command line
+   (plumbing.cli(train.main), as `python train.py ...` runs it) against a
+   copy of a finished run: the exit code, exactly one line on stderr that
+   names the flag or the problem, no traceback, no hang, and every file
+   already in --out byte for byte as it was.
+2. Named tests for the ways a run used to lose data -- a resume of a
+   finished run, a kill during the log rewrite, two runs on one folder, a
+   full disk, a NaN in the log -- and for the smaller promises (wall time,
+   checkpoint cadence, --help, the final line, dropped duplicates).
+   The fifth, "a NaN step never replaces the last good checkpoint", is
+   test_a_nan_step_never_replaces_the_last_good_checkpoint in test_train.py.
+3. Under torchrun, a bad flag stops both ranks with one line.
+
+Everything runs the tiny preset for a few steps and in this process, except
+where a real process is the point (a lock held by a live run, torchrun).
+"""
+
+import errno
+import hashlib
+import io
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import data
+import plumbing
+import train
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--preset", "tiny"]
+
+
+def run_cli(monkeypatch, capsys, *argv):
+    """`python train.py ARGV` in this process: (exit status, stdout, stderr)."""
+    capsys.readouterr()                                   # drop what came before
+    monkeypatch.setattr(sys, "argv", ["train.py", *map(str, argv)])
+    with pytest.raises(SystemExit) as exc:
+        plumbing.cli(train.main)
+    out, err = capsys.readouterr()
+    return exc.value.code, out, err
+
+
+def snapshot(folder):
+    """Every file and folder under `folder`: path -> sha256 of its bytes (or
+    "folder"). Two equal snapshots mean nothing was written, created,
+    truncated or removed."""
+    state = {}
+    for path in sorted(Path(folder).rglob("*")):
+        key = str(path.relative_to(folder))
+        state[key] = "folder" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
+    return state
+
+
+def log_steps(out):
+    return [json.loads(line)["step"] for line in (Path(out) / "log.jsonl").read_text().splitlines()]
+
+
+def error_lines(err):
+    """The lines of stderr that are not the progress bar (tqdm also writes there)."""
+    return [line for line in err.splitlines() if "error" in line or "Traceback" in line]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """One finished two-step tiny run: ckpt.pt, log.jsonl, summary.json, .lock.
+    Every probe gets a copy of it as its --out."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    assert train.main([*TINY, "--steps", "2", "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def data_dirs(tmp_path_factory):
+    """--data folders that are wrong in one way each."""
+    root = tmp_path_factory.mktemp("data")
+    (root / "empty").mkdir()                                  # no files at all
+    (root / "hollow" / "a").mkdir(parents=True)               # domain b has no bytes
+    (root / "hollow" / "a" / "x.txt").write_text("hello world " * 2000)
+    (root / "hollow" / "b").mkdir()
+    (root / "hollow" / "b" / "y.txt").write_text("")
+    (root / "short" / "a").mkdir(parents=True)                # far too little text for seq_len 64
+    (root / "short" / "a" / "x.txt").write_text("hi\n")
+    (root / "short" / "b").mkdir()
+    (root / "short" / "b" / "y.txt").write_text("hello\n")
+    (root / "file.txt").write_text("a file, not a folder\n")
+    return root
+
+
+# ----------------------------------------------------------------------------
+# 1. The probe table.
+#
+# Set-ups change the copied --out (or the machine) before the probe; the
+# snapshot is taken after them, so "untouched" means "as the set-up left it".
+
+def ckpt_is_a_folder(out, monkeypatch):
+    (out / "ckpt.pt").unlink()
+    (out / "ckpt.pt").mkdir()
+
+
+def log_is_a_folder(out, monkeypatch):
+    (out / "log.jsonl").unlink()
+    (out / "log.jsonl").mkdir()
+
+
+def summary_is_a_folder(out, monkeypatch):
+    (out / "summary.json").unlink()
+    (out / "summary.json").mkdir()
+
+
+def lock_is_a_folder(out, monkeypatch):
+    (out / ".lock").unlink()
+    (out / ".lock").mkdir()
+
+
+def checkpoint_deleted(out, monkeypatch):
+    """What compare.py leaves: a finished run's log and summary, no ckpt.pt."""
+    (out / "ckpt.pt").unlink()
+
+
+def garbage_checkpoint(out, monkeypatch):
+    (out / "ckpt.pt").write_bytes(b"not a checkpoint at all")
+
+
+def truncated_checkpoint(out, monkeypatch):
+    whole = (out / "ckpt.pt").read_bytes()
+    (out / "ckpt.pt").write_bytes(whole[:len(whole) // 2])
+
+
+def empty_checkpoint(out, monkeypatch):
+    (out / "ckpt.pt").write_bytes(b"")
+
+
+def tensor_checkpoint(out, monkeypatch):
+    torch.save(torch.zeros(3), out / "ckpt.pt")
+
+
+def checkpoint_without_optimizer(out, monkeypatch):
+    ckpt = torch.load(out / "ckpt.pt", weights_only=False)
+    del ckpt["optimizer"]
+    torch.save(ckpt, out / "ckpt.pt")
+
+
+def no_cuda(out, monkeypatch):
+    """This PyTorch sees no GPU, whatever machine the tests run on."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+def machine_with_16gib(out, monkeypatch):
+    """The memory check compares with the machine's RAM: pin it, so that the
+    probes refuse the same sizes on a laptop and on a big server."""
+    real = os.sysconf
+    pages = 16 * 2**30 // real("SC_PAGE_SIZE")
+    monkeypatch.setattr(os, "sysconf", lambda name: pages if name == "SC_PHYS_PAGES" else real(name))
+
+
+def allocation_fails(out, monkeypatch):
+    """The allocator gives up while the model is built (the message is PyTorch's own)."""
+    def build(args, proc):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] . DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 68719476736 bytes. Error code 12 (Cannot allocate memory)")
+    monkeypatch.setattr(train, "build", build)
+
+
+# (flags, set-up, exit code, a fragment the one line must contain). Flags come
+# after `--preset tiny --steps 2 --out {root}/run`; {root} is the probe's
+# folder, {data} the folder of bad --data folders above.
+PROBES = [
+    # numbers, checked in one place (train.check_args) before anything is built
+    ("--steps 0", None, 2, "--steps"),
+    ("--steps -1", None, 2, "--steps"),
+    ("--lr 0", None, 2, "--lr"),
+    ("--lr -1", None, 2, "--lr"),
+    ("--lr nan", None, 2, "--lr"),
+    ("--lr inf", None, 2, "--lr"),
+    ("--warmup -1", None, 2, "--warmup"),
+    ("--seed -1", None, 2, "--seed"),
+    ("--seed 18446744073709551616", None, 2, "--seed"),        # one past torch's largest seed
+    ("--seq-len 0", None, 2, "--seq-len"),
+    ("--top-k 0", None, 2, "--top-k"),
+    ("--top-k 9", None, 2, "top_k"),                            # more than the 8 experts
+    ("--n-heads 3", None, 2, "n_heads"),                        # does not divide d_model 64
+    ("--n-layers 0", None, 2, "--n-layers"),
+    ("--d-model 0", None, 2, "--d-model"),
+    ("--n-experts 0", None, 2, "--n-experts"),
+    ("--d-expert 0", None, 2, "--d-expert"),
+    ("--shared-experts -1", None, 2, "--shared-experts"),
+    ("--stop-at 0", None, 2, "--stop-at"),
+    ("--grad-accum 0", None, 2, "--grad-accum"),
+    ("--batch-size 0", None, 2, "--batch-size"),
+    ("--batch-size 8 --grad-accum 3", None, 2, "--batch-size"),
+    ("--domain-block 3", None, 2, "--domain-block"),
+    ("--grad-clip -1", None, 2, "--grad-clip"),
+    ("--grad-clip 0", None, 2, "--grad-clip"),
+    ("--weight-decay nan", None, 2, "--weight-decay"),
+    ("--eval-every -1", None, 2, "--eval-every"),
+    ("--log-every 0", None, 2, "--log-every"),
+    ("--ckpt-every 0", None, 2, "--ckpt-every"),
+    ("--val-seqs 0", None, 2, "--val-seqs"),
+    # strategy knobs: ranges from BalanceConfig, checked by Balancer.check
+    ("--balancer aux --balance-seqs 0", None, 2, "--balance-seqs"),
+    ("--balancer aux --balance-seqs 3", None, 2, "--balance-seqs"),     # does not divide 8
+    ("--balancer expert_choice --route-seqs 0", None, 2, "--route-seqs"),
+    ("--balancer expert_choice --capacity-factor inf", None, 2, "--capacity-factor"),
+    ("--balancer expert_choice --capacity-factor nan", None, 2, "--capacity-factor"),
+    ("--balancer expert_choice --capacity-factor 0", None, 2, "--capacity-factor"),
+    ("--balancer expert_choice --capacity-factor -1", None, 2, "--capacity-factor"),
+    ("--bias-rate nan", None, 2, "--bias-rate"),
+    ("--bias-rate -1", None, 2, "--bias-rate"),
+    ("--bias-rate 1e30", None, 2, "--bias-rate"),
+    ("--balancer aux --alpha -100", None, 2, "--alpha"),
+    ("--balancer aux --alpha nan", None, 2, "--alpha"),
+    ("--z-loss inf", None, 2, "--z-loss"),
+    # a knob the strategy does not read is an error, not silently ignored
+    ("--balance-seqs 0", None, 2, "--balance-seqs does not apply to lossfree"),
+    ("--route-seqs 0", None, 2, "--route-seqs does not apply to lossfree"),
+    ("--alpha 0.1", None, 2, "--alpha does not apply to lossfree"),
+    ("--balancer aux --capacity-factor 1", None, 2, "--capacity-factor does not apply to aux"),
+    # argparse: one line, not the whole usage
+    ("--gate relu", None, 2, "--gate"),
+    ("--bias-update x", None, 2, "--bias-update"),
+    ("--balancer nope", None, 2, "--balancer"),
+    ("--device foo", None, 2, "--device"),
+    ("--steps 1e3", None, 2, "--steps"),
+    ("--no-such-flag", None, 2, "--no-such-flag"),
+    ("--resume --overwrite", None, 2, "not allowed with"),
+    ("--device cuda", no_cuda, 2, "--device cuda"),
+    # sizes that cannot fit: refused at once, not after building for minutes
+    ("--batch-size 100000000", machine_with_16gib, 2, "--batch-size"),
+    ("--batch-size 100000", machine_with_16gib, 2, "--batch-size"),
+    ("--n-experts 1000000", machine_with_16gib, 2, "--n-experts"),
+    ("--seq-len 10000000", machine_with_16gib, 2, "--seq-len"),
+    ("--resume --steps 4", allocation_fails, 2, "out of memory"),
+    # the output folder
+    ("", None, 2, "ckpt.pt already exists"),
+    ("", checkpoint_deleted, 2, "summary.json already exists"),
+    ("--resume", ckpt_is_a_folder, 2, "ckpt.pt is not a file"),
+    ("--overwrite", ckpt_is_a_folder, 2, "ckpt.pt is not a file"),
+    ("--resume --steps 4", log_is_a_folder, 2, "log.jsonl is not a file"),
+    ("--resume --steps 4", summary_is_a_folder, 2, "summary.json is not a file"),
+    ("--resume --steps 4", lock_is_a_folder, 2, "cannot be written"),
+    ("--out {root}/afile", None, 2, "cannot be written"),
+    ("--out {root}/afile/sub", None, 2, "cannot be written"),
+    # --resume from what is not a usable checkpoint
+    ("--resume --steps 4", checkpoint_deleted, 2, "no checkpoint"),
+    ("--resume --steps 4", garbage_checkpoint, 2, "not a readable checkpoint"),
+    ("--resume --steps 4", truncated_checkpoint, 2, "not a readable checkpoint"),
+    ("--resume --steps 4", empty_checkpoint, 2, "not a readable checkpoint"),
+    ("--resume --steps 4", tensor_checkpoint, 2, "not a train.py checkpoint"),
+    ("--resume --steps 4", checkpoint_without_optimizer, 2, "not a train.py checkpoint"),
+    ("--resume --steps 4 --d-model 32", None, 2, "different model"),
+    ("--resume --steps 4 --balancer aux", None, 2, "different model"),
+    ("--resume --steps 4 --bias-rate 0.01", None, 2, "different model"),
+    # --data; with --overwrite, so that a mistake there must not cost the old run
+    ("--overwrite --data {data}/missing", None, 2, "does not exist"),
+    ("--overwrite --data {data}/file.txt", None, 2, "not a folder"),
+    ("--overwrite --data {data}/empty", None, 2, "contains no files"),
+    ("--overwrite --data {data}/hollow", None, 2, "domain 'b'"),
+    ("--overwrite --data {data}/short", None, 2, "too short"),
+]
+
+FAST = 10.0   # seconds; a probe that takes longer is building or hanging instead of refusing
+
+
+@pytest.mark.parametrize("flags, setup, code, words", PROBES,
+                         ids=[f"{f or '(no flags)'} [{s.__name__ if s else ''}]" for f, s, _, _ in PROBES])
+def test_a_bad_input_is_one_line_with_its_exit_code_and_leaves_out_untouched(
+        flags, setup, code, words, finished, data_dirs, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    (tmp_path / "afile").write_text("a file, not a folder\n")
+    if setup:
+        setup(out, monkeypatch)
+    before = snapshot(tmp_path)
+    start = time.time()
+    status, _, err = run_cli(monkeypatch, capsys, *TINY, "--steps", "2", "--out", out,
+                             *flags.format(root=tmp_path, data=data_dirs).split())
+    took = time.time() - start
+    lines = err.strip().splitlines()
+    assert status == code, err
+    assert len(lines) == 1, err
+    assert "Traceback" not in err and words in lines[0], err
+    assert snapshot(tmp_path) == before, "a refused run changed the files in its folder"
+    assert took < FAST, f"took {took:.1f} s to refuse"
+
+
+# ----------------------------------------------------------------------------
+# 2. The ways a run could lose data.
+
+def test_resuming_a_finished_run_says_so_exits_0_and_changes_no_file(finished, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    before = snapshot(out)
+    status, stdout, _ = run_cli(monkeypatch, capsys, *TINY, "--steps", "2", "--out", out, "--resume")
+    assert status == 0
+    assert "finished all 2 steps already" in stdout and str(out) in stdout
+    assert snapshot(out) == before
+
+
+def test_a_run_stopped_and_resumed_to_its_end_is_then_finished_and_left_alone(tmp_path, monkeypatch, capsys):
+    """--stop-at, then --resume to the end, then --resume again: the third
+    call must not retrain, rewrite the log or replace the summary."""
+    out = tmp_path / "run"
+    assert run_cli(monkeypatch, capsys, *TINY, "--steps", "3", "--out", out, "--stop-at", "1")[0] == 0
+    assert run_cli(monkeypatch, capsys, *TINY, "--steps", "3", "--out", out, "--resume")[0] == 0
+    assert log_steps(out) == [1, 2, 3]
+    before = snapshot(out)
+    status, stdout, _ = run_cli(monkeypatch, capsys, *TINY, "--steps", "3", "--out", out, "--resume")
+    assert status == 0 and "finished all 3 steps already" in stdout
+    assert snapshot(out) == before
+
+
+def interrupted_log(out):
+    """What a hard kill leaves behind: ckpt.pt at step 2, but log.jsonl
+    already holding step 3 and half of step 4's line. The log is ahead of the
+    checkpoint, so a resume must rewrite it."""
+    assert train.main([*TINY, "--steps", "4", "--out", str(out), "--stop-at", "2"]) == 0
+    with open(out / "log.jsonl", "a") as f:
+        f.write(json.dumps({"step": 3, "loss": 5.0}) + "\n" + '{"step": 4, "lo')
+
+
+@pytest.mark.parametrize("when", ["while writing", "before the rename"])
+def test_a_kill_during_the_log_rewrite_on_resume_leaves_log_jsonl_whole(when, tmp_path, monkeypatch):
+    """The rewrite goes to a temporary file beside log.jsonl and is renamed
+    over it: a kill at any point leaves the old log byte for byte, and no
+    temporary file. (KeyboardInterrupt stands in for the kill: like a signal
+    it is not an Exception, so nothing on the way may swallow it.)"""
+    out = tmp_path / "run"
+    interrupted_log(out)
+    before = (out / "log.jsonl").read_bytes()
+    seen = {}
+    if when == "while writing":
+        real_write_atomic = plumbing.write_atomic
+
+        def torn(path, write):
+            def half_then_die(f):
+                buffer = io.BytesIO()
+                write(buffer)
+                f.write(buffer.getvalue()[:len(buffer.getvalue()) // 2])
+                f.flush()
+                seen["tmp"] = "written"
+                raise KeyboardInterrupt
+            return real_write_atomic(path, half_then_die if Path(path).name == "log.jsonl" else write)
+        monkeypatch.setattr(plumbing, "write_atomic", torn)
+    else:
+        real_replace = os.replace
+
+        def die_before_rename(src, dst):
+            if Path(dst).name == "log.jsonl":
+                seen["tmp"] = Path(src)
+                seen["content"] = Path(src).read_bytes()
+                raise KeyboardInterrupt
+            return real_replace(src, dst)
+        monkeypatch.setattr(os, "replace", die_before_rename)
+    with pytest.raises(KeyboardInterrupt):
+        train.main([*TINY, "--steps", "4", "--out", str(out), "--resume"])
+    assert seen, "the log was rewritten without passing through a temporary file"
+    if when == "before the rename":
+        assert seen["tmp"].parent == out and seen["tmp"] != out / "log.jsonl"
+        assert [json.loads(line)["step"] for line in seen["content"].splitlines()] == [1, 2]
+    assert (out / "log.jsonl").read_bytes() == before
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+    monkeypatch.undo()
+    assert train.main([*TINY, "--steps", "4", "--out", str(out), "--resume"]) == 0
+    assert log_steps(out) == [1, 2, 3, 4]
+
+
+def test_a_log_with_a_torn_or_garbage_tail_does_not_stop_a_resume(tmp_path):
+    """After a crash the log may end in a torn line, bytes that are not UTF-8,
+    or JSON that is not a record: those lines are dropped, the rest kept."""
+    out = tmp_path / "run"
+    interrupted_log(out)
+    with open(out / "log.jsonl", "ab") as f:
+        f.write(b"\n\xff\xfe\x00garbage\n3\n[1, 2]\n{\"step\": \"x\"}\n")
+    assert train.main([*TINY, "--steps", "4", "--out", str(out), "--resume"]) == 0
+    assert log_steps(out) == [1, 2, 3, 4]
+
+
+def test_a_second_run_on_the_same_out_fails_with_one_line_and_a_killed_run_leaves_no_stale_lock(
+        tmp_path, monkeypatch, capsys):
+    """The lock is an flock on OUT/.lock: held while the first run lives,
+    dropped by the kernel when it is SIGKILLed (the .lock file stays)."""
+    out = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, "train.py", *TINY, "--steps", "100000", "--out", str(out)],
+                             cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not ((out / "ckpt.pt").exists() and (out / "log.jsonl").exists()
+                                              and (out / "log.jsonl").read_text().count("\n") >= 12):
+            assert first.poll() is None, "the first run ended early"
+            time.sleep(0.2)
+        assert (out / "ckpt.pt").exists(), "the first run never wrote a checkpoint"
+        for extra in ([], ["--resume"], ["--overwrite"]):
+            status, _, err = run_cli(monkeypatch, capsys, *TINY, "--steps", "100000", "--out", out, *extra)
+            assert status == 2 and len(err.strip().splitlines()) == 1, err
+            assert "another run is writing to" in err and "Traceback" not in err
+    finally:
+        first.kill()                          # SIGKILL: no handler, no cleanup, no unlock
+        first.wait(30)
+    assert first.returncode == -signal.SIGKILL
+    assert (out / ".lock").exists()
+    step = torch.load(out / "ckpt.pt", weights_only=False)["step"]
+    status, _, err = run_cli(monkeypatch, capsys, *TINY, "--steps", step + 1, "--out", out, "--resume")
+    assert status == 0, err
+    assert log_steps(out)[-1] == step + 1
+
+
+def test_a_full_disk_is_one_line_leaves_no_tmp_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    assert train.main([*TINY, "--steps", "4", "--out", str(out), "--stop-at", "2"]) == 0
+    ckpt_before = (out / "ckpt.pt").read_bytes()
+    real_save = torch.save
+
+    def disk_full(obj, f, *a, **k):
+        f.write(b"\0" * 4096)                # part of it made it to disk
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(torch, "save", disk_full)
+    status, _, err = run_cli(monkeypatch, capsys, *TINY, "--steps", "4", "--out", out, "--resume")
+    assert status == 2 and "Traceback" not in err
+    assert error_lines(err) == [err.strip().splitlines()[-1]], err
+    assert "disk" in err and "full" in err and "--resume" in err
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+    assert (out / "ckpt.pt").read_bytes() == ckpt_before
+    monkeypatch.setattr(torch, "save", real_save)   # space freed: the run goes on
+    assert run_cli(monkeypatch, capsys, *TINY, "--steps", "4", "--out", out, "--resume")[0] == 0
+    assert log_steps(out) == [1, 2, 3, 4]
+
+
+def test_a_run_whose_summary_could_not_be_written_gets_it_on_resume(tmp_path, monkeypatch, capsys):
+    """The disk fills up between the final checkpoint and summary.json: the
+    error says to free space and --resume, so that resume must write the
+    summary (from the final checkpoint, without training), not call the run
+    finished and point at a summary.json that is not there."""
+    out = tmp_path / "run"
+    real_write_atomic = plumbing.write_atomic
+
+    def full_at_summary(path, write):
+        def enospc(f):
+            f.write(b"{")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write_atomic(path, enospc if Path(path).name == "summary.json" else write)
+    monkeypatch.setattr(plumbing, "write_atomic", full_at_summary)
+    status, _, err = run_cli(monkeypatch, capsys, *TINY, "--steps", "2", "--out", out)
+    assert status == 2 and "full" in err.strip().splitlines()[-1]
+    assert not (out / "summary.json").exists()
+    ckpt_before, log_before = (out / "ckpt.pt").read_bytes(), (out / "log.jsonl").read_bytes()
+    monkeypatch.setattr(plumbing, "write_atomic", real_write_atomic)
+    status, stdout, _ = run_cli(monkeypatch, capsys, *TINY, "--steps", "2", "--out", out, "--resume")
+    assert status == 0 and "finished" not in stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 2 and math.isfinite(summary["val_loss"])
+    final = [json.loads(line) for line in log_before.decode().splitlines()][-1]
+    assert summary["val_loss"] == pytest.approx(final["val_loss"])      # the same final evaluation
+    assert (out / "ckpt.pt").read_bytes() == ckpt_before and (out / "log.jsonl").read_bytes() == log_before
+
+
+def strict_json(text):
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_log_jsonl_is_strict_json_even_when_a_value_is_nan(tmp_path, monkeypatch):
+    """NaN and Infinity are not JSON (jq, JavaScript, most parsers refuse
+    them): they are written as null and the record lists them under "nonfinite"."""
+    real_step = train.train_step
+
+    def step_with_nan(model, opt, corpus, step, args, proc):
+        rec = real_step(model, opt, corpus, step, args, proc)
+        if step == 1:
+            rec["balance_loss"] = math.nan
+            rec["maxvio_batch_by_layer"][0] = math.inf
+        return rec
+    monkeypatch.setattr(train, "train_step", step_with_nan)
+    out = tmp_path / "run"
+    assert train.main([*TINY, "--steps", "3", "--out", str(out)]) == 0
+    records = [strict_json(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert records[1]["balance_loss"] is None and records[1]["maxvio_batch_by_layer"][0] is None
+    assert records[1]["nonfinite"] == ["balance_loss", "maxvio_batch_by_layer"]
+    assert "nonfinite" not in records[0] and "nonfinite" not in records[2]
+    strict_json((out / "summary.json").read_text())
+
+
+# ----------------------------------------------------------------------------
+# The smaller promises.
+
+def test_wall_time_in_the_summary_sums_the_resumed_segments(tmp_path, monkeypatch):
+    """A slow first segment (2 steps of >= 0.75 s) and a fast second one:
+    the total must include the first, not restart at the resume."""
+    real_step = train.train_step
+
+    def slow_step(*a):
+        time.sleep(0.75)
+        return real_step(*a)
+    monkeypatch.setattr(train, "train_step", slow_step)
+    out = tmp_path / "run"
+    assert train.main([*TINY, "--steps", "4", "--out", str(out), "--stop-at", "2"]) == 0
+    first = torch.load(out / "ckpt.pt", weights_only=False)["wall_time_s"]
+    assert first >= 1.5
+    monkeypatch.undo()
+    assert train.main([*TINY, "--steps", "4", "--out", str(out), "--resume"]) == 0
+    total = json.loads((out / "summary.json").read_text())["wall_time_s"]
+    assert total > first
+
+
+def saves_at(monkeypatch, out, *flags):
+    """The steps at which a run writes ckpt.pt (each checked on disk)."""
+    steps, real_save = [], plumbing.save_checkpoint
+
+    def save(path, model, opt, step, meta, proc):
+        real_save(path, model, opt, step, meta, proc)
+        assert torch.load(path, weights_only=False)["step"] == step
+        steps.append(step)
+    monkeypatch.setattr(plumbing, "save_checkpoint", save)
+    assert train.main([*TINY, "--out", str(out), *flags]) == 0
+    return steps
+
+
+def test_a_tiny_run_has_a_checkpoint_before_its_end(tmp_path, monkeypatch):
+    """A preset's run saves on its own cadence (tiny: every 10 of its 20
+    steps), so a kill loses at most that many steps, not the whole run."""
+    assert train.parse_args(TINY).ckpt_every == 10 and train.parse_args([]).ckpt_every == 100
+    assert saves_at(monkeypatch, tmp_path / "run") == [10, 20]
+
+
+def test_ckpt_every_n_writes_one_every_n_steps(tmp_path, monkeypatch):
+    assert saves_at(monkeypatch, tmp_path / "run", "--steps", "7", "--ckpt-every", "3") == [3, 6, 7]
+
+
+def test_help_shows_real_defaults_and_every_flag_has_help(monkeypatch, capsys):
+    parsers = []
+    real_parse = train.OneLineParser.parse_args
+
+    def keep(self, *a, **k):
+        parsers.append(self)
+        return real_parse(self, *a, **k)
+    monkeypatch.setattr(train.OneLineParser, "parse_args", keep)
+    with pytest.raises(SystemExit) as exc:
+        train.parse_args(["--help"])
+    assert exc.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())        # argparse wraps lines
+    assert "(default: None)" not in text and "None" not in text
+    assert "--steps STEPS optimizer steps (default: tiny 20; default 1000)" in text
+    actions = {a.dest: a for a in parsers[0]._actions}
+    assert "lossfree" in actions["bias_rate"].help and "0.001" in actions["bias_rate"].help   # a knob's own default
+    no_help = [a.option_strings for a in actions.values() if not (a.help or "").strip()]
+    assert not no_help
+
+
+def test_the_final_line_names_the_output_folder(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    status, stdout, _ = run_cli(monkeypatch, capsys, *TINY, "--steps", "2", "--out", out)
+    assert status == 0
+    assert stdout.strip().splitlines()[-1].startswith(f"results in {out}/: summary.json")
+    status, stdout, _ = run_cli(monkeypatch, capsys, *TINY, "--steps", "4", "--out", out, "--overwrite",
+                                "--stop-at", "1")
+    assert status == 0 and f"{out / 'ckpt.pt'} saved" in stdout.strip().splitlines()[-1]
+
+
+def test_a_folder_with_a_repeated_document_reports_the_dropped_duplicates(tmp_path):
+    """Two identical files in one domain train as one; the user is told, with
+    the size lost, instead of wondering why the folder shrank."""
+    for domain, texts in {"a": ["alpha " * 40, "alpha " * 40, "beta " * 40], "b": ["gamma " * 40, "delta " * 40]}.items():
+        (tmp_path / domain).mkdir()
+        for i, text in enumerate(texts):
+            (tmp_path / domain / f"{i}.txt").write_text(text)
+    lines = []
+    corpus = data.load_corpus(str(tmp_path), seq_len=8, log=lines.append)
+    dropped = [line for line in lines if line.startswith("note:")]
+    assert dropped == ["note: domain 'a': dropped 1 repeated document(s), 240 B (a copy in the validation "
+                       "split would leak training text)"]
+    assert corpus.train_docs[0] + corpus.val_docs[0] == 2
+
+
+# ----------------------------------------------------------------------------
+# 3. torchrun.
+
+def test_under_torchrun_a_bad_argument_stops_every_rank_with_one_line(tmp_path):
+    """Both ranks check the flags before the process group starts, so neither
+    waits for the other at a rendezvous; only rank 0 prints. torchrun then
+    adds its own failure report ("ChildFailedError ... exitcode: 2") from the
+    launcher process; a worker cannot suppress it, so the test counts our
+    line, not the lines of stderr.
+
+    GLOO_SOCKET_IFNAME names a network interface that does not exist, so a
+    gloo process group cannot start here at all (torchrun's own rendezvous
+    does not use gloo): the line can only come from a check made before it."""
+    out = tmp_path / "run"
+    start = time.time()
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "train.py", *TINY, "--steps", "0", "--out", str(out)],
+                         cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="nosuchif0"),
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0
+    assert res.stderr.count("error: --steps") == 1, res.stderr
+    assert time.time() - start < 60
+    assert not out.exists()                     # refused before anything was written
