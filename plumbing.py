@@ -14,8 +14,9 @@ loses work lives here, in the order a run meets it:
                   expert gathered so any number of processes can resume
   4. StopFlag     SIGTERM or Ctrl-C: finish the step, save, exit (every rank
                   at the same step)
-  5. cli / leave  user mistakes become one line and exit code 2; processes
-                  that used torch.distributed leave without the teardown
+  5. cli / leave  the command line: --help's defaults, the memory check,
+                  user mistakes as one line and exit code 2; processes that
+                  used torch.distributed leave without the teardown
   6. spawn        start N local processes joined by gloo (tests, bench.py)
 """
 
@@ -38,7 +39,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from balancers import all_reduce
+from balancers import BALANCERS, all_reduce
 from moe import is_expert_param
 
 # ----------------------------------------------------------------------------
@@ -384,6 +385,39 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def preset_help(presets, key):
+    """A preset-controlled flag's defaults, for --help: "tiny 2; default 4"."""
+    return "; ".join(f"{name} {p[key]}" for name, p in presets.items())
+
+
+def knob_help(name):
+    """A strategy knob's default as each registered strategy sets it, for --help."""
+    values = {b: c.defaults[name] for b, c in BALANCERS.items() if name in c.defaults}
+    if len({str(v) for v in values.values()}) == 1:
+        return f"{next(iter(values.values()))}, read by {', '.join(values)}"
+    return "; ".join(f"{b} {v}" for b, v in values.items())
+
+
+def check_memory(cfg, local_seqs, world_size):
+    """Refuse, with the flag to lower, a run that cannot fit: building it
+    would otherwise thrash or be killed minutes later. A rough count in
+    bytes: fp32 weights, gradients and two AdamW moments for this rank's
+    share, and ~40 activations of width d_model (plus the logits) per token
+    and layer kept for the backward pass."""
+    E_local = cfg.n_experts // world_size
+    params = cfg.n_layers * (4 * cfg.d_model ** 2 + (E_local + cfg.shared_experts) * 3 * cfg.d_model * cfg.d_expert) \
+        + 2 * cfg.vocab_size * cfg.d_model
+    tokens = local_seqs * cfg.seq_len
+    need = 16 * params + 4 * tokens * (cfg.n_layers * (40 * cfg.d_model + 6 * cfg.top_k * cfg.d_expert)
+                                       + 3 * cfg.vocab_size)
+    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > 0.8 * have:
+        biggest = "--n-experts or --d-expert" if 16 * params > need / 2 else \
+            "--batch-size (or raise --grad-accum) or --seq-len"
+        raise ValueError(f"this run needs about {need / 2**30:.0f} GiB of memory, the machine has "
+                         f"{have / 2**30:.0f} GiB: lower {biggest}")
 
 
 OUT_OF_MEMORY = ("out of memory", "can't allocate memory", "not enough memory")

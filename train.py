@@ -62,18 +62,6 @@ ABOVE = dict(lr=0.0, grad_clip=0.0)
 AT_MOST = dict(seed=2**64 - 1)
 
 
-def preset_default(key):
-    return "; ".join(f"{name} {p[key]}" for name, p in PRESETS.items())
-
-
-def knob_default(name):
-    """A strategy knob's default, as each registered strategy sets it."""
-    per = [f"{b} {c.defaults[name]}" for b, c in BALANCERS.items() if name in c.defaults]
-    if len({str(c.defaults[name]) for c in BALANCERS.values() if name in c.defaults}) == 1:
-        return f"{per[0].split(' ', 1)[1]}, read by {', '.join(p.split(' ')[0] for p in per)}"
-    return "; ".join(per)
-
-
 def parse_args(argv=None):
     p = plumbing.OneLineParser(
         description="Train a small MoE GPT with one load-balancing strategy and report perplexity, "
@@ -85,7 +73,7 @@ def parse_args(argv=None):
 
     def preset_flag(group, name, type, help):
         group.add_argument("--" + name.replace("_", "-"), type=type, metavar="N" if type is int else "X",
-                                         help=f"{help} (default: {preset_default(name)})")
+                           help=f"{help} (default: {plumbing.preset_help(PRESETS, name)})")
     g = p.add_argument_group("model")
     preset_flag(g, "n_layers", int, "transformer blocks")
     preset_flag(g, "d_model", int, "width of the residual stream")
@@ -128,7 +116,7 @@ def parse_args(argv=None):
         flag = "--" + f.name.replace("_", "-")
         extra = dict(action="store_const", const=True) if kind is bool else \
             dict(type=kind, choices=f.metadata["choices"], metavar=None if f.metadata["choices"] else "N" if kind is int else "X")
-        g.add_argument(flag, **extra, help=f"{f.metadata['help']} (default: {knob_default(f.name)})")
+        g.add_argument(flag, **extra, help=f"{f.metadata['help']} (default: {plumbing.knob_help(f.name)})")
     args = p.parse_args(argv)
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
@@ -172,27 +160,7 @@ def check_args(args, world_size):
         raise ValueError(f"--domain-block {args.domain_block} must divide --batch-size {args.batch_size}")
     cfg = model_config(args)
     check_config(cfg, world_size, local_seqs=args.batch_size // split)
-    check_memory(cfg, args.batch_size // split, world_size)
-
-
-def check_memory(cfg, local_seqs, world_size):
-    """Refuse, with the flag to lower, a run that cannot fit: building it
-    would otherwise thrash or be killed minutes later. A rough count in
-    bytes: fp32 weights, gradients and two AdamW moments for this rank's
-    share, and ~40 activations of width d_model (plus the logits) per token
-    and layer kept for the backward pass."""
-    E_local = cfg.n_experts // world_size
-    params = cfg.n_layers * (4 * cfg.d_model ** 2 + (E_local + cfg.shared_experts) * 3 * cfg.d_model * cfg.d_expert) \
-        + 2 * cfg.vocab_size * cfg.d_model
-    tokens = local_seqs * cfg.seq_len
-    need = 16 * params + 4 * tokens * (cfg.n_layers * (40 * cfg.d_model + 6 * cfg.top_k * cfg.d_expert)
-                                       + 3 * cfg.vocab_size)
-    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    if need > 0.8 * have:
-        biggest = "--n-experts or --d-expert" if 16 * params > need / 2 else \
-            "--batch-size (or raise --grad-accum) or --seq-len"
-        raise ValueError(f"this run needs about {need / 2**30:.0f} GiB of memory, the machine has "
-                         f"{have / 2**30:.0f} GiB: lower {biggest}")
+    plumbing.check_memory(cfg, args.batch_size // split, world_size)
 
 
 # ----------------------------------------------------------------------------
