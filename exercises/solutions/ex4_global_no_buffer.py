@@ -1,0 +1,57 @@
+"""
+Exercise 4: global-batch balancing without the accumulation buffer
+(Qiu et al. 2025, Eq. 5 and Algorithm 1).
+
+The global-batch aux loss counts f over the whole global batch:
+
+    LBL_global = alpha * N_E * sum_i fbar_i * P_i,   fbar from every rank's counts
+
+With several processes, one all-reduce of the N_E counts per layer makes f
+global across ranks. With gradient accumulation there is a second split: the
+global batch arrives as micro-steps, and the loss of micro-step 1 must be
+computed before micro-step 2 even exists. The *exact* global-batch loss would
+need all micro-steps' counts first. Qiu et al.'s Algorithm 1 approximates it
+with a buffer: each micro-step adds its counts to the ones seen so far in
+this optimizer step (balancers.GlobalAuxLoss, `seen`), so at the last
+micro-step f is exactly the global batch's.
+
+This exercise leaves the buffer out: f is synchronised across ranks but not
+across micro-steps. With --grad-accum 1 that is exactly global_aux. With
+--grad-accum A the balance batch shrinks to one micro-batch (of every rank),
+so the same global batch is balanced differently depending on how it is
+cut -- see for yourself:
+
+    python -m exercises.run --balancer global_aux_nobuf --grad-accum 4 --domain-block 4
+
+Write loss(). Check with `python -m pytest exercises -k ex4`.
+"""
+
+import torch
+
+from balancers import BALANCERS, Balancer, all_reduce
+
+
+class GlobalAuxNoBuffer(Balancer):
+    """`global_aux_nobuf`: the aux loss with f all-reduced over ranks, but
+    started afresh at every micro-step."""
+    paper = "Qiu et al. 2025, Eq. 5 without Algorithm 1's buffer"
+    summary = "aux loss with f counted over all ranks of one micro-step"
+    defaults = dict(Balancer.defaults, alpha=1e-2)
+    accum_invariant = False     # the balance batch is a micro-step: cutting the global batch changes it
+
+    def loss(self, routing):
+        E = self.n_experts
+        counts = torch.bincount(routing.expert_idx, minlength=E)       # exact integers, this rank
+        if self.training:
+            # In place, so the reduced counts are the ones used (a functional
+            # all-reduce whose result is dropped reduces nothing). Evaluation
+            # keeps local counts, as global_aux does.
+            all_reduce(counts, self.world_size)
+        f = counts.float() / counts.sum().clamp(min=1)          # share of all ranks' k*T assignments
+        P = routing.probs.reshape(-1, E).mean(0)                # this rank's mean gate probability
+        # P stays local: averaging gradients over ranks gives the 1/N_P sum_j
+        # of Eq. 5. f is a count, so only P carries gradient.
+        return self.cfg.alpha * E * (f * P).sum()
+
+
+BALANCERS.setdefault("global_aux_nobuf", GlobalAuxNoBuffer)

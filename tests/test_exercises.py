@@ -1,0 +1,218 @@
+"""
+The classroom exercises (exercises/README.md), checked from the main suite.
+
+`python -m pytest exercises` runs the checkers against the student's files;
+EXERCISES_FROM picks another copy (exercises/checking.py). Here they run in a
+subprocess, exactly as a student or teacher runs them, against:
+
+  the untouched stubs      every check "not started" (skipped), exit code 0
+  the reference solutions  every check passes
+  wrong solutions          every exercise's checkers catch each plausible
+                           mistake below, with a message naming the property
+
+The wrong solutions are the reference solutions with one text substitution
+each (WRONG), made in a temporary folder: a teacher reads each mistake as a
+one-line diff, and a substitution that no longer matches the solution fails
+loudly instead of silently testing nothing.
+"""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SOLUTIONS = ROOT / "exercises" / "solutions"
+EXERCISE_FILES = ["ex1_multiplicative", "ex2_centred_bias", "ex3_capacity", "ex4_global_no_buffer",
+                  "ex5_causal_expert_choice", "ex6_first_specialist"]
+
+
+def run_checkers(tmp_path, source, tag):
+    """`python -m pytest exercises` with EXERCISES_FROM=source. Returns the
+    exit code, the output, the summary counts and {test: (outcome, message)}
+    read from a JUnit XML report."""
+    report = tmp_path / f"{tag}.xml"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    env.update(EXERCISES_FROM=str(source), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "exercises", "-q", "-p", "no:cacheprovider",
+                           f"--junitxml={report}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    output = proc.stdout + proc.stderr
+    last = output.strip().splitlines()[-1]
+    counts = {word: int(n) for n, word in re.findall(r"(\d+) (passed|failed|skipped|errors?)", last)}
+    results = {}
+    for case in ET.parse(report).iter("testcase"):
+        name = f"{case.get('classname').rsplit('.', 1)[-1]}::{case.get('name')}"
+        outcome, message = "passed", ""
+        for kind in ("failure", "error", "skipped"):
+            node = case.find(kind)
+            if node is not None:
+                outcome, message = kind, (node.get("message") or "") + "\n" + (node.text or "")
+        results[name] = (outcome, message)
+    return proc.returncode, output, counts, results
+
+
+def test_untouched_stubs_are_all_not_started(tmp_path):
+    """The project as a student receives it: every check is skipped as "not
+    started", with the hint, and pytest exits 0."""
+    code, output, counts, results = run_checkers(tmp_path, "stubs", "stubs")
+    assert code == 0, output[-3000:]
+    assert counts == {"skipped": len(results)} and len(results) >= 6 * 5, output[-3000:]
+    for name, (outcome, message) in results.items():
+        assert outcome == "skipped" and "not started: exercise" in message, f"{name}: {outcome} {message}"
+    assert output.count(": not started") == 6 and output.count("    hint: ") == 6, output[-3000:]
+
+
+def test_reference_solutions_pass_every_check(tmp_path):
+    code, output, counts, results = run_checkers(tmp_path, "solutions", "solutions")
+    assert code == 0, output[-3000:]
+    assert counts == {"passed": len(results)} and len(results) >= 6 * 5, output[-3000:]
+    assert output.count(": done") == 6, output[-3000:]
+
+
+# ----------------------------------------------------------------------------
+# Plausible wrong solutions: (file, text in the solution, replacement, the
+# check that must fail, words its message must contain, the mistake).
+
+WRONG = [
+    ("ex1_multiplicative", "self.mult *= 1 + self.cfg.bias_rate", "self.mult *= 1 - self.cfg.bias_rate",
+     "test_step_moves_multiplier_against_the_load_by_about_u", "overloaded expert's multiplier must go down",
+     "the update's sign is flipped"),
+    ("ex1_multiplicative", "weight = scores.gather(-1, expert_idx)",
+     "weight = (scores * self.mult).gather(-1, expert_idx)",
+     "test_multiplier_gets_no_gradient", "the multiplier got a gradient",
+     "the multiplier also scales the gate weight"),
+    ("ex1_multiplicative", "self.mult *= 1 + self.cfg.bias_rate * torch.sign(error)",
+     "self.mult += self.cfg.bias_rate * torch.sign(error)",
+     "test_multiplier_stays_positive_when_an_expert_stays_busy", "it must stay positive",
+     "an additive update on the multiplier, which goes through zero"),
+
+    ("ex2_centred_bias", "self.bias += update - update.mean()", "self.bias += update",
+     "test_bias_stays_zero_mean", "must stay zero-mean", "the update is not centred"),
+    ("ex2_centred_bias", "error = load.mean() - load", "error = load - load.mean()",
+     "test_bias_falls_for_a_busy_expert_and_rises_for_an_idle_one", "overloaded expert's bias must fall",
+     "the error's sign is flipped"),
+    ("ex2_centred_bias", "self.bias += update - update.mean()", "self.bias.copy_(update - update.mean())",
+     "test_same_decisions_as_plain_lossfree", "minus one shared constant",
+     "the bias is overwritten by the update instead of accumulating it"),
+
+    ("ex3_capacity", "C = math.ceil(self.cfg.capacity_factor * k * T / E)",
+     "C = math.ceil(self.cfg.capacity_factor * T / E)",
+     "test_nothing_is_dropped_from_a_balanced_router_at_capacity_factor_1", "c * k * T / E assignments",
+     "the capacity counts tokens instead of assignments (k per token)"),
+    ("ex3_capacity", "place = onehot.flatten(1, 2).cumsum(1).view(B, T, k, E)",
+     "place = onehot.transpose(1, 2).flatten(1, 2).cumsum(1).view(B, k, T, E).transpose(1, 2)",
+     "test_model_is_exactly_causal_while_dropping", "the queue must run in token order",
+     "GShard's queue: every first choice before any second choice, so later tokens take earlier slots"),
+    ("ex3_capacity", "keep = place <= C", "keep = place < C",
+     "test_first_come_first_served_in_token_order", "dropped assignments while only",
+     "an expert drops its C-th assignment (off by one)"),
+
+    ("ex4_global_no_buffer", "all_reduce(counts, self.world_size)", "all_reduce(counts.clone(), self.world_size)",
+     "test_f_counts_every_rank", "must count the selections of every rank",
+     "the all-reduced copy is thrown away: f stays this rank's"),
+    ("ex4_global_no_buffer", "f = counts.float() / counts.sum().clamp(min=1)",
+     "f = counts.float() / routing.probs[..., 0].numel()",
+     "test_uniform_router_costs_exactly_alpha", "must cost exactly alpha",
+     "f divided by the tokens instead of the k assignments per token"),
+    ("ex4_global_no_buffer", "            all_reduce(counts, self.world_size)\n",
+     "            all_reduce(counts, self.world_size)\n"
+     "            self.seen = counts = counts + getattr(self, 'seen', 0)\n",
+     "test_a_micro_step_forgets_the_earlier_ones", "must not depend on micro-step 1",
+     "a running count across micro-steps: the buffer this exercise leaves out"),
+
+    ("ex5_causal_expert_choice", "(flat.detach() > self.threshold)",
+     "(flat.detach() > self.cutoffs(scores.detach()).mean(0))",
+     "test_model_is_exactly_causal", "the routing is not causal",
+     "the threshold is the current batch's cut-off: expert choice again"),
+    ("ex5_causal_expert_choice", "        if self.training:\n            # Remember",
+     "        if True:\n            # Remember",
+     "test_evaluation_does_not_move_thresholds", "collect in training mode only",
+     "validation batches are collected too"),
+    ("ex5_causal_expert_choice", ".values[:, C]", ".values[:, C - 1]",
+     "test_threshold_is_expert_choice_cut_off_of_the_last_batch", "exactly expert choice's C",
+     "the cut-off is the C-th score instead of the (C+1)-th: one token short"),
+    ("ex5_causal_expert_choice", "            self.cut_groups += cut.shape[0]\n",
+     "            self.cut_groups += cut.shape[0]\n            self.step(None)\n",
+     "test_threshold_changes_only_in_step", "only from batches already trained on",
+     "the thresholds are updated inside route(), before the batch is routed"),
+    ("ex5_causal_expert_choice",
+     "            self.cut_sum += cut.sum(0)\n            self.cut_groups += cut.shape[0]\n",
+     "            self.cut_sum = cut.sum(0)\n            self.cut_groups = torch.tensor(cut.shape[0])\n",
+     "test_micro_steps_give_the_thresholds_of_the_whole_batch", "every routing group of the step",
+     "only the last micro-step's cut-offs are kept"),
+
+    ("ex6_first_specialist", "total = freq.sum(1, keepdim=True)", "total = freq.sum(-1, keepdim=True)",
+     "test_an_expert_only_one_domain_uses_is_its_own_even_if_that_domain_spreads_out",
+     "share across domains, not across experts", "shares taken over experts instead of domains"),
+    ("ex6_first_specialist", "return freq / total.clamp(min=torch.finfo(freq.dtype).tiny)", "return freq / total",
+     "test_an_unused_expert_belongs_to_nobody_and_gives_no_nan", "not NaN", "0 / 0 for an unused expert"),
+    ("ex6_first_specialist", "            else:\n                keeps[name] = False\n",
+     "            else:\n                pass\n",
+     "test_first_owned_is_the_step_from_which_the_domain_keeps_an_expert", "owns no expert at the last evaluation",
+     "the first time a domain ever owns an expert, even if it loses it again"),
+    ("ex6_first_specialist", "return (ownership(freq) > threshold) & (freq >= min_use * fair)",
+     "return ownership(freq) > threshold",
+     "test_a_barely_used_expert_is_no_specialist", "apply min_use", "a dying expert counts as a specialist"),
+]
+
+
+def rounds():
+    """Each round gives every exercise at most one of its mistakes, so one
+    checker run tests a mistake of every exercise at once."""
+    per_file = {}
+    for wrong in WRONG:
+        per_file.setdefault(wrong[0], []).append(wrong)
+    return [[mistakes[r] for mistakes in per_file.values() if r < len(mistakes)]
+            for r in range(max(map(len, per_file.values())))]
+
+
+def test_every_exercise_has_wrong_solutions():
+    assert {w[0] for w in WRONG} == set(EXERCISE_FILES)
+
+
+@pytest.mark.parametrize("mistakes", rounds(), ids=lambda ms: "round" + str(rounds().index(ms)))
+def test_wrong_solutions_fail_naming_the_property(tmp_path, mistakes):
+    folder = tmp_path / "wrong"
+    shutil.copytree(SOLUTIONS, folder, ignore=shutil.ignore_patterns("__pycache__"))
+    for file, old, new, *_ in mistakes:
+        path = folder / f"{file}.py"
+        text = path.read_text()
+        assert text.count(old) == 1, f"{file}: the text to replace must occur once in the solution: {old!r}"
+        path.write_text(text.replace(old, new))
+    code, output, counts, results = run_checkers(tmp_path, folder, "wrong")
+    assert code == 1, output[-3000:]
+    for file, old, new, check, words, mistake in mistakes:
+        module = "test_" + file
+        failed = {name: message for name, (outcome, message) in results.items()
+                  if outcome == "failure" and name.split("::")[0] == module
+                  and name.split("::")[1].split("[")[0] == check}
+        assert failed, f"{file} with the mistake '{mistake}': {check} should fail\n{output[-3000:]}"
+        assert any(words in message for message in failed.values()), \
+            f"{file} with the mistake '{mistake}': {check} failed without saying '{words}':\n" \
+            + "\n".join(failed.values())
+
+
+def test_measurement_of_exercise_6_prints_an_answer(tmp_path):
+    """The command of exercise 6, on the reference solution, shortened."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "exercises.solutions.ex6_first_specialist", "--steps", "4",
+                           "--every", "2"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.search(r"^Answer: ", proc.stdout, re.M), proc.stdout
+
+
+def test_exercise_strategies_train_through_train_py(tmp_path):
+    """`python -m exercises.run` is train.py with the exercises' strategies
+    registered: a reference solution trains and reports like any strategy."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", EXERCISES_FROM="solutions")
+    proc = subprocess.run([sys.executable, "-m", "exercises.run", "--balancer", "causal_ec", "--preset", "tiny",
+                           "--steps", "3", "--out", str(tmp_path / "run")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "run" / "summary.json").exists()
+    assert "causal leak 0.00e+00" in proc.stdout + proc.stderr
