@@ -147,9 +147,9 @@ class Plan:
     claims that use it. runs: {folder: (flags, seed)}; labels: {label: folder
     stem}; seeds: {label: [seed, ...]}."""
 
-    def __init__(self, size, common, only_seeds=None):
+    def __init__(self, size, common, only_seeds=None, keys=None):
         self.size, self.common = size, common
-        self.claims = claims(size)
+        self.claims = [c for c in claims(size) if keys is None or c.key in keys]
         self.arms = {label: flags for c in self.claims for label, flags in c.arms.items()}
         self.seeds = {}
         for c in self.claims:
@@ -636,7 +636,9 @@ def plot_expert_choice(root, r):
     return save(fig, root, "expert_choice_leak.png")
 
 
-PLOTS = [plot_alpha, plot_maxvio_batch, plot_bias_rate, plot_global, plot_expert_choice]
+# Each plot and the claims whose runs it draws.
+PLOTS = [(plot_alpha, {"alpha", "softmax"}), (plot_maxvio_batch, {"lossfree", "alpha"}), (plot_bias_rate, {"bias_rate"}),
+         (plot_global, {"global"}), (plot_expert_choice, {"expert_choice", "main"})]
 
 
 # ----------------------------------------------------------------------------
@@ -676,6 +678,9 @@ def parse_args(argv=None):
     size.add_argument("--quick", action="store_true", help="a few minutes: 2 seeds, 150 steps")
     size.add_argument("--smoke", action="store_true", help="seconds: 1 seed, 3 steps, a toy model (tests)")
     p.add_argument("--out", default="compare_out", metavar="DIR", help="results and runs/ go here (default: compare_out)")
+    p.add_argument("--claims", type=lambda text: text.split(","), metavar="KEY,...",
+                   help="only these claims' runs and verdicts, e.g. 'softmax' to add seeds to one claim "
+                        f"(keys: {', '.join(c.key for c in claims('default'))})")
     p.add_argument("--seeds", type=int, metavar="N", help="N seeds for every arm (default: per claim, chosen from "
                                                           "the measured spread; quick 2; smoke 1)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, metavar="N",
@@ -688,6 +693,9 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     args.size = "quick" if args.quick else "smoke" if args.smoke else "default"
+    unknown = set(args.claims or []) - {c.key for c in claims("default")}
+    if unknown:
+        raise ValueError(f"--claims: no claim {', '.join(sorted(unknown))}; see --help for the keys")
     for flag in ("seeds", "jobs", "nproc"):
         value = getattr(args, flag)
         if value is not None and value < 1:
@@ -707,7 +715,7 @@ def main(argv=None):
                               "--val-seqs", str(size["val_seqs"]), "--ckpt-every", str(max(1, size["steps"] // 4)),
                               *shlex.split(args.train_args)]
     train.check_args(train.parse_args(common), args.nproc)
-    plan = Plan(args.size, common, args.seeds)
+    plan = Plan(args.size, common, args.seeds, args.claims)
     launcher = None if args.nproc == 1 and args.jobs == 1 else [sys.executable] if args.nproc == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}"]
     torch.set_num_threads(1)          # like every run: one thread each
@@ -719,7 +727,8 @@ def main(argv=None):
     r = Results(root, plan)
     judged = judge(r)
     res = results_json(root, r, plan, judged, args, wall)
-    res["plots"] = [plot(root, r) for plot in PLOTS]
+    keys = {c.key for c in plan.claims}
+    res["plots"] = [plot(root, r) for plot, needs in PLOTS if needs <= keys]
     (root / "results.json").write_text(json.dumps(res, indent=1, default=float))
     (root / "results.md").write_text("# The papers' claims, measured here\n\n" + markdown(res) + "\n" +
                                      "\n".join(f"![{p}]({p})" for p in res["plots"]) + "\n")

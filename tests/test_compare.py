@@ -43,6 +43,7 @@ def test_smoke_writes_results_json_results_md_and_every_plot(smoke):
     text = (out / "results.md").read_text()
     assert res["val_windows_per_domain"] == compare.SIZES["smoke"]["val_seqs"] and res["wall_time_s"] > 0
     assert len(res["plots"]) == len(compare.PLOTS)
+    assert {c["key"] for c in res["claims"]} == {c.key for c in compare.claims("smoke")}
     for png in res["plots"]:
         assert (out / png).stat().st_size > 1000, png
         assert f"]({png})" in text, f"{png} is not linked from results.md"
@@ -78,6 +79,13 @@ def test_finished_runs_are_kept(smoke):
     assert again.returncode == 0, again.stderr[-2000:]
     assert "training 0 with" in again.stdout
     assert some.stat().st_mtime_ns == stamp
+
+
+def test_claims_restricts_the_plan_to_those_claims_arms():
+    plan = compare.Plan("default", ["--preset", "tiny"], 3, ["softmax"])
+    assert [c.key for c in plan.claims] == ["softmax"]
+    assert set(plan.seeds) == set(next(c for c in compare.claims("default") if c.key == "softmax").arms)
+    assert len(plan.runs) == 2 * 3
 
 
 def test_bad_flag_is_one_line():
