@@ -400,7 +400,7 @@ def knob_help(name):
     return "; ".join(f"{b} {v}" for b, v in values.items())
 
 
-def check_memory(cfg, local_seqs, world_size):
+def check_memory(cfg, local_seqs, world_size, device=None):
     """Refuse, with the flag to lower, a run that cannot fit: building it
     would otherwise thrash or be killed minutes later. A rough count in
     bytes: fp32 weights, gradients and two AdamW moments for this rank's
@@ -412,11 +412,14 @@ def check_memory(cfg, local_seqs, world_size):
     tokens = local_seqs * cfg.seq_len
     need = 16 * params + 4 * tokens * (cfg.n_layers * (40 * cfg.d_model + 6 * cfg.top_k * cfg.d_expert)
                                        + 3 * cfg.vocab_size)
-    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if device is not None and device.type == "cuda":
+        have, where = torch.cuda.get_device_properties(device).total_memory, "the GPU"
+    else:
+        have, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "the machine"
     if need > 0.8 * have:
         biggest = "--n-experts or --d-expert" if 16 * params > need / 2 else \
             "--batch-size (or raise --grad-accum) or --seq-len"
-        raise ValueError(f"this run needs about {need / 2**30:.0f} GiB of memory, the machine has "
+        raise ValueError(f"this run needs about {need / 2**30:.0f} GiB of memory, {where} has "
                          f"{have / 2**30:.0f} GiB: lower {biggest}")
 
 

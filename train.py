@@ -45,11 +45,17 @@ from moe import GPT, GPTConfig, check_config, clip_grad_norm, sync_gradients
 # matter of steps, not tokens: the default takes many small steps.
 PRESETS = {
     "tiny": dict(n_layers=2, d_model=64, n_heads=4, n_experts=8, top_k=2, d_expert=64,
-                 seq_len=64, batch_size=8, steps=20, lr=3e-3, warmup=5, eval_every=0,
+                 shared_experts=0, seq_len=64, batch_size=8, steps=20, lr=3e-3, warmup=5, eval_every=0,
                  log_every=1, val_seqs=8, ckpt_every=10),
     "default": dict(n_layers=4, d_model=128, n_heads=4, n_experts=16, top_k=2, d_expert=128,
-                    seq_len=128, batch_size=16, steps=1000, lr=2e-3, warmup=50, eval_every=250,
-                    log_every=10, val_seqs=512, ckpt_every=100),
+                    shared_experts=0, seq_len=128, batch_size=16, steps=1000, lr=2e-3, warmup=50,
+                    eval_every=250, log_every=10, val_seqs=512, ckpt_every=100),
+    # One GPU for about ten minutes (an estimate: not yet run on a GPU): the
+    # DeepSeekMoE shape of Wang et al.'s runs, 64 routed experts top-6 plus 2
+    # shared, on 100M tokens (3000 steps of 64 x 512 bytes).
+    "gpu": dict(n_layers=8, d_model=512, n_heads=8, n_experts=64, top_k=6, d_expert=256,
+                shared_experts=2, seq_len=512, batch_size=64, steps=3000, lr=1e-3, warmup=100,
+                eval_every=500, log_every=10, val_seqs=512, ckpt_every=500),
 }
 
 # Every numeric flag and the smallest value it may take; floats must also be
@@ -81,7 +87,7 @@ def parse_args(argv=None):
     preset_flag(g, "n_experts", int, "routed experts per MoE layer")
     preset_flag(g, "top_k", int, "experts per token (token-choice strategies)")
     preset_flag(g, "d_expert", int, "hidden width of each expert")
-    g.add_argument("--shared-experts", type=int, default=0, metavar="N", help="always-on experts, DeepSeekMoE (default: 0)")
+    preset_flag(g, "shared_experts", int, "always-on experts, DeepSeekMoE")
     g = p.add_argument_group("training")
     preset_flag(g, "steps", int, "optimizer steps")
     preset_flag(g, "batch_size", int, "GLOBAL batch in sequences; processes and --grad-accum split it")
@@ -136,7 +142,7 @@ def model_config(args):
                      balancer=args.balancer, balance=balance_config(args))
 
 
-def check_args(args, world_size):
+def check_args(args, world_size, device=None):
     """Every flag in one place: a message that names the flag and the fix."""
     flag = lambda name: "--" + name.replace("_", "-")
     for name, low in AT_LEAST.items():
@@ -160,7 +166,7 @@ def check_args(args, world_size):
         raise ValueError(f"--domain-block {args.domain_block} must divide --batch-size {args.batch_size}")
     cfg = model_config(args)
     check_config(cfg, world_size, local_seqs=args.batch_size // split)
-    plumbing.check_memory(cfg, args.batch_size // split, world_size)
+    plumbing.check_memory(cfg, args.batch_size // split, world_size, device)
 
 
 # ----------------------------------------------------------------------------
@@ -360,7 +366,7 @@ def summarize(args, cfg, model, corpus, history, ev, proc, wall_time):
 def main(argv=None):
     args = parse_args(argv)
     proc = plumbing.Proc.from_env(args.device)
-    check_args(args, proc.world_size)             # before the process group: bad flags stop every rank at once
+    check_args(args, proc.world_size, proc.device)  # before the process group: bad flags stop every rank at once
     proc.start()
     cfg = model_config(args)
     run = plumbing.open_run_dir(args.out, proc, args.resume, args.overwrite)

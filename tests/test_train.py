@@ -21,6 +21,7 @@ import compare
 import plumbing
 import train
 from balancers import BALANCERS
+from moe import check_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -321,3 +322,13 @@ def test_specialisation_is_zero_when_domains_share_experts_and_high_when_they_sp
     assert train.specialization_score(alike) == 0
     assert train.specialization_score(collapsed) == 0
     assert train.specialization_score(split) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("preset", list(train.PRESETS))
+def test_every_preset_is_a_valid_model_for_one_and_two_processes(preset):
+    """The gpu preset cannot be run here, but its shape must pass the same
+    checks (heads divide the width, experts divide over 2 processes, the
+    balance and routing groups divide the micro-batch)."""
+    args = train.parse_args(["--preset", preset])
+    for world_size in (1, 2):
+        check_config(train.model_config(args), world_size, local_seqs=args.batch_size // world_size)
