@@ -10,8 +10,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from balancers import BALANCERS, BalanceConfig, gate_scores  # noqa: E402
-from moe import (GPT, MIN_ROWS, Experts, GPTConfig, MoELayer, check_config, grouped_mm_on_cpu,  # noqa: E402
-                 max_violation, pad_blocks, swiglu)
+from moe import (GPT, GROUPED_BELOW_ROWS, MIN_ROWS, Experts, GPTConfig, MoELayer, check_config,  # noqa: E402
+                 grouped_experts_cpu, grouped_is_faster_on_cpu, grouped_mm_on_cpu, max_violation, pad_blocks,
+                 swiglu)
 
 STRATEGIES = list(BALANCERS)
 TOKEN_CHOICE = ["none", "aux", "global_aux", "lossfree", "seq_aux"]
@@ -64,24 +65,61 @@ def test_pad_blocks_puts_each_block_at_the_start_of_its_padded_block():
     assert padded.view(-1).tolist() == [0, 1, 0, 0, 0, 2, 3, 4, 5, 0, 0]
 
 
+def experts_fwd_bwd(run, experts, x, counts, grad):
+    """Output and every gradient of one way of running the experts."""
+    x = x.clone().requires_grad_()
+    experts.zero_grad()
+    out = run(x, counts)
+    out.backward(grad)
+    return out, x.grad, experts.w13.grad.clone(), experts.w2.grad.clone()
+
+
 @pytest.mark.skipif(not grouped_mm_on_cpu(), reason="torch._grouped_mm does not run on this CPU build")
-def test_grouped_experts_equal_the_loop_including_padded_small_experts():
-    """The two ways to run the experts give the same rows and gradients, also
-    when some experts have no rows and some fewer than MIN_ROWS (padded)."""
+def test_grouped_experts_equal_the_loop_bit_for_bit_including_padded_small_experts():
+    """The two ways to run the experts give the same rows and gradients to
+    the last bit, also when some experts have no rows and some fewer than
+    MIN_ROWS (padded): which way runs may then depend on the shape alone."""
     torch.manual_seed(0)
     experts = Experts(small_config("none", n_experts=5, d_model=16, d_expert=8))
     counts = [0, 3, MIN_ROWS, 40, 1]
     x = torch.randn(sum(counts), 16)
     grad = torch.randn_like(x)
-    results = []
-    for run in (experts.forward_grouped, experts.forward_loop):
-        xi = x.clone().requires_grad_()
-        experts.zero_grad()
-        out = run(xi, counts)
-        out.backward(grad)
-        results.append((out, xi.grad, experts.w13.grad.clone(), experts.w2.grad.clone()))
-    for a, b in zip(*results):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    grouped = experts_fwd_bwd(lambda x, c: grouped_experts_cpu(x, c, experts.w13, experts.w2),
+                              experts, x, counts, grad)
+    loop = experts_fwd_bwd(experts.forward_loop, experts, x, counts, grad)
+    for name, a, b in zip(["output", "x grad", "w13 grad", "w2 grad"], grouped, loop):
+        assert torch.equal(a, b), f"{name}: max difference {(a - b).abs().max().item():.2e}"
+
+
+@pytest.mark.skipif(not grouped_mm_on_cpu(), reason="torch._grouped_mm does not run on this CPU build")
+def test_experts_take_the_grouped_way_only_for_small_blocks():
+    """The CPU rule (moe.grouped_is_faster_on_cpu): grouped below
+    GROUPED_BELOW_ROWS rows per expert on average, the loop from there on,
+    and the loop for widths the grouped op cannot take (rows not on 16-byte
+    boundaries)."""
+    experts = Experts(small_config("none", n_experts=4, d_model=16, d_expert=8))
+    w13, w2 = experts.w13, experts.w2
+    few = torch.zeros(4 * GROUPED_BELOW_ROWS - 1, 16)
+    many = torch.zeros(4 * GROUPED_BELOW_ROWS, 16)
+    assert grouped_is_faster_on_cpu(few, [len(few) // 4] * 4, w13, w2)
+    assert not grouped_is_faster_on_cpu(many, [len(many) // 4] * 4, w13, w2)
+    odd = Experts(small_config("none", n_experts=4, d_model=16, d_expert=6))   # 6 floats = 24 bytes
+    assert not grouped_is_faster_on_cpu(few, [len(few) // 4] * 4, odd.w13, odd.w2)
+
+
+@pytest.mark.parametrize("rows_per_expert", [GROUPED_BELOW_ROWS // 4, 2 * GROUPED_BELOW_ROWS])
+def test_experts_forward_equals_the_loop_whichever_way_it_takes(rows_per_expert):
+    """Experts.forward, on either side of the rule and with the counts as a
+    list or as a tensor (what MoELayer hands it), is the loop bit for bit."""
+    torch.manual_seed(0)
+    experts = Experts(small_config("none", n_experts=4, d_model=16, d_expert=8))
+    counts = [rows_per_expert + delta for delta in (-3, 5, 0, -2)]
+    x = torch.randn(sum(counts), 16)
+    grad = torch.randn_like(x)
+    loop = experts_fwd_bwd(experts.forward_loop, experts, x, counts, grad)
+    for given in (counts, torch.tensor(counts)):
+        got = experts_fwd_bwd(experts, experts, x, given, grad)
+        assert all(torch.equal(a, b) for a, b in zip(got, loop))
 
 
 @pytest.mark.parametrize("shared", [0, 1])
