@@ -508,25 +508,32 @@ def grouped_mm_on_cpu():
         return False
 
 
-GROUPED_BELOW_ROWS = 128    # mean rows per expert under which the grouped way wins on CPU
+# PyTorch runs an elementwise op of up to this many elements on one thread
+# (its grain size for splitting work across threads).
+ELEMENTS_PER_THREAD = 32768
 
 
 def grouped_is_faster_on_cpu(x, counts, w13, w2):
-    """On CPU, torch._grouped_mm is itself a loop of matmuls in C++, so what
-    it saves is the Python and autograd work around each expert (about a
-    dozen small ops), and it runs the activation as one op over all rows,
-    which is big enough to use every thread. That saving is per expert, so
-    it wins when the experts' blocks are small. With large blocks the loop
-    wins instead: each expert's [rows, 2h] activation is computed while it is
-    still in cache, where the grouped way writes one [N, 2h] tensor to
-    memory and reads it back. The crossover, measured over many shapes
-    (README, Speed), sits near GROUPED_BELOW_ROWS rows per expert.
-    The op also needs row strides that are multiples of 16 bytes."""
+    """The rule: the grouped way while the mean expert's activation block
+    (rows x d_expert elements) is under ELEMENTS_PER_THREAD per thread, the
+    loop from there on.
+
+    Why. On CPU torch._grouped_mm is itself a loop of matmuls in C++, so
+    the matmuls cost the same both ways; what differs is around them. The
+    grouped way saves each expert's Python and autograd work (a dozen small
+    ops) and runs the activation as one op over all rows, on every thread.
+    The loop computes each expert's activation while that block is still in
+    cache, where the grouped way writes an [N, 2h] tensor to memory and
+    reads it back, but the loop's op on one block runs on one thread until
+    the block holds ELEMENTS_PER_THREAD elements per thread. So the loop wins
+    once each expert's block alone keeps every thread busy (README, Speed,
+    has the measurements). The op also needs 16-byte row strides."""
     if x.device.type != "cpu" or not grouped_mm_on_cpu():
         return False
     if any(width * x.element_size() % 16 for width in (w13.shape[1], w2.shape[1])):
         return False
-    return x.shape[0] < GROUPED_BELOW_ROWS * len(counts)
+    block = x.shape[0] / max(1, len(counts)) * w2.shape[1]
+    return block < ELEMENTS_PER_THREAD * torch.get_num_threads()
 
 
 def grouped_experts_cpu(x, counts, w13, w2):

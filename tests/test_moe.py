@@ -10,7 +10,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from balancers import BALANCERS, BalanceConfig, gate_scores  # noqa: E402
-from moe import (GPT, GROUPED_BELOW_ROWS, MIN_ROWS, Experts, GPTConfig, MoELayer, check_config,  # noqa: E402
+from moe import (ELEMENTS_PER_THREAD, GPT, MIN_ROWS, Experts, GPTConfig, MoELayer, check_config,  # noqa: E402
                  grouped_experts_cpu, grouped_is_faster_on_cpu, grouped_mm_on_cpu, max_violation, pad_blocks,
                  swiglu)
 
@@ -92,28 +92,35 @@ def test_grouped_experts_equal_the_loop_bit_for_bit_including_padded_small_exper
 
 
 @pytest.mark.skipif(not grouped_mm_on_cpu(), reason="torch._grouped_mm does not run on this CPU build")
-def test_experts_take_the_grouped_way_only_for_small_blocks():
-    """The CPU rule (moe.grouped_is_faster_on_cpu): grouped below
-    GROUPED_BELOW_ROWS rows per expert on average, the loop from there on,
-    and the loop for widths the grouped op cannot take (rows not on 16-byte
-    boundaries)."""
+@pytest.mark.parametrize("threads", [1, 2])
+def test_experts_take_the_grouped_way_only_for_small_blocks(threads):
+    """The CPU rule (moe.grouped_is_faster_on_cpu): grouped while the mean
+    expert's activation block (rows x d_expert) is under ELEMENTS_PER_THREAD
+    per thread, the loop from there on, and the loop for widths the grouped
+    op cannot take (rows not on 16-byte boundaries)."""
     experts = Experts(small_config("none", n_experts=4, d_model=16, d_expert=8))
     w13, w2 = experts.w13, experts.w2
-    few = torch.zeros(4 * GROUPED_BELOW_ROWS - 1, 16)
-    many = torch.zeros(4 * GROUPED_BELOW_ROWS, 16)
-    assert grouped_is_faster_on_cpu(few, [len(few) // 4] * 4, w13, w2)
-    assert not grouped_is_faster_on_cpu(many, [len(many) // 4] * 4, w13, w2)
-    odd = Experts(small_config("none", n_experts=4, d_model=16, d_expert=6))   # 6 floats = 24 bytes
-    assert not grouped_is_faster_on_cpu(few, [len(few) // 4] * 4, odd.w13, odd.w2)
+    rows = ELEMENTS_PER_THREAD * threads // 8          # per expert, at the threshold
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert grouped_is_faster_on_cpu(torch.zeros(4 * rows - 1, 16), [rows] * 4, w13, w2)
+        assert not grouped_is_faster_on_cpu(torch.zeros(4 * rows, 16), [rows] * 4, w13, w2)
+        odd = Experts(small_config("none", n_experts=4, d_model=16, d_expert=6))   # 6 floats = 24 bytes
+        assert not grouped_is_faster_on_cpu(torch.zeros(4, 16), [1] * 4, odd.w13, odd.w2)
+    finally:
+        torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("rows_per_expert", [GROUPED_BELOW_ROWS // 4, 2 * GROUPED_BELOW_ROWS])
-def test_experts_forward_equals_the_loop_whichever_way_it_takes(rows_per_expert):
+@pytest.mark.parametrize("block", ["small", "large"])
+def test_experts_forward_equals_the_loop_whichever_way_it_takes(block):
     """Experts.forward, on either side of the rule and with the counts as a
     list or as a tensor (what MoELayer hands it), is the loop bit for bit."""
     torch.manual_seed(0)
     experts = Experts(small_config("none", n_experts=4, d_model=16, d_expert=8))
-    counts = [rows_per_expert + delta for delta in (-3, 5, 0, -2)]
+    rows = ELEMENTS_PER_THREAD * torch.get_num_threads() // 8     # per expert, at the threshold
+    rows = rows // 4 if block == "small" else 2 * rows
+    counts = [rows + delta for delta in (-3, 5, 0, -2)]
     x = torch.randn(sum(counts), 16)
     grad = torch.randn_like(x)
     loop = experts_fwd_bwd(experts.forward_loop, experts, x, counts, grad)
