@@ -142,7 +142,7 @@ class Experts(nn.Module):
         autocast the matmuls give bf16, and the caller adds the rows into the
         fp32 residual stream."""
         if grouped_mm_fast_on_cuda(x, self.w13, self.w2):
-            return grouped_experts_cuda(x, counts, self.w13, self.w2).to(x.dtype)
+            return grouped_experts_bf16(x, counts, self.w13, self.w2).to(x.dtype)
         counts = counts.tolist() if torch.is_tensor(counts) else counts
         if grouped_is_faster_on_cpu(x, counts, self.w13, self.w2):
             return grouped_experts_cpu(x, counts, self.w13, self.w2)
@@ -477,8 +477,8 @@ def grouped_mm_fast_on_cuda(x, w13, w2):
             and d % 8 == 0 and h % 8 == 0 and n_experts < 1024)
 
 
-def grouped_experts_cuda(x, counts, w13, w2):
-    """The experts on a GPU, in bf16.
+def grouped_experts_bf16(x, counts, w13, w2):
+    """The experts in bf16, as a GPU runs them.
 
     torch._grouped_mm is not on autocast's list of ops, so the bf16 casts are
     written out: input and the fp32 master weights go to bf16 here (their

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from balancers import BALANCERS
-from moe import GPT, Experts, GPTConfig, grouped_experts_cuda, grouped_mm_fast_on_cuda
+from moe import GPT, Experts, GPTConfig, grouped_experts_bf16, grouped_mm_fast_on_cuda
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -68,7 +68,7 @@ def test_grouped_bf16_experts_equal_the_loop_within_bf16_tolerance():
     x = torch.randn(int(counts.sum()), 64, device="cuda")
     grad = torch.randn_like(x)
     require_fast_grouped(experts, x)
-    grouped = experts_fwd_bwd(lambda x, c: grouped_experts_cuda(x, c, experts.w13, experts.w2),
+    grouped = experts_fwd_bwd(lambda x, c: grouped_experts_bf16(x, c, experts.w13, experts.w2),
                               experts, x, counts, grad)
     loop = experts_fwd_bwd(experts.forward_loop, experts, x, counts.tolist(), grad)
     for name, a, b in zip(["output", "x grad", "w13 grad", "w2 grad"], grouped, loop):

@@ -11,7 +11,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from balancers import BALANCERS, BalanceConfig, gate_scores  # noqa: E402
 from moe import (ELEMENTS_PER_THREAD, GPT, MIN_ROWS, Experts, GPTConfig, MoELayer, check_config,  # noqa: E402
-                 grouped_experts_cpu, grouped_is_faster_on_cpu, grouped_mm_on_cpu, max_violation, pad_blocks,
+                 grouped_experts_bf16, grouped_experts_cpu, grouped_is_faster_on_cpu, grouped_mm_on_cpu, max_violation, pad_blocks,
                  swiglu)
 
 STRATEGIES = list(BALANCERS)
@@ -127,6 +127,40 @@ def test_experts_forward_equals_the_loop_whichever_way_it_takes(block):
     for given in (counts, torch.tensor(counts)):
         got = experts_fwd_bwd(experts, experts, x, given, grad)
         assert all(torch.equal(a, b) for a, b in zip(got, loop))
+
+
+def grouped_mm_bf16_on_cpu():
+    try:
+        torch._grouped_mm(torch.ones(16, 8, dtype=torch.bfloat16), torch.ones(1, 8, 8, dtype=torch.bfloat16),
+                          offs=torch.tensor([16], dtype=torch.int32))
+        return True
+    except (AttributeError, NotImplementedError, RuntimeError):
+        return False
+
+
+@pytest.mark.skipif(not grouped_mm_bf16_on_cpu(), reason="torch._grouped_mm has no bf16 CPU kernel here")
+def test_bf16_grouped_experts_cast_explicitly_and_keep_fp32_gradients():
+    """The GPU's way (grouped_experts_bf16) run on the CPU's kernel, so that
+    it is exercised without a GPU: counts as a tensor, bf16 rows out, fp32
+    gradients for the fp32 master weights, and the rows of the loop under
+    bf16 autocast. (tests/test_cuda.py checks it on the GPU's kernel.)"""
+    torch.manual_seed(0)
+    experts = Experts(small_config("none", n_experts=5, d_model=16, d_expert=8))
+    with torch.no_grad():
+        experts.w13.mul_(20.0)
+        experts.w2.mul_(20.0)
+    counts = [0, 3, 16, 40, 1]
+    x = torch.randn(sum(counts), 16)
+    grad = torch.randn_like(x)
+    bf16 = experts_fwd_bwd(lambda x, c: grouped_experts_bf16(x, torch.tensor(c), experts.w13, experts.w2),
+                           experts, x, counts, grad)
+    assert bf16[0].dtype == torch.bfloat16 and all(g.dtype == torch.float32 for g in bf16[1:])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loop = experts_fwd_bwd(experts.forward_loop, experts, x, counts, grad)
+    for name, a, b in zip(["output", "x grad", "w13 grad", "w2 grad"], bf16, loop):
+        assert b.abs().max() > 0.1, name
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2 * b.abs().max().item(),
+                                   msg=lambda m: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("shared", [0, 1])
