@@ -514,20 +514,20 @@ ELEMENTS_PER_THREAD = 32768
 
 
 def grouped_is_faster_on_cpu(x, counts, w13, w2):
-    """The rule: the grouped way while the mean expert's activation block
-    (rows x d_expert elements) is under ELEMENTS_PER_THREAD per thread, the
-    loop from there on.
+    """The rule: grouped while the mean expert's activation block (its rows
+    x d_expert values) is under ELEMENTS_PER_THREAD per thread, else the loop.
 
-    Why. On CPU torch._grouped_mm is itself a loop of matmuls in C++, so
-    the matmuls cost the same both ways; what differs is around them. The
-    grouped way saves each expert's Python and autograd work (a dozen small
-    ops) and runs the activation as one op over all rows, on every thread.
-    The loop computes each expert's activation while that block is still in
-    cache, where the grouped way writes an [N, 2h] tensor to memory and
-    reads it back, but the loop's op on one block runs on one thread until
-    the block holds ELEMENTS_PER_THREAD elements per thread. So the loop wins
-    once each expert's block alone keeps every thread busy (README, Speed,
-    has the measurements). The op also needs 16-byte row strides."""
+    On CPU torch._grouped_mm is itself a loop of matmuls (in C++), so the
+    matmuls cost the same both ways; the ways differ around them.
+      grouped  no Python or autograd work per expert (a dozen small ops
+               each), and one activation op over all N rows, which every
+               thread shares;
+      loop     each expert's activation runs while its block is still in
+               cache (grouped writes an [N, 2h] tensor to memory and reads
+               it back), but on one thread until the block is big enough.
+    So the loop wins once one expert's block keeps every thread busy. The
+    measured crossover is in the README's Speed section. (The grouped op
+    also needs row strides that are multiples of 16 bytes.)"""
     if x.device.type != "cpu" or not grouped_mm_on_cpu():
         return False
     if any(width * x.element_size() % 16 for width in (w13.shape[1], w2.shape[1])):
