@@ -509,7 +509,7 @@ def bench_peers(sizes, warmup, repeats, device):
         for name, diff in diffs.items():
             if not diff <= tolerance:
                 raise RuntimeError(f"peer {name} at size {size_name}: output differs from the project's "
-                                     f"by {diff:.2e} of its largest value (tolerance {tolerance:.0e})")
+                                   f"by {diff:.2e} of its largest value (tolerance {tolerance:.0e})")
         n = repeats[size_name] if isinstance(repeats, dict) else repeats
         times = interleaved(fns, warmup, n, device)
         layer.load.zero_()
