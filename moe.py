@@ -13,6 +13,8 @@ Read it top to bottom:
   6. Block, GPT                 the transformer around it
   7. sync_gradients & co.       what an optimizer step needs when experts live
                                 on different ranks
+  8. Speed                      the experts as grouped matmuls: the same
+                                numbers, faster (skip on a first reading)
 
 Every balancing strategy (balancers.py) hands MoELayer the same thing: a flat
 list of assignments (token_idx, expert_idx, weight). Everything after routing
@@ -118,9 +120,10 @@ class Experts(nn.Module):
     """This rank's experts, weights stacked as [E_local, d, 2h] and [E_local, h, d].
 
     Tokens arrive sorted by expert, so expert e's tokens are one contiguous
-    slice. Two ways to run them, never a loop over tokens: a grouped matmul
-    that multiplies every slice by its expert's matrix in one op, or a plain
-    loop over the (few) local experts."""
+    slice: running the experts is a loop over the (few) local experts, one
+    SwiGLU per slice, never a loop over tokens. The same sums can be done in
+    one grouped matmul per projection; that and the choice between the two
+    live in the speed section at the end of this file."""
 
     def __init__(self, cfg, rank=0, world_size=1):
         super().__init__()
@@ -136,35 +139,16 @@ class Experts(nn.Module):
         self.w2 = nn.Parameter(w2[lo:hi].clone())
 
     def forward(self, x, counts):
-        """x: [N, d] sorted by local expert; counts: list of rows per local expert."""
-        # The grouped way needs torch._grouped_mm on this device, and rows
-        # that start on 16-byte boundaries. Both ways pad an expert with 1 to
-        # MIN_ROWS - 1 rows up to MIN_ROWS (expert_rows explains why), so both
-        # use the same BLAS kernel for every row (checked with MKL) and agree
-        # to the last bit at most.
-        widths = (self.w13.shape[1], self.w2.shape[1])
-        if x.device.type == "cpu" and grouped_mm_on_cpu() and all(w * x.element_size() % 16 == 0 for w in widths):
-            return self.forward_grouped(x, counts)
-        return self.forward_loop(x, counts)
-
-    def forward_grouped(self, x, counts):
-        """All local experts in two matmul ops: torch._grouped_mm multiplies
-        row block e of x (the blocks given by their end offsets) by expert
-        e's matrix. No Python loop, and the activation between the matmuls is
-        one elementwise op over all rows instead of E small ones. On 2 CPU
-        threads this makes the MoE layer's forward+backward 1.15x (16
-        experts) to 1.3x (64 experts) faster than the loop."""
-        sizes = [n if n == 0 or n >= MIN_ROWS else MIN_ROWS for n in counts]
-        rows = None
-        if sizes != counts:
-            # An expert with fewer than MIN_ROWS rows gets zero rows added
-            # (expert_rows says why). `rows` is where each real row sits in
-            # the padded block; it is rarely needed after the first steps.
-            x, rows = pad_blocks(x, counts, sizes)
-        ends = torch.tensor(sizes, device=x.device).cumsum(0).to(torch.int32)
-        hidden = silu_gate(torch._grouped_mm(x, self.w13, offs=ends))
-        out = torch._grouped_mm(hidden, self.w2, offs=ends)
-        return out if rows is None else out.index_select(0, rows)
+        """x: [N, d] rows sorted by local expert; counts: rows per local expert,
+        a list or a 1-D tensor. Returns [N, d] in x's dtype: under bf16
+        autocast the matmuls give bf16, and the caller adds the rows into the
+        fp32 residual stream."""
+        if grouped_mm_fast_on_cuda(x, self.w13, self.w2):
+            return grouped_experts_bf16(x, counts, self.w13, self.w2).to(x.dtype)
+        counts = counts.tolist() if torch.is_tensor(counts) else counts
+        if grouped_is_faster_on_cpu(x, counts, self.w13, self.w2):
+            return grouped_experts_cpu(x, counts, self.w13, self.w2)
+        return self.forward_loop(x, counts).to(x.dtype)
 
     def forward_loop(self, x, counts):
         """The plain way: one swiglu per expert on its slice."""
@@ -177,31 +161,7 @@ class Experts(nn.Module):
         return torch.cat([expert_rows(rows, w13, w2) for rows, w13, w2 in pieces])
 
 
-@functools.cache
-def grouped_mm_on_cpu():
-    """Can this PyTorch run torch._grouped_mm (a private op, not on CPU in
-    every version) forward and backward on CPU? Tried once on a tiny input."""
-    try:
-        x = torch.ones(32, 16, requires_grad=True)
-        w = torch.ones(2, 16, 16, requires_grad=True)
-        torch._grouped_mm(x, w, offs=torch.tensor([16, 32], dtype=torch.int32)).backward(torch.ones(32, 16))
-        return True
-    except (AttributeError, NotImplementedError, RuntimeError):
-        return False
-
-
 MIN_ROWS = 16
-
-
-def pad_blocks(x, counts, sizes):
-    """Copy the row blocks of x (block e has counts[e] rows) into a zeroed
-    tensor whose block e has sizes[e] >= counts[e] rows. Returns the padded
-    tensor and the position of every original row in it."""
-    counts_t = torch.tensor(counts, device=x.device)
-    pad = torch.tensor(sizes, device=x.device) - counts_t      # zero rows added to block e
-    shift = pad.cumsum(0) - pad                                 # zero rows added before block e
-    rows = torch.arange(x.shape[0], device=x.device) + shift.repeat_interleave(counts_t)
-    return x.new_zeros(sum(sizes), x.shape[1]).index_copy(0, rows, x), rows
 
 
 def expert_rows(x, w13, w2):
@@ -304,7 +264,7 @@ class MoELayer(nn.Module):
     def run_experts(self, x, counts):
         """x: [A, d] rows sorted by global expert id, counts: [E] rows per expert."""
         if self.world_size == 1:
-            return self.experts(x, counts.tolist())
+            return self.experts(x, counts)    # a tensor: the CUDA experts need no host sync
         W, L = self.world_size, self.n_local
         # 1. Tell every rank how many rows it will receive for each of its experts.
         recv_counts = torch.empty_like(counts)
@@ -482,3 +442,126 @@ def clip_grad_norm(model, max_norm):
         if p.grad is not None:
             p.grad.mul_(scale)
     return norm
+
+
+# ----------------------------------------------------------------------------
+# Speed: the experts in two large operations instead of a loop.
+#
+# Nothing below changes what is computed. On CPU the results equal
+# Experts.forward_loop bit for bit; on CUDA they equal it up to bf16 rounding,
+# which autocast would apply to the loop's matmuls anyway (tests/test_moe.py,
+# tests/test_cuda.py). Read on only for speed.
+#
+# torch._grouped_mm(x, w, offs=ends) multiplies row block e of x (the blocks
+# given by their end offsets) by w[e], for every e in one call. The experts
+# then cost two such calls around one activation over all rows: no Python
+# loop, no per-expert autograd nodes.
+
+def grouped_swiglu(x, ends, w13, w2):
+    """swiglu on every expert's block of rows of x (block e ends at ends[e])."""
+    return torch._grouped_mm(silu_gate(torch._grouped_mm(x, w13, offs=ends)), w2, offs=ends)
+
+
+# --- On a GPU.
+
+def grouped_mm_fast_on_cuda(x, w13, w2):
+    """Does torch._grouped_mm have its fast kernel for these tensors?
+
+    PyTorch's grouped CUDA kernel (CUTLASS) needs compute capability 9.x or
+    10.x (Hopper, Blackwell), bf16 operands, row strides that are multiples
+    of 16 bytes (8 bf16 values) and fewer than 1024 groups. Anywhere else
+    torch runs the op as a loop of matmuls behind a host sync, which is
+    forward_loop with extra steps. bf16 only where the run asked for it
+    (autocast, as train.py does on CUDA): an fp32 run keeps fp32 experts."""
+    if x.device.type != "cuda" or not hasattr(torch, "_grouped_mm"):
+        return False
+    wants_bf16 = x.dtype == torch.bfloat16 or (
+        torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") == torch.bfloat16)
+    n_experts, d, h = w13.shape[0], w13.shape[1], w2.shape[1]
+    return (wants_bf16 and torch.cuda.get_device_capability(x.device)[0] in (9, 10)
+            and d % 8 == 0 and h % 8 == 0 and n_experts < 1024)
+
+
+def grouped_experts_bf16(x, counts, w13, w2):
+    """The experts in bf16, as a GPU runs them.
+
+    torch._grouped_mm is not on autocast's list of ops, so the bf16 casts are
+    written out: input and the fp32 master weights go to bf16 here (their
+    gradients come back in fp32), while the router stays fp32 (Router).
+    The block ends are a cumsum of the counts *on the device*: the CPU never
+    waits for the GPU, where counts.tolist() would stall it once per layer.
+    No MIN_ROWS padding either: the kernel's tile shape depends on the total
+    rows and the widths, not on how the rows split into blocks, so a token's
+    arithmetic does not depend on how many other tokens chose its expert."""
+    ends = torch.as_tensor(counts, device=x.device).cumsum(0, dtype=torch.int32)
+    bf16 = torch.bfloat16
+    return grouped_swiglu(x.to(bf16), ends, w13.to(bf16), w2.to(bf16))
+
+
+# --- On a CPU.
+
+@functools.cache
+def grouped_mm_on_cpu():
+    """Can this PyTorch run torch._grouped_mm (a private op, not on CPU in
+    every version) forward and backward on CPU? Tried once on a tiny input."""
+    try:
+        x = torch.ones(32, 16, requires_grad=True)
+        w = torch.ones(2, 16, 16, requires_grad=True)
+        torch._grouped_mm(x, w, offs=torch.tensor([16, 32], dtype=torch.int32)).backward(torch.ones(32, 16))
+        return True
+    except (AttributeError, NotImplementedError, RuntimeError):
+        return False
+
+
+# PyTorch runs an elementwise op of up to this many elements on one thread
+# (its grain size for splitting work across threads).
+ELEMENTS_PER_THREAD = 32768
+
+
+def grouped_is_faster_on_cpu(x, counts, w13, w2):
+    """The rule: grouped while the mean expert's activation block (its rows
+    x d_expert values) is under ELEMENTS_PER_THREAD per thread, else the loop.
+
+    On CPU torch._grouped_mm is itself a loop of matmuls (in C++), so the
+    matmuls cost the same both ways; the ways differ around them.
+      grouped  no Python or autograd work per expert (a dozen small ops
+               each), and one activation op over all N rows, which every
+               thread shares;
+      loop     each expert's activation runs while its block is still in
+               cache (grouped writes an [N, 2h] tensor to memory and reads
+               it back), but on one thread until the block is big enough.
+    So the loop wins once one expert's block keeps every thread busy. The
+    measured crossover is in the README's Speed section. (The grouped op
+    also needs row strides that are multiples of 16 bytes.)"""
+    if x.device.type != "cpu" or not grouped_mm_on_cpu():
+        return False
+    if any(width * x.element_size() % 16 for width in (w13.shape[1], w2.shape[1])):
+        return False
+    block = x.shape[0] / max(1, len(counts)) * w2.shape[1]
+    return block < ELEMENTS_PER_THREAD * torch.get_num_threads()
+
+
+def grouped_experts_cpu(x, counts, w13, w2):
+    """The experts in two grouped matmuls on CPU, each expert's block padded
+    to at least MIN_ROWS rows as forward_loop pads it (expert_rows says why),
+    so both ways use the same BLAS kernel for every row and agree bit for bit."""
+    sizes = [n if n == 0 or n >= MIN_ROWS else MIN_ROWS for n in counts]
+    rows = None
+    if sizes != counts:
+        # `rows` is where each real row sits in the padded blocks; rarely
+        # needed after the first steps, when no expert is nearly empty.
+        x, rows = pad_blocks(x, counts, sizes)
+    ends = torch.tensor(sizes, device=x.device).cumsum(0).to(torch.int32)
+    out = grouped_swiglu(x, ends, w13, w2)
+    return out if rows is None else out.index_select(0, rows)
+
+
+def pad_blocks(x, counts, sizes):
+    """Copy the row blocks of x (block e has counts[e] rows) into a zeroed
+    tensor whose block e has sizes[e] >= counts[e] rows. Returns the padded
+    tensor and the position of every original row in it."""
+    counts_t = torch.tensor(counts, device=x.device)
+    pad = torch.tensor(sizes, device=x.device) - counts_t      # zero rows added to block e
+    shift = pad.cumsum(0) - pad                                 # zero rows added before block e
+    rows = torch.arange(x.shape[0], device=x.device) + shift.repeat_interleave(counts_t)
+    return x.new_zeros(sum(sizes), x.shape[1]).index_copy(0, rows, x), rows

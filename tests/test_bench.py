@@ -2,6 +2,7 @@
 every figure the README's Speed section quotes. No timing is asserted (the
 figures depend on the machine and on what else runs on it)."""
 
+import importlib.util
 import json
 import math
 import subprocess
@@ -11,13 +12,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_bench(tmp_path, *flags):
+def run_bench(tmp_path, *flags, expect=("MoE/dense", "MFU")):
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, "bench.py", "--preset", "tiny", "--repeats", "2", "--warmup", "0",
                            "--threads", "2", "--json", str(out), *flags],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "MoE/dense" in proc.stdout and "MFU" in proc.stdout
+    assert all(word in proc.stdout for word in expect), proc.stdout[-3000:]
     return json.loads(out.read_text())
 
 
@@ -47,3 +48,24 @@ def test_bench_quick_writes_the_headline_figures(tmp_path):
     assert set(r["headline"]) == {"moe_over_dense_worst_token_choice", "mfu"}
     assert len(r["moe_over_dense"]) == 6 and 0 < r["mfu"]
     assert "ep2_over_ep1" not in r
+
+
+def test_bench_peers_compares_with_a_mask_loop_and_hugging_face_when_installed(tmp_path):
+    """--peers times the layer against the textbook mask loop always, and
+    against Hugging Face's Qwen3-MoE block when transformers is installed
+    (else it says in one line that it skipped them). Every peer held the
+    project's weights and gave the same outputs."""
+    r = run_bench(tmp_path, "--peers", expect=("peer", "mask_loop"))
+    assert set(r["peers"]) == {"tiny"}          # the large size is left out for the tiny preset
+    tiny = r["peers"]["tiny"]
+    assert positive(tiny["project_ms"]) and tiny["config"]["tokens"] == 8 * 64
+    hf = {"hf_qwen3_moe_eager", "hf_qwen3_moe_grouped_mm"}
+    if importlib.util.find_spec("transformers") is None:
+        assert set(tiny["against"]) == {"mask_loop"} and "transformers" in r["peers_skipped"]
+    else:
+        assert set(tiny["against"]) == {"mask_loop"} | hf and "peers_skipped" not in r
+    for peer in tiny["against"].values():
+        assert positive(peer["peer_over_project"]) and positive(peer["ms"])
+        assert 0 <= peer["max_rel_diff"] <= 1e-4
+    assert set(r["headline"]) == {"peer_over_project_worst"}
+    assert "moe_over_dense" not in r["targets"]

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from balancers import BALANCERS, BalanceConfig, gate_scores
-from moe import GPT, MIN_ROWS, Experts, GPTConfig, MoELayer, check_config, grouped_mm_on_cpu, pad_blocks, swiglu
+from moe import (ELEMENTS_PER_THREAD, GPT, MIN_ROWS, Experts, GPTConfig, MoELayer, check_config, grouped_experts_bf16,
+                 grouped_experts_cpu, grouped_is_faster_on_cpu, grouped_mm_on_cpu, pad_blocks, swiglu)
 from train import max_violation
 
 STRATEGIES = list(BALANCERS)
@@ -60,24 +61,102 @@ def test_pad_blocks_puts_each_block_at_the_start_of_its_padded_block():
     assert padded.view(-1).tolist() == [0, 1, 0, 0, 0, 2, 3, 4, 5, 0, 0]
 
 
+def experts_fwd_bwd(run, experts, x, counts, grad):
+    """Output and every gradient of one way of running the experts."""
+    x = x.clone().requires_grad_()
+    experts.zero_grad()
+    out = run(x, counts)
+    out.backward(grad)
+    return out, x.grad, experts.w13.grad.clone(), experts.w2.grad.clone()
+
+
 @pytest.mark.skipif(not grouped_mm_on_cpu(), reason="torch._grouped_mm does not run on this CPU build")
-def test_grouped_experts_equal_the_loop_including_padded_small_experts():
-    """The two ways to run the experts give the same rows and gradients, also
-    when some experts have no rows and some fewer than MIN_ROWS (padded)."""
+def test_grouped_experts_equal_the_loop_bit_for_bit_including_padded_small_experts():
+    """The two ways to run the experts give the same rows and gradients to
+    the last bit, also when some experts have no rows and some fewer than
+    MIN_ROWS (padded): which way runs may then depend on the shape alone."""
     torch.manual_seed(0)
     experts = Experts(small_config("none", n_experts=5, d_model=16, d_expert=8))
     counts = [0, 3, MIN_ROWS, 40, 1]
     x = torch.randn(sum(counts), 16)
     grad = torch.randn_like(x)
-    results = []
-    for run in (experts.forward_grouped, experts.forward_loop):
-        xi = x.clone().requires_grad_()
-        experts.zero_grad()
-        out = run(xi, counts)
-        out.backward(grad)
-        results.append((out, xi.grad, experts.w13.grad.clone(), experts.w2.grad.clone()))
-    for a, b in zip(*results):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    grouped = experts_fwd_bwd(lambda x, c: grouped_experts_cpu(x, c, experts.w13, experts.w2),
+                              experts, x, counts, grad)
+    loop = experts_fwd_bwd(experts.forward_loop, experts, x, counts, grad)
+    for name, a, b in zip(["output", "x grad", "w13 grad", "w2 grad"], grouped, loop):
+        assert torch.equal(a, b), f"{name}: max difference {(a - b).abs().max().item():.2e}"
+
+
+@pytest.mark.skipif(not grouped_mm_on_cpu(), reason="torch._grouped_mm does not run on this CPU build")
+@pytest.mark.parametrize("threads", [1, 2])
+def test_experts_take_the_grouped_way_only_for_small_blocks(threads):
+    """The CPU rule (moe.grouped_is_faster_on_cpu): grouped while the mean
+    expert's activation block (rows x d_expert) is under ELEMENTS_PER_THREAD
+    per thread, the loop from there on, and the loop for widths the grouped
+    op cannot take (rows not on 16-byte boundaries)."""
+    experts = Experts(small_config("none", n_experts=4, d_model=16, d_expert=8))
+    w13, w2 = experts.w13, experts.w2
+    rows = ELEMENTS_PER_THREAD * threads // 8          # per expert, at the threshold
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert grouped_is_faster_on_cpu(torch.zeros(4 * rows - 1, 16), [rows] * 4, w13, w2)
+        assert not grouped_is_faster_on_cpu(torch.zeros(4 * rows, 16), [rows] * 4, w13, w2)
+        odd = Experts(small_config("none", n_experts=4, d_model=16, d_expert=6))   # 6 floats = 24 bytes
+        assert not grouped_is_faster_on_cpu(torch.zeros(4, 16), [1] * 4, odd.w13, odd.w2)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("block", ["small", "large"])
+def test_experts_forward_equals_the_loop_whichever_way_it_takes(block):
+    """Experts.forward, on either side of the rule and with the counts as a
+    list or as a tensor (what MoELayer hands it), is the loop bit for bit."""
+    torch.manual_seed(0)
+    experts = Experts(small_config("none", n_experts=4, d_model=16, d_expert=8))
+    rows = ELEMENTS_PER_THREAD * torch.get_num_threads() // 8     # per expert, at the threshold
+    rows = rows // 4 if block == "small" else 2 * rows
+    counts = [rows + delta for delta in (-3, 5, 0, -2)]
+    x = torch.randn(sum(counts), 16)
+    grad = torch.randn_like(x)
+    loop = experts_fwd_bwd(experts.forward_loop, experts, x, counts, grad)
+    for given in (counts, torch.tensor(counts)):
+        got = experts_fwd_bwd(experts, experts, x, given, grad)
+        assert all(torch.equal(a, b) for a, b in zip(got, loop))
+
+
+def grouped_mm_bf16_on_cpu():
+    try:
+        torch._grouped_mm(torch.ones(16, 8, dtype=torch.bfloat16), torch.ones(1, 8, 8, dtype=torch.bfloat16),
+                          offs=torch.tensor([16], dtype=torch.int32))
+        return True
+    except (AttributeError, NotImplementedError, RuntimeError):
+        return False
+
+
+@pytest.mark.skipif(not grouped_mm_bf16_on_cpu(), reason="torch._grouped_mm has no bf16 CPU kernel here")
+def test_bf16_grouped_experts_cast_explicitly_and_keep_fp32_gradients():
+    """The GPU's way (grouped_experts_bf16) run on the CPU's kernel, so that
+    it is exercised without a GPU: counts as a tensor, bf16 rows out, fp32
+    gradients for the fp32 master weights, and the rows of the loop under
+    bf16 autocast. (tests/test_cuda.py checks it on the GPU's kernel.)"""
+    torch.manual_seed(0)
+    experts = Experts(small_config("none", n_experts=5, d_model=16, d_expert=8))
+    with torch.no_grad():
+        experts.w13.mul_(20.0)
+        experts.w2.mul_(20.0)
+    counts = [0, 3, 16, 40, 1]
+    x = torch.randn(sum(counts), 16)
+    grad = torch.randn_like(x)
+    bf16 = experts_fwd_bwd(lambda x, c: grouped_experts_bf16(x, torch.tensor(c), experts.w13, experts.w2),
+                           experts, x, counts, grad)
+    assert bf16[0].dtype == torch.bfloat16 and all(g.dtype == torch.float32 for g in bf16[1:])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loop = experts_fwd_bwd(experts.forward_loop, experts, x, counts, grad)
+    for name, a, b in zip(["output", "x grad", "w13 grad", "w2 grad"], bf16, loop):
+        assert b.abs().max() > 0.1, name
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2 * b.abs().max().item(),
+                                   msg=lambda m: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("shared", [0, 1])
