@@ -4,7 +4,7 @@ bench.py -- how fast is the MoE, and where does the time go?
     python bench.py                  # every figure, default preset (about 40 s on 2 idle cores)
     python bench.py --quick          # the two headline figures only (about 13 s)
     python bench.py --json out.json  # also write the figures to a file
-    python bench.py --peers          # only the comparison with other MoE layers (about 2 minutes)
+    python bench.py --peers          # only the comparison with other MoE layers (2 to 3 minutes)
 
 It prints a table and measures, all in one run:
 
