@@ -5,6 +5,7 @@ bench.py -- how fast is the MoE, and where does the time go?
     python bench.py --quick          # the two headline figures only (about 13 s)
     python bench.py --json out.json  # also write the figures to a file
     python bench.py --peers          # only the comparison with other MoE layers (2 to 3 minutes)
+    python bench.py --grouped-vs-loop  # only the measurements behind moe.py's CPU rule (about a minute)
 
 It prints a table and measures, all in one run:
 
@@ -59,7 +60,7 @@ import plumbing
 import train
 from balancers import BALANCERS
 from data import Corpus
-from moe import GPT, GPTConfig, MoELayer, swiglu
+from moe import GPT, GPTConfig, MoELayer, grouped_experts_cpu, grouped_is_faster_on_cpu, grouped_mm_on_cpu, swiglu
 
 STRATEGIES = list(BALANCERS)
 TOKEN_CHOICE = [s for s in STRATEGIES if BALANCERS[s].token_choice]
@@ -490,6 +491,53 @@ def bench_peers(sizes, warmup, repeats, device):
 
 
 # ----------------------------------------------------------------------------
+# 6. The experts on CPU: the loop or the grouped way, by shape.
+#
+# The two ways compute the same bits (tests/test_moe.py); which one is faster
+# depends on the shape, and moe.grouped_is_faster_on_cpu picks by a rule.
+# This measures both ways on rows already routed and sorted, and whether the
+# rule picked the faster one.
+
+EXPERT_SHAPES = [   # (d_model, experts, top_k, d_expert, tokens): 64 to 512 rows per expert
+    (64, 8, 2, 64, 512), (64, 8, 2, 64, 1024), (128, 16, 2, 128, 512), (128, 16, 2, 128, 1024),
+    (128, 16, 2, 128, 2048), (128, 16, 2, 128, 4096), (128, 64, 2, 128, 2048), (128, 64, 2, 128, 8192),
+    (256, 16, 2, 256, 2048), (512, 64, 8, 256, 1024), (512, 64, 8, 256, 2048), (512, 64, 8, 256, 4096)]
+
+
+def bench_grouped_vs_loop(shapes, warmup, repeats):
+    results = {}
+    for d, E, k, h, tokens in shapes:
+        torch.manual_seed(0)
+        layer = MoELayer(GPTConfig(d_model=d, n_experts=E, top_k=k, d_expert=h, n_heads=1, balancer="none"))
+        x = torch.randn(tokens, d)
+        with torch.no_grad():
+            r = layer.balancer.route(layer.router(x.view(1, tokens, d)))
+        counts = torch.bincount(r.expert_idx, minlength=E).tolist()
+        rows = x.index_select(0, r.token_idx[torch.argsort(r.expert_idx, stable=True)]).requires_grad_()
+        grad = torch.randn_like(rows)
+        w13, w2 = layer.experts.w13, layer.experts.w2
+
+        def fwd_bwd(run):
+            for p in (rows, w13, w2):
+                p.grad = None
+            run(rows, counts).backward(grad)
+
+        times = interleaved({"loop": lambda: fwd_bwd(layer.experts.forward_loop),
+                             "grouped": lambda: fwd_bwd(lambda x, c: grouped_experts_cpu(x, c, w13, w2))},
+                            warmup, repeats, torch.device("cpu"))
+        loop_over_grouped = median_ratio(times["loop"], times["grouped"])
+        rule = "grouped" if grouped_is_faster_on_cpu(rows, counts, w13, w2) else "loop"
+        results[f"d{d}_e{E}_top{k}_h{h}_t{tokens}"] = {
+            "rows_per_expert": tokens * k / E, "block": tokens * k / E * h,
+            "loop_ms": 1e3 * statistics.median(times["loop"]),
+            "grouped_ms": 1e3 * statistics.median(times["grouped"]),
+            "loop_over_grouped": loop_over_grouped, "rule_picks": rule,
+            # time of the way the rule picked over the faster way's: 1.0 when it picked the faster
+            "rule_over_best": max(1.0, 1 / loop_over_grouped) if rule == "grouped" else max(1.0, loop_over_grouped)}
+    return results
+
+
+# ----------------------------------------------------------------------------
 # Report.
 
 def machine_info(device, threads):
@@ -575,6 +623,9 @@ def parse_args(argv=None):
     p.add_argument("--peers", action="store_true",
                    help="only the MoE layer against Hugging Face's Qwen3-MoE block and a textbook mask loop, "
                         "at the preset's size and a large one (pip install transformers for the former)")
+    p.add_argument("--grouped-vs-loop", action="store_true",
+                   help="only the experts on CPU by the loop and by the grouped way over 12 shapes, and which "
+                        "one moe.py's rule picks (about a minute)")
     p.add_argument("--json", metavar="FILE", help="write every figure to FILE")
     p.add_argument("--preset", default="default", choices=list(train.PRESETS),
                    help="model and batch sizes (tiny: a smoke run in seconds)")
@@ -613,6 +664,8 @@ def main(argv=None):
     t_start = time.time()
     if args.peers:
         return run_peers(report, args, device, t_start)
+    if args.grouped_vs_loop:
+        return run_grouped_vs_loop(report, args, t_start)
     # Training steps are slower than a layer, so they get fewer repeats: a
     # quarter as many timed steps, in rounds of 3 steps of which 2 are timed.
     steps, rounds = max(1, args.repeats // 4), max(1, args.repeats // 8)
@@ -671,6 +724,32 @@ def run_peers(report, args, device, t_start):
         p["peer_over_project"] for x in report["peers"].values() for p in x["against"].values())}
     report["targets"] = {"peer_over_project": TARGETS["peer_over_project"]}
     print_peers(report)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+def run_grouped_vs_loop(report, args, t_start):
+    """`--grouped-vs-loop`: the measurements behind moe.py's CPU rule."""
+    if not grouped_mm_on_cpu():
+        print("this PyTorch has no torch._grouped_mm on CPU: the experts always take the loop; nothing to compare")
+        return 0
+    report["grouped_vs_loop"] = bench_grouped_vs_loop(EXPERT_SHAPES, args.warmup, max(3, args.repeats // 4))
+    report["load_after"] = load_average()
+    report["wall_time_s"] = time.time() - t_start
+    m = report["machine"]
+    print(f"\nmachine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads, torch {m['torch']} | "
+          f"load average {report['load_before']:.2f} before, {report['load_after']:.2f} after")
+    print("experts forward+backward on CPU, rows already routed and sorted: loop time over grouped time "
+          "(above 1 the grouped way is faster), and the way moe.py's rule picks")
+    print(f"  {'shape':28s} {'rows/expert':>11s} {'rows x h':>9s} {'loop ms':>9s} {'grouped ms':>10s} "
+          f"{'loop/grouped':>12s} {'rule':>8s} {'rule/best':>9s}")
+    for name, x in report["grouped_vs_loop"].items():
+        print(f"  {name:28s} {x['rows_per_expert']:11.0f} {x['block']:9.0f} {x['loop_ms']:9.2f} "
+              f"{x['grouped_ms']:10.2f} {x['loop_over_grouped']:12.3f} {x['rule_picks']:>8s} {x['rule_over_best']:9.3f}")
+    report["headline"] = {"rule_over_best_worst": max(x["rule_over_best"] for x in report["grouped_vs_loop"].values())}
+    print("\nheadline: " + ", ".join(f"{k} {v:.3f}" for k, v in report["headline"].items()))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
         print(f"wrote {args.json}")

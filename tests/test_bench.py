@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -69,3 +71,19 @@ def test_bench_peers_compares_with_a_mask_loop_and_hugging_face_when_installed(t
         assert 0 <= peer["max_rel_diff"] <= 1e-4
     assert set(r["headline"]) == {"peer_over_project_worst"}
     assert "moe_over_dense" not in r["targets"]
+
+
+def test_grouped_vs_loop_times_both_ways_and_reports_the_rules_pick():
+    """The measurements behind moe.py's CPU rule, on one small shape: both
+    ways timed, the rule's pick named, and its cost over the faster way >= 1."""
+    sys.path.insert(0, str(ROOT))
+    import bench
+    from moe import grouped_mm_on_cpu
+    if not grouped_mm_on_cpu():
+        pytest.skip("torch._grouped_mm does not run on this CPU build: there is only the loop")
+    r = bench.bench_grouped_vs_loop([(16, 4, 2, 8, 64)], warmup=0, repeats=2)
+    x = r["d16_e4_top2_h8_t64"]
+    assert x["rows_per_expert"] == 32 and x["block"] == 32 * 8
+    assert positive(x["loop_ms"]) and positive(x["grouped_ms"]) and positive(x["loop_over_grouped"])
+    assert x["rule_picks"] == "grouped"          # 256 values per block: far under one thread's share
+    assert x["rule_over_best"] >= 1.0
