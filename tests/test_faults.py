@@ -554,7 +554,7 @@ def test_help_shows_real_defaults_and_every_flag_has_help(monkeypatch, capsys):
     assert exc.value.code == 0
     text = " ".join(capsys.readouterr().out.split())        # argparse wraps lines
     assert "(default: None)" not in text and "None" not in text
-    assert "--steps N optimizer steps (default: tiny 20; default 1000; gpu 3000)" in text
+    assert "--steps N optimizer steps (default: tiny 20; default 1000; gpu 2000)" in text
     actions = {a.dest: a for a in parsers[0]._actions}
     assert "lossfree" in actions["bias_rate"].help and "0.001" in actions["bias_rate"].help   # a knob's own default
     no_help = [a.option_strings for a in actions.values() if not (a.help or "").strip()]
