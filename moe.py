@@ -64,7 +64,7 @@ def check_config(cfg, world_size=1, local_seqs=None):
         raise ValueError(f"shared_experts={cfg.shared_experts} must be >= 0")
     if cfg.d_model % cfg.n_heads:
         raise ValueError(f"d_model={cfg.d_model} is not divisible by n_heads={cfg.n_heads}: "
-                         f"pick a head count that divides it")
+                         f"pick an --n-heads that divides --d-model")
     if cfg.n_experts % world_size:
         raise ValueError(f"n_experts={cfg.n_experts} is not divisible by the {world_size} processes: "
                          f"each rank must own the same number of experts; change --n-experts or --nproc_per_node")

@@ -152,6 +152,9 @@ class RunDir:
         self.lock, self.logf = None, None
         if not proc.main:
             return
+        if resume and not self.ckpt.exists():
+            # Before mkdir: a mistyped --out must not leave an empty folder behind.
+            raise ValueError(f"--resume: no checkpoint at {self.ckpt}; run without --resume first")
         try:
             self.out.mkdir(parents=True, exist_ok=True)
             self.lock = open(self.out / ".lock", "w")

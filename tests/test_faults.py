@@ -309,6 +309,13 @@ def test_resuming_a_finished_run_says_so_exits_0_and_changes_no_file(finished, t
     assert snapshot(out) == before
 
 
+def test_resume_into_a_missing_folder_is_one_line_and_creates_nothing(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "typo" / "run"
+    status, _, err = run_cli(monkeypatch, capsys, *TINY, "--out", out, "--resume")
+    assert status == 2 and len(error_lines(err)) == 1 and "no checkpoint" in err
+    assert not (tmp_path / "typo").exists()
+
+
 def test_a_run_stopped_and_resumed_to_its_end_is_then_finished_and_left_alone(tmp_path, monkeypatch, capsys):
     """--stop-at, then --resume to the end, then --resume again: the third
     call must not retrain, rewrite the log or replace the summary."""
