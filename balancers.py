@@ -64,7 +64,8 @@ class BalanceConfig:
                                     group=True)
     bias_rate: float | None = knob("bias update rate u (Wang et al. Alg. 1)", high=1)
     bias_update: str | None = knob("sign: b += u sign(e) (Alg. 1); proportional: b += u e / mean(load) "
-                                   "(App. C)", str, ("sign", "proportional"))
+                                   "(their Table 3 and App. C.2 use u e; the / mean(load) is this "
+                                   "project's)", str, ("sign", "proportional"))
     capacity_factor: float | None = knob("c in C = n c / E tokens per expert (Zhou et al. Eq. 1)", strict=True)
     route_seqs: int | None = knob("sequences per routing group", int, low=1, group=True)
     route_shuffle: bool | None = knob("fill routing groups with tokens shuffled across the micro-batch "
@@ -78,7 +79,8 @@ class Routing:
     token_idx: torch.Tensor    # [A] long: row in the flattened [B*T] tokens
     expert_idx: torch.Tensor   # [A] long: which expert gets that row
     weight: torch.Tensor       # [A] gate value that scales the expert output (has grad)
-    probs: torch.Tensor        # [B, T, E] gate scores normalised to sum 1 per token (the aux loss's P)
+    probs: torch.Tensor        # [B, T, E] gate scores normalised to sum 1 per token (the aux loss's P;
+                               # for sigmoid that is the s / sum_j s_j of DeepSeek-V3's sequence-wise loss, Sec. 2.1.2)
     logits: torch.Tensor       # [B, T, E] raw router logits (for the z-loss)
 
 
@@ -335,7 +337,10 @@ class LossFree(Balancer):
         e_i = mean(c) - c_i,   b_i += u * sign(e_i),   u = 1e-3
 
     (or, with bias_update="proportional", b_i += u * e_i / mean(c): their
-    App. C pairs this with the softmax gate). Using the *previous* batch's
+    Sec. 4.3 (Table 3) tries u * e_i with the sigmoid gate, and App. C.2
+    uses it with the softmax gate. Dividing e_i by the mean load is this
+    project's choice: it makes u mean the same at any batch size, so u here
+    is not numerically their u). Using the *previous* batch's
     load is what keeps it causal: the current batch's load would depend on
     future tokens. The bias is an fp32 buffer: state saved in checkpoints,
     never a parameter, never given gradient."""
@@ -362,7 +367,9 @@ class LossFree(Balancer):
 class SeqAuxLossFree(LossFree):
     """`seq_aux`: DeepSeek-V3's recipe (DeepSeek-AI 2024, Sec. 2.1.2): lossfree
     routing plus a tiny auxiliary loss computed *within each sequence*
-    (alpha = 1e-4), only to prevent extreme imbalance inside one sequence."""
+    (alpha = 1e-4), only to prevent extreme imbalance inside one sequence.
+    V3 also rescales each token's k gate weights to sum to 1; that is left
+    out here so that the loss is the one thing this class adds to lossfree."""
     paper = "DeepSeek-V3 (DeepSeek-AI 2024)"
     summary = "lossfree plus a tiny per-sequence aux loss"
     defaults = dict(LossFree.defaults, alpha=1e-4)
@@ -381,7 +388,7 @@ class ExpertChoice(Balancer):
     capacity factor c = 2. Every expert gets exactly C tokens -- perfect balance,
     no loss -- and a token may get zero or several experts.
 
-    The catch (Wang et al. 2024, Sec. 2.3 and App. C): whether token t is picked
+    The catch (Wang et al. 2024, Sec. 5.2 and App. D): whether token t is picked
     depends on how every other token of the group scores, later tokens of its
     own sequence included. The output at position t therefore depends on the
     future, which a causal language model must never see. The smaller the

@@ -628,15 +628,17 @@ def parse_args(argv=None):
                         "one moe.py's rule picks (about a minute)")
     p.add_argument("--json", metavar="FILE", help="write every figure to FILE")
     p.add_argument("--preset", default="default", choices=list(train.PRESETS),
-                   help="model and batch sizes (tiny: a smoke run in seconds)")
+                   help="model and batch sizes (default: default; tiny: a smoke run in seconds)")
     p.add_argument("--balancer", default="lossfree", choices=STRATEGIES,
-                   help="strategy of the training-step measurements")
+                   help="strategy of the training-step measurements (default: lossfree)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(),
-                   help="threads of this process (the expert-parallel runs share the same total)")
+                   help="threads of this process (default: %(default)s, torch's); the expert-parallel runs "
+                        "share the same total")
     p.add_argument("--repeats", type=int,
                    help="timed repeats of each layer (default: 40, 5 with --preset tiny); training steps get a quarter as many")
     p.add_argument("--warmup", type=int, help="untimed repeats first (default: 3, 1 with --preset tiny)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (the expert-parallel runs are always CPU/gloo)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                   help="default: cpu (the expert-parallel runs are always CPU/gloo)")
     args = p.parse_args(argv)
     tiny = args.preset == "tiny"
     args.repeats = args.repeats or (5 if tiny else 40)

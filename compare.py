@@ -102,7 +102,7 @@ def claims(size):
         Claim("alpha", "A large alpha balances but costs perplexity; a small alpha does not balance",
               "Wang et al. 2024, Fig. 2: sigmoid gate", 6, {**sigmoid_aux, **lossfree("1e-3")}),
         Claim("softmax", "With the softmax gate, loss-free (proportional update) also balances better at no "
-                         "worse perplexity", "Wang et al. 2024, App. C: softmax gate, alpha 3e-4", 6,
+                         "worse perplexity", "Wang et al. 2024, App. C.2 and Table 6: softmax gate, alpha 3e-4", 6,
               {"aux softmax alpha=3e-4": aux("3e-4", "--gate", "softmax"),
                "lossfree softmax proportional": ["--balancer", "lossfree", "--gate", "softmax",
                                                  "--bias-update", "proportional"]}),
@@ -115,7 +115,7 @@ def claims(size):
         Claim("expert_choice", "Expert choice leaks future tokens: the causality probe is non-zero, and a model "
                                "trained with small routing chunks relies on the leak (its loss rises when its "
                                "chunks are shuffled), unlike one trained shuffled",
-              "Wang et al. 2024, Sec. 2.3, App. C and Fig. 9", 4,
+              "Wang et al. 2024, Sec. 5.2, App. D.2 and Fig. 9", 4,
               {"EC, chunk 1 seq": ec(1), "EC, chunk 2 seqs": ec(2), f"EC, chunk {batch} seqs": ec(batch),
                "EC, chunk 1 seq, trained shuffled": ec(1, "--route-shuffle"), **token_choice}),
         Claim("bias_rate", "Update rate: u = 1e-4 balances too slowly, u = 1e-2 oscillates late in training",
@@ -219,17 +219,24 @@ def train_one(run_dir, argv, state, launcher):
     return True
 
 
-def run_plan(plan, root, jobs, launcher):
-    """Train every run that is not finished, `jobs` at a time. True if all
-    finished; False if one failed or was stopped (run the same command again
-    to go on: finished runs are kept, interrupted ones resume)."""
-    todo = []
+def run_plan(plan, root, jobs, launcher, reuse=None):
+    """Train every run that is not finished, `jobs` at a time. Returns how
+    many it trained, or None if one failed or was stopped (run the same
+    command again to go on: finished runs are kept, interrupted ones resume). A run that
+    finished with exactly the same flags under `reuse` (another --out) is
+    copied from there instead of trained again."""
+    todo, copied = [], 0
     for name, (flags, seed) in plan.runs.items():
         argv = plan.common + flags + ["--seed", str(seed)]
         state = run_state(root / "runs" / name, argv)
+        if state != "done" and reuse is not None and run_state(reuse / "runs" / name, argv) == "done":
+            shutil.rmtree(root / "runs" / name, ignore_errors=True)
+            shutil.copytree(reuse / "runs" / name, root / "runs" / name)
+            state, copied = "done", copied + 1
         if state != "done":
             todo.append((name, argv, state))
-    print(f"{len(plan.runs)} runs, {len(plan.runs) - len(todo)} finished earlier; training {len(todo)} "
+    print(f"{len(plan.runs)} runs, {len(plan.runs) - len(todo) - copied} finished earlier"
+          f"{f', {copied} copied from {reuse}' if copied else ''}; training {len(todo)} "
           f"with {jobs} at a time", flush=True)
     done, failed, t0 = 0, [], time.time()
 
@@ -251,7 +258,8 @@ def run_plan(plan, root, jobs, launcher):
     if failed:
         print(f"{len(failed)} run(s) did not finish, e.g. {root / 'runs' / failed[0] / 'train.txt'}; "
               f"run the same command again to continue")
-    return not failed
+        return None
+    return len(todo)
 
 
 # ----------------------------------------------------------------------------
@@ -288,7 +296,7 @@ def reversal_rate(log):
     biases = [torch.tensor(r["state"]["bias"]) for r in log if "bias" in r.get("state", {})]
     biases = biases[-max(3, len(biases) // 4):]
     if len(biases) < 3:
-        return float("nan")
+        return None                 # no bias to reverse: not a number, and not 0
     moves = torch.stack([b - a for a, b in zip(biases, biases[1:])])
     flips = (moves[1:] * moves[:-1]) < 0
     return flips.float().mean().item()
@@ -336,14 +344,20 @@ def interval(values):
     return mean, sd, mean - half, mean + half
 
 
+MAX_SEEDS = 1000   # beyond this, "more seeds" is no longer a plan
+
+
 def seeds_needed(mean, sd, target):
     """Seeds at which a difference of this mean and spread would leave `target`
-    outside its 95% interval 80% of the time; None if it cannot (mean on the
-    target)."""
+    outside its 95% interval 80% of the time, taking the measured mean and
+    spread as the truth (a rough guide: the spread itself comes from a few
+    seeds). It would settle the claim on the side the mean lies on, which may
+    be the side against it. None if the mean sits on the target or more than
+    MAX_SEEDS would be needed."""
     gap = abs(mean - target)
     if sd is None or gap == 0:
         return None
-    for n in range(2, 100_000):
+    for n in range(2, MAX_SEEDS + 1):
         if (t_quantile(T975, n - 1, 1.960) + t_quantile(T80, n - 1, 0.842)) * sd / math.sqrt(n) < gap:
             return n
     return None
@@ -387,11 +401,14 @@ class Results:
         self.rows = {name: metrics(root / "runs" / name) for name in plan.runs}
 
     def values(self, label, column, seeds=None):
-        return [self.rows[self.plan.folder(label, s)][column] for s in (seeds or self.plan.seeds[label])]
+        return [self.rows[self.plan.folder(label, s)][column]
+                for s in (self.plan.seeds[label] if seeds is None else seeds)]
 
     def part(self, what, a, b, column, side, margin=0.0, unit="", seeds=None):
         """A paired difference a - b over the seeds both arms have (or `seeds`)."""
         seeds = seeds or [s for s in self.plan.seeds[a] if s in self.plan.seeds[b]]
+        if not seeds:
+            raise ValueError(f"arms {a!r} and {b!r} share no seed: nothing to pair")
         d = [x - y for x, y in zip(self.values(a, column, seeds), self.values(b, column, seeds))]
         return {"part": what, "a": a, "b": b, "metric": column, "unit": unit, **verdict(d, side, margin),
                 **({"margin": margin} if margin else {})}
@@ -402,8 +419,9 @@ class Results:
                 **verdict(self.values(a, column), side)}
 
     def exact(self, what, ok):
-        """A part that is not statistical (the causality probe is exactly 0 or not)."""
-        return {"part": what, "verdict": "holds" if all(ok) else "contradicted" if not any(ok) else "unresolved",
+        """A part that is not statistical (the causality probe is exactly 0 or
+        not): no noise to wait out, so a single failed check contradicts it."""
+        return {"part": what, "verdict": "holds" if all(ok) else "contradicted",
                 "seeds": len(ok), "unit": "", "metric": "causal_leak"}
 
 
@@ -466,6 +484,18 @@ def results_json(root, r, plan, judged, args, wall):
             "runs": runs}
 
 
+def resolve_note(part):
+    """What more seeds would do for an unresolved part, and which way."""
+    if "diff" not in part or part.get("sd") is None:
+        return ""
+    n = part.get("seeds_to_resolve")
+    if not n:
+        return f" (more than {MAX_SEEDS} seeds: too small an effect for its spread)"
+    side, margin = part["claim"].split()
+    on_claimed_side = part["diff"] < float(margin) if side == "<" else part["diff"] > float(margin)
+    return f" (~{n} seeds would resolve it, as {'holds' if on_claimed_side else 'contradicted'})"
+
+
 def fmt(x, spec=".3f"):
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
@@ -481,7 +511,12 @@ def markdown(res):
             ("causal leak", "causal_leak", ".1e")]
     mean_sd = lambda xs: f"{fmt(sum(xs) / len(xs))}" if len(xs) < 2 else \
         f"{sum(xs) / len(xs):.4g} ± {interval(xs)[1]:.2g}"
-    lines = [f"Produced by `{res['command']}` in {res['wall_time_s'] / 60:.1f} min ({res['machine']['cpus']} CPUs, "
+    # A second invocation only trains what is missing: say so, or its wall
+    # time would read as the time the whole comparison takes.
+    trained = res.get("runs_trained", len(res["runs"]))
+    earlier = f" (it trained {trained} runs; {len(res['runs']) - trained} had finished earlier)" \
+        if trained < len(res["runs"]) else ""
+    lines = [f"Produced by `{res['command']}` in {res['wall_time_s'] / 60:.1f} min{earlier} ({res['machine']['cpus']} CPUs, "
              f"{res['machine']['jobs']} runs at a time, torch {res['machine']['torch']}); {res['steps']} steps per run, "
              f"validation on up to {res['val_windows_per_domain']} windows per domain. Rows: mean ± std over seeds.",
              "", "| arm | seeds | " + " | ".join(c[0] for c in cols) + " |", "|---" * (len(cols) + 2) + "|"]
@@ -490,7 +525,8 @@ def markdown(res):
         lines.append(f"| {lbl} | {len(rows)} | " + " | ".join(mean_sd([m[k] for m in rows]) for _, k, _ in cols) + " |")
     lines += ["", f"Verdicts: each part is a paired difference a - b within seed, mean and 95% t-interval; "
               f"**holds** if the interval lies on the claimed side, **contradicted** if wholly on the other, "
-              f"**unresolved** otherwise, with the seeds that would resolve it at the measured spread (80% power). "
+              f"**unresolved** otherwise, with the seeds that would resolve it (80% power) and which way, "
+              f"if the measured mean and spread were the truth. "
               f"\"No worse\" uses a non-inferiority margin of {res['non_inferiority_margin_nats']} nats.", ""]
     for i, c in enumerate([c for c in res["claims"] if c["verdict"]], 1):
         lines += [f"{i}. *{c['claim']}* ({c['source']}; {c['seeds']} seed{'s' * (c['seeds'] > 1)}): "
@@ -499,7 +535,7 @@ def markdown(res):
         for p in c["parts"]:
             diff = f"{fmt(p.get('diff'), '+.4f')} {p['unit']}".strip() if "diff" in p else "exact"
             ci = f"[{fmt(p.get('ci_low'), '+.4f')}, {fmt(p.get('ci_high'), '+.4f')}]" if "diff" in p else "-"
-            more = f" (~{p['seeds_to_resolve']} seeds would resolve it)" if p.get("seeds_to_resolve") else ""
+            more = resolve_note(p) if p["verdict"] == "unresolved" else ""
             lines.append(f"   | {p['part']} | {diff} | {ci} | {p['seeds']} | {p['verdict']}{more} |")
         lines.append("")
     return "\n".join(lines)
@@ -613,7 +649,7 @@ def plot_global(root, r):
 
 
 def plot_expert_choice(root, r):
-    """Wang et al. 2024, Fig. 9 and App. C: loss against the routing chunk, the
+    """Wang et al. 2024, Fig. 9 and App. D.2: loss against the routing chunk, the
     within-model shuffle test, and the causality probe of every strategy."""
     plt = pyplot()
     chunks = claim_arms(r, "expert_choice")[:4]
@@ -647,16 +683,22 @@ PLOTS = [(plot_alpha, {"alpha", "softmax"}), (plot_maxvio_batch, {"lossfree", "a
 README_BEGIN, README_END = "<!-- compare.py results: begin -->", "<!-- compare.py results: end -->"
 
 
+def results_md(res):
+    return ("# The papers' claims, measured here\n\n" + markdown(res) + "\n" +
+            "\n".join(f"![{p}]({p})" for p in res["plots"]) + "\n")
+
+
 def publish(root):
-    """Copy results.json, results.md and the plots to results/, and put
-    results.md into the README between the markers."""
+    """Copy results.json and the plots to results/, write results.md from
+    results.json, and put it into the README between the markers."""
     dest = HERE / "results"
     dest.mkdir(exist_ok=True)
     res = read_json(root / "results.json")
     if res is None:
         raise ValueError(f"no {root / 'results.json'} to publish: run python compare.py first")
-    for name in ["results.json", "results.md"] + res["plots"]:
+    for name in ["results.json"] + res["plots"]:
         shutil.copy(root / name, dest / name)
+    (dest / "results.md").write_text(results_md(res))
     readme = (HERE / "README.md").read_text()
     if README_BEGIN not in readme or README_END not in readme:
         raise ValueError("README.md has no results markers to write between")
@@ -680,7 +722,11 @@ def parse_args(argv=None):
     p.add_argument("--out", default="compare_out", metavar="DIR", help="results and runs/ go here (default: compare_out)")
     p.add_argument("--claims", type=lambda text: text.split(","), metavar="KEY,...",
                    help="only these claims' runs and verdicts, e.g. 'softmax' to add seeds to one claim "
-                        f"(keys: {', '.join(c.key for c in claims('default'))})")
+                        f"(keys: {', '.join(c.key for c in claims('default'))}; main: every strategy at its "
+                        f"defaults, for the tables, no verdict)")
+    p.add_argument("--reuse", type=Path, metavar="DIR",
+                   help="copy runs that finished with the same flags from DIR (another --out) instead of "
+                        "training them again, e.g. to add seeds to one claim in a new folder")
     p.add_argument("--seeds", type=int, metavar="N", help="N seeds for every arm (default: per claim, chosen from "
                                                           "the measured spread; quick 2; smoke 1)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, metavar="N",
@@ -693,6 +739,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     args.size = "quick" if args.quick else "smoke" if args.smoke else "default"
+    if args.reuse is not None and not (args.reuse / "runs").is_dir():
+        raise ValueError(f"--reuse {args.reuse}: no runs/ folder there to copy finished runs from")
     unknown = set(args.claims or []) - {c.key for c in claims("default")}
     if unknown:
         raise ValueError(f"--claims: no claim {', '.join(sorted(unknown))}; see --help for the keys")
@@ -721,17 +769,18 @@ def main(argv=None):
     torch.set_num_threads(1)          # like every run: one thread each
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    if not run_plan(plan, root, args.jobs, launcher):
+    trained = run_plan(plan, root, args.jobs, launcher, args.reuse)
+    if trained is None:
         return 1
     wall = time.time() - t0
     r = Results(root, plan)
     judged = judge(r)
     res = results_json(root, r, plan, judged, args, wall)
+    res["runs_trained"] = trained
     keys = {c.key for c in plan.claims}
     res["plots"] = [plot(root, r) for plot, needs in PLOTS if needs <= keys]
-    (root / "results.json").write_text(json.dumps(res, indent=1, default=float))
-    (root / "results.md").write_text("# The papers' claims, measured here\n\n" + markdown(res) + "\n" +
-                                     "\n".join(f"![{p}]({p})" for p in res["plots"]) + "\n")
+    (root / "results.json").write_text(plumbing.finite_json(res, indent=1))
+    (root / "results.md").write_text(results_md(res))
     for c in judged:
         if c["verdict"]:
             print(f"{c['key']}: {c['verdict']} -- {c['claim']}")

@@ -355,7 +355,9 @@ class GPT(nn.Module):
             lm_loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
         # Averaged, not summed, over layers: each layer is balanced on its own
         # (never pool all layers' logits as if expert i were one expert), and
-        # alpha keeps its meaning whatever the depth.
+        # alpha weighs the whole model's balance term whatever the depth. So
+        # each router feels alpha / n_layers; a framework that sums over
+        # layers gives each router the full alpha.
         return GPTOutput(logits, lm_loss, torch.stack(balance_losses).mean(), routings)
 
     def moe_layers(self):

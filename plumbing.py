@@ -94,8 +94,8 @@ class Proc:
 # ----------------------------------------------------------------------------
 # 2. The output folder.
 
-def finite_json(record):
-    """A log record as strict JSON: NaN and infinities are not JSON, so they
+def finite_json(record, indent=None):
+    """A record as strict JSON: NaN and infinities are not JSON, so they
     become null and the record names them under "nonfinite"."""
     bad = []
 
@@ -111,7 +111,7 @@ def finite_json(record):
     out = clean(record, None)
     if bad:
         out["nonfinite"] = sorted(set(bad))
-    return json.dumps(out, allow_nan=False)
+    return json.dumps(out, allow_nan=False, indent=indent)
 
 
 def write_atomic(path, write):

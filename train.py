@@ -285,7 +285,7 @@ def causal_probe(model, x, t, generator):
 
     A causal language model must answer exactly 0. Token-choice routing is
     per token, so it does; expert choice compares tokens of the whole routing
-    group, later ones included, so it does not (Wang et al. 2024, App. C).
+    group, later ones included, so it does not (Wang et al. 2024, Sec. 5.2).
     Returns the max |change| of the logits at positions <= t."""
     model.eval()
     x2 = x.clone()

@@ -18,7 +18,7 @@ Who is first matters. Switch fills the slots in token order. GShard's top-2
 the group before any second choice: then a later token's first choice can
 take the slot of an earlier token's second choice, and the earlier output
 depends on the future -- the leak of expert choice (Wang et al. 2024,
-App. C) in a milder form. Here each sequence is its own group and the queue
+Sec. 5.2) in a milder form. Here each sequence is its own group and the queue
 runs token by token (a token's k choices best first), so the model stays
 exactly causal.
 

@@ -10,8 +10,9 @@ train.py, with the strategies of the exercises registered as well, so that
     torchrun --nproc_per_node=2 -m exercises.run --balancer global_aux_nobuf --grad-accum 2
 
 Your own files by default; EXERCISES_FROM=solutions trains the reference
-solutions (exercises/checking.py). An exercise not written yet fails with
-its NotImplementedError the first time it is used.
+solutions (exercises/checking.py). An exercise not written yet stops the
+run with one line, its NotImplementedError's message, the first time it is
+used.
 """
 
 import sys
@@ -26,5 +27,13 @@ from checking import EXERCISES, exercise  # noqa: E402
 for name in EXERCISES:
     exercise(name)          # importing an exercise file registers its strategy
 
+
+def main():
+    try:
+        return train.main()
+    except NotImplementedError as e:     # a stub: a user's to-do, not a crash
+        raise ValueError(f"{e} first (or train the reference solution: EXERCISES_FROM=solutions)") from None
+
+
 if __name__ == "__main__":
-    plumbing.cli(train.main)
+    plumbing.cli(main)

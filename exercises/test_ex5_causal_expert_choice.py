@@ -8,7 +8,7 @@ import torch
 from balancers import BALANCERS, BalanceConfig, expert_capacity, make_balancer
 from checking import exercise, leak, tiny_gpt, train_a_little
 
-EXERCISE = "ex5 causal expert choice (Zhou et al. 2022; Wang et al. 2024, App. C)"
+EXERCISE = "ex5 causal expert choice (Zhou et al. 2022; Wang et al. 2024, Sec. 5.2)"
 HINT = ("cut-off: scores of a group [n, E] -> topk(C + 1, dim=0).values[C]; route: "
         "(scores > self.threshold).nonzero(); step: threshold = cut_sum / cut_groups, then zero the scratch")
 

@@ -254,8 +254,8 @@ def test_lossfree_step_moves_bias_by_exactly_u_against_the_load():
 
 
 def test_proportional_update_moves_bias_by_u_times_error_over_mean_load():
-    """Wang et al. 2024, App. C (the softmax-gate variant): b_i += u * e_i /
-    mean(c). Unlike the sign rule, a far-off expert moves further. (u = 1/32
+    """Wang et al. 2024, Sec. 4.3 and App. C.2 (their softmax-gate choice):
+    b_i += u * e_i, here over mean(c). Unlike the sign rule, a far-off expert moves further. (u = 1/32
     and these loads keep the arithmetic exact in binary.)"""
     u = 1 / 32
     bal = make_balancer("lossfree", 4, 1, BalanceConfig(bias_rate=u, bias_update="proportional"))

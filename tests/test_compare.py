@@ -81,6 +81,22 @@ def test_finished_runs_are_kept(smoke):
     assert some.stat().st_mtime_ns == stamp
 
 
+def test_reuse_copies_finished_runs_from_another_folder_and_says_so(smoke, tmp_path):
+    """Adding seeds in a new folder need not retrain the seeds already done;
+    the new results.md then says how many runs that invocation trained, so
+    its wall time does not read as the whole comparison's."""
+    out, _ = smoke
+    new = tmp_path / "more"
+    proc = run_compare("--smoke", "--jobs", "1", "--out", str(new), "--reuse", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    n = len(list((out / "runs").iterdir()))
+    assert f"{n} copied from" in proc.stdout and "training 0 with" in proc.stdout
+    assert f"(it trained 0 runs; {n} had finished earlier)" in (new / "results.md").read_text()
+    json.loads((new / "results.json").read_text(), parse_constant=pytest.fail)   # strict JSON: no NaN
+    bad = run_compare("--smoke", "--out", str(tmp_path / "x"), "--reuse", str(tmp_path / "nowhere"))
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "--reuse" in bad.stderr
+
+
 def test_claims_restricts_the_plan_to_those_claims_arms():
     plan = compare.Plan("default", ["--preset", "tiny"], 3, ["softmax"])
     assert [c.key for c in plan.claims] == ["softmax"]
@@ -163,9 +179,43 @@ def test_non_inferiority_is_judged_against_the_stated_margin():
     assert compare.verdict([-0.05, 0.04, -0.03, 0.03], "<", m)["verdict"] == "unresolved"
 
 
+def test_the_interval_is_the_student_t_interval_with_n_minus_1_degrees_of_freedom():
+    """Pinned to scipy.stats.t.interval(0.95, 3, mean, sem) for these four
+    values: a normal quantile (1.96) or n degrees of freedom would miss."""
+    mean, sd, low, high = compare.interval([0.30, -0.10, 0.20, 0.05])
+    assert mean == pytest.approx(0.1125) and sd == pytest.approx(0.175)
+    assert (low, high) == (pytest.approx(-0.16597, abs=1e-4), pytest.approx(0.39097, abs=1e-4))
+
+
 def test_seeds_needed_shrink_as_the_effect_grows():
     assert compare.seeds_needed(0.1, 0.1, 0) > compare.seeds_needed(0.3, 0.1, 0) >= 2
     assert compare.seeds_needed(0.0, 0.1, 0) is None
+
+
+def test_an_effect_too_small_for_its_spread_gets_no_seed_count():
+    """Mean 0.001 with sd 0.1 would take ~80,000 seeds: beyond MAX_SEEDS the
+    rule says so instead of printing the number."""
+    assert compare.seeds_needed(0.001, 0.1, 0) is None
+    part = {**compare.verdict([0.1, -0.1, 0.101, -0.099], ">"), "unit": ""}
+    assert part["verdict"] == "unresolved" and part["seeds_to_resolve"] is None
+    assert f"more than {compare.MAX_SEEDS} seeds" in compare.resolve_note(part)
+
+
+def test_the_seed_count_says_which_way_it_would_resolve():
+    """The estimate takes the measured mean as the truth, so with the mean on
+    the wrong side more seeds would settle it *against* the claim."""
+    for diffs, way in (([0.30, -0.10, 0.20, 0.05], "as holds"), ([-0.30, 0.10, -0.20, -0.05], "as contradicted")):
+        part = compare.verdict(diffs, ">")
+        assert part["verdict"] == "unresolved" and way in compare.resolve_note(part)
+
+
+def test_an_exact_check_that_fails_once_contradicts_the_claim():
+    """The causality probe has no noise to wait out: one token-choice run with
+    a non-zero probe is a bug, not an unresolved result."""
+    r = compare.Results.__new__(compare.Results)
+    assert r.exact("probe", [True, True, True])["verdict"] == "holds"
+    assert r.exact("probe", [True, False, True])["verdict"] == "contradicted"
+    assert r.exact("probe", [False, False])["verdict"] == "contradicted"
 
 
 def test_a_claim_holds_only_if_every_part_holds():

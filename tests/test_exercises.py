@@ -216,3 +216,16 @@ def test_exercise_strategies_train_through_train_py(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "run" / "summary.json").exists()
     assert "causal leak 0.00e+00" in proc.stdout + proc.stderr
+
+
+def test_an_unwritten_exercise_stops_its_run_with_one_line(tmp_path):
+    """Training a stub is a to-do, not a crash: one line naming what to
+    write, exit code 2, no traceback."""
+    env = {k: v for k, v in os.environ.items() if k != "EXERCISES_FROM"}
+    env["OMP_NUM_THREADS"] = "1"
+    proc = subprocess.run([sys.executable, "-m", "exercises.run", "--balancer", "mult_bias", "--preset", "tiny",
+                           "--steps", "3", "--out", str(tmp_path / "run")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    errors = [line for line in proc.stderr.splitlines() if "error" in line or "Traceback" in line]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-3000:]
+    assert "exercise 1: write MultiplicativeBias.route()" in errors[0]

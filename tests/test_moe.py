@@ -265,7 +265,7 @@ def test_token_choice_model_is_exactly_causal(strategy, seed):
 def test_expert_choice_leaks_future_tokens(strategy, seed):
     """Expert choice compares all tokens of the routing group, later ones
     included: changing the future changes the past outputs (Wang et al. 2024,
-    Sec. 2.3 and App. C). This is the leak the causality probe measures."""
+    Sec. 5.2 and App. D). This is the leak the causality probe measures."""
     before, after = logits_before_and_after_changing_the_future(strategy, seed)
     # A real change: logits here are ~0.1, so float32 rounding is ~1e-8; the
     # leak moves them by ~1e-4 (token choice: exactly 0).

@@ -1,6 +1,6 @@
 """
 Exercise 5: expert choice made causal (Zhou et al. 2022, Sec. 3; the leak:
-Wang et al. 2024, App. C).
+Wang et al. 2024, Sec. 5.2).
 
 Expert choice lets each expert take the C = n c / E tokens of its routing
 group that score it highest. Whether token t makes the cut depends on how
