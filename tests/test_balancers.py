@@ -64,7 +64,6 @@ def test_scratch_buffers_are_back_to_zero_after_step(strategy):
     model.end_step()
     for layer in model.moe_layers():
         kept = layer.balancer.state()
-        assert kept.keys() == layer.balancer.state_dict().keys()
         for name, buf in layer.balancer.named_buffers():
             if name not in kept:
                 assert not buf.any(), f"{strategy}: scratch buffer {name} not reset by step()"
