@@ -516,7 +516,8 @@ def markdown(res):
     trained = res.get("runs_trained", len(res["runs"]))
     earlier = f" (it trained {trained} runs; {len(res['runs']) - trained} had finished earlier)" \
         if trained < len(res["runs"]) else ""
-    lines = [f"Produced by `{res['command']}` in {res['wall_time_s'] / 60:.1f} min{earlier} ({res['machine']['cpus']} CPUs, "
+    lines = [f"Produced by `{res['command']}` in {res['wall_time_s'] / 60:.1f} min{earlier} "
+             f"({res['machine']['cpus']} CPUs, "
              f"{res['machine']['jobs']} runs at a time, torch {res['machine']['torch']}); {res['steps']} steps per run, "
              f"validation on up to {res['val_windows_per_domain']} windows per domain. Rows: mean ± std over seeds.",
              "", "| arm | seeds | " + " | ".join(c[0] for c in cols) + " |", "|---" * (len(cols) + 2) + "|"]
