@@ -393,6 +393,24 @@ class GPT(nn.Module):
         return loads
 
 
+@torch.no_grad()
+def causal_logits(model, idx):
+    """The logits a model can produce while generating: position t computed
+    from positions <= t only. [B, T] -> [B, T, vocab].
+
+    One forward per prefix length: the logits at t come from the model run on
+    idx[:, :t+1], so every routing group holds only the prefix of its
+    sequences, exactly what generation sees. Token-choice routing is per
+    token, so this equals the ordinary (teacher-forced) forward up to float
+    rounding. Expert choice compares tokens of its group, later ones included;
+    here the later ones are not there, and its teacher-forced loss stops
+    being a lower bound it cannot reach (Wang et al. 2024, Sec. 5.2).
+    Costs T forwards of growing length: an evaluation and generation tool,
+    not a training one."""
+    T = idx.shape[1]
+    return torch.stack([model(idx[:, :t + 1]).logits[:, -1] for t in range(T)], dim=1)
+
+
 # ----------------------------------------------------------------------------
 # Optimizer-step helpers for expert parallelism.
 
