@@ -339,6 +339,24 @@ def evaluate(model, corpus, batches, proc):
             "expert_freq": freq.tolist(), "causal_leak": leak.item()}
 
 
+def evaluation_line(step, ev):
+    """What an evaluation during training prints above the progress bar."""
+    return (f"step {step}: val loss {ev['val_loss']:.4f} | MaxVio_global {ev['maxvio_global']:.3f} | "
+            f"specialisation {ev['specialization']:.3f}")
+
+
+def against_unigram(val_loss, unigram, steps):
+    """The final verdict in words: has the model learned more than byte
+    frequencies? A model that has not is not broken when it is tiny or
+    short-trained: it first learns the unigram, then context."""
+    if val_loss < unigram:
+        return (f"the model beats the unigram baseline by {unigram - val_loss:.3f} nats per byte: "
+                f"it uses context, not just byte frequencies")
+    return (f"the model is still {val_loss - unigram:.3f} nats per byte worse than the unigram baseline "
+            f"(guessing from byte frequencies alone): expected for a tiny model or a short run "
+            f"({steps} steps); train longer or use the default preset")
+
+
 def unigram_loss(corpus):
     """Cross-entropy of the best context-free guess: the training byte
     frequencies, scored on the validation text. The model must beat it."""
@@ -425,12 +443,14 @@ def train(args, cfg, proc, run):
             if final or (args.eval_every and step % args.eval_every == 0):
                 ev = evaluate(model, corpus, batches, proc)
                 rec.update({k: v for k, v in ev.items() if k != "expert_freq"})
+                if proc.main and not final:   # the final figures get their own lines below
+                    bar.write(evaluation_line(step, ev))
             if final or step % args.log_every == 0 or "val_loss" in rec:
                 rec = {"step": step, **rec}
                 history.append(rec)
                 run.append(rec)
             bar.update(1)
-            bar.set_postfix(loss=f"{rec['loss']:.3f}", maxvio=f"{rec['maxvio_batch']:.2f}")
+            bar.set_postfix_str(f"train loss {rec['loss']:.3f} | MaxVio_batch {rec['maxvio_batch']:.2f}")
             halt = proc.agree(stop.raised)
             if final or halt or step == args.stop_at or step % args.ckpt_every == 0 or "val_loss" in rec:
                 save()
@@ -448,6 +468,7 @@ def train(args, cfg, proc, run):
     proc.log(f"val loss {summary['val_loss']:.4f} (unigram {summary['unigram_loss']:.4f}) | "
              f"ppl {summary['val_ppl']:.3f} | MaxVio_global {summary['maxvio_global']:.3f} | "
              f"specialisation {summary['specialization']:.3f} | causal leak {summary['causal_leak']:.2e}")
+    proc.log(against_unigram(summary["val_loss"], summary["unigram_loss"], args.steps))
     proc.log(f"results in {args.out}/: summary.json, log.jsonl, ckpt.pt (raise --steps and add --resume to go on)")
     return 0
 

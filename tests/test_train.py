@@ -332,3 +332,21 @@ def test_every_preset_is_a_valid_model_for_one_and_two_processes(preset):
     args = train.parse_args(["--preset", preset])
     for world_size in (1, 2):
         check_config(train.model_config(args), world_size, local_seqs=args.batch_size // world_size)
+
+
+def test_the_run_prints_each_evaluation_and_judges_the_final_loss_against_the_unigram(tmp_path, capsys):
+    """A learner watches the terminal, not log.jsonl: every evaluation during
+    training prints one line with its figures, the bar names what it shows,
+    and the end says in words whether the model beats the unigram baseline."""
+    records = run_inprocess(tmp_path / "run", "--steps", "6", "--eval-every", "3")
+    out = capsys.readouterr()
+    text = out.out + out.err
+    evals = [r for r in records if "val_loss" in r]
+    line = train.evaluation_line(3, evals[0])
+    assert line in text and f"{evals[0]['val_loss']:.4f}" in line and "MaxVio_global" in line
+    assert "train loss" in text and "MaxVio_batch" in text            # the bar's fields are labelled
+    summary = json.load(open(tmp_path / "run" / "summary.json"))
+    verdict = train.against_unigram(summary["val_loss"], summary["unigram_loss"], 6)
+    assert verdict in text
+    assert ("worse than the unigram" in verdict) == (summary["val_loss"] >= summary["unigram_loss"])
+    assert "beats the unigram" in train.against_unigram(1.0, 2.0, 10)
