@@ -71,8 +71,8 @@ def test_updates_drive_skewed_router_to_balance():
 def test_bias_is_zero_mean_in_every_layer_of_a_trained_model():
     """In the model, GPT.end_step() calls step() once per optimizer step with
     each layer's load: every layer's bias must come out zero-mean."""
-    assert BALANCERS.get("lossfree_centred") is Centred, "the file must register BALANCERS['lossfree_centred']"
-    model = train_a_little(tiny_gpt("lossfree_centred", bias_rate=0.01), steps=4)
+    assert BALANCERS.get("ex2_lossfree_centred") is Centred, "the file must register BALANCERS['ex2_lossfree_centred']"
+    model = train_a_little(tiny_gpt("ex2_lossfree_centred", bias_rate=0.01), steps=4)
     assert any(layer.balancer.bias.abs().max() > 0 for layer in model.moe_layers()), \
         "training steps must move the bias (step() runs once per optimizer step)"
     for i, layer in enumerate(model.moe_layers()):

@@ -130,4 +130,4 @@ def test_under_gradient_accumulation_it_balances_each_micro_batch():
     assert without > 1.2 * with_buffer, \
         "micro-step 2 leans the other way from micro-step 1: without the buffer it must be penalised more " \
         f"than with it ({without.item():.5f} vs {with_buffer.item():.5f})"
-    assert not NoBuffer.accum_invariant and BALANCERS.get("global_aux_nobuf") is NoBuffer
+    assert not NoBuffer.accum_invariant and BALANCERS.get("ex4_global_aux_nobuf") is NoBuffer

@@ -89,8 +89,8 @@ def test_model_is_exactly_causal():
     """Each (token, expert) pair is decided by the token's own score and a
     threshold from past batches: changing later tokens must not move earlier
     logits by a single bit, where expert choice's do move."""
-    assert BALANCERS.get("causal_ec") is Causal, "the file must register BALANCERS['causal_ec']"
-    model = train_a_little(tiny_gpt("causal_ec"))
+    assert BALANCERS.get("ex5_causal_ec") is Causal, "the file must register BALANCERS['ex5_causal_ec']"
+    model = train_a_little(tiny_gpt("ex5_causal_ec"))
     for layer in model.moe_layers():
         assert (layer.balancer.threshold < 1).all(), "training steps must set the thresholds (in step())"
     assert leak(model) == 0, "the logits at positions <= t changed when later tokens changed: the routing is not causal"
@@ -99,7 +99,7 @@ def test_model_is_exactly_causal():
 
 def test_training_forward_is_causal_too():
     """The same in training mode, where route() also collects cut-offs."""
-    model = train_a_little(tiny_gpt("causal_ec")).train()
+    model = train_a_little(tiny_gpt("ex5_causal_ec")).train()
     x = torch.randint(0, 32, (2, 16), generator=torch.Generator().manual_seed(4))
     x2 = x.clone()
     x2[:, 8:] = torch.randint(0, 32, (2, 8), generator=torch.Generator().manual_seed(5))

@@ -210,7 +210,7 @@ def test_exercise_strategies_train_through_train_py(tmp_path):
     """`python -m exercises.run` is train.py with the exercises' strategies
     registered: a reference solution trains and reports like any strategy."""
     env = dict(os.environ, OMP_NUM_THREADS="1", EXERCISES_FROM="solutions")
-    proc = subprocess.run([sys.executable, "-m", "exercises.run", "--balancer", "causal_ec", "--preset", "tiny",
+    proc = subprocess.run([sys.executable, "-m", "exercises.run", "--balancer", "ex5_causal_ec", "--preset", "tiny",
                            "--steps", "3", "--out", str(tmp_path / "run")], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -223,7 +223,7 @@ def test_an_unwritten_exercise_stops_its_run_with_one_line(tmp_path):
     write, exit code 2, no traceback."""
     env = {k: v for k, v in os.environ.items() if k != "EXERCISES_FROM"}
     env["OMP_NUM_THREADS"] = "1"
-    proc = subprocess.run([sys.executable, "-m", "exercises.run", "--balancer", "mult_bias", "--preset", "tiny",
+    proc = subprocess.run([sys.executable, "-m", "exercises.run", "--balancer", "ex1_mult_bias", "--preset", "tiny",
                            "--steps", "3", "--out", str(tmp_path / "run")], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
     errors = [line for line in proc.stderr.splitlines() if "error" in line or "Traceback" in line]
