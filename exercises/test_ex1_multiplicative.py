@@ -8,8 +8,9 @@ from balancers import BALANCERS, BalanceConfig
 from checking import drive, exercise, leak, skewed_logits, tiny_gpt, train_a_little
 
 EXERCISE = "ex1 multiplicative bias (Wang et al. 2024, Sec. 4.3)"
-HINT = ("choose with the top-k of s * mult but weight with the plain s (see balancers.top_k_routing); "
-        "in step(), a multiplicative update m *= (1 +- u) moves by a relative amount and stays positive")
+HINT = ("read balancers.top_k_routing: one tensor decides which experts win, another is the weight -- which of "
+        "the two may the multiplier touch? For step(): an expert stays busy for a thousand steps; what must "
+        "never happen to its multiplier?")
 
 ex = exercise("ex1_multiplicative")
 Mult = ex.MultiplicativeBias

@@ -8,8 +8,8 @@ from balancers import BALANCERS, BalanceConfig, LossFree
 from checking import drive, exercise, skewed_logits, tiny_gpt, train_a_little
 
 EXERCISE = "ex2 centred bias (Wang et al. 2024, Alg. 1)"
-HINT = ("compute LossFree.step's update for both rules, then add (update - update.mean()) to self.bias; "
-        "adding a constant to every expert's bias changes no top-k decision")
+HINT = ("start from LossFree.step's update (both rules). Adding the same number to every expert's bias "
+        "changes no top-k decision: which number, taken from the update itself, keeps the bias's mean at 0?")
 
 ex = exercise("ex2_centred_bias")
 Centred = ex.CentredLossFree

@@ -11,8 +11,9 @@ from balancers import BALANCERS, BalanceConfig, make_balancer
 from checking import exercise, leak, tiny_gpt, train_a_little
 
 EXERCISE = "ex3 capacity and token dropping (Fedus et al. 2021, Sec. 2.2)"
-HINT = ("start from top_k_routing(...); F.one_hot(expert_idx) with a cumsum along the queue gives each "
-        "assignment its place in its expert's queue; keep those with place <= C")
+HINT = ("start from top_k_routing, whose assignments come token by token, best choice first; give each "
+        "assignment its place in its expert's queue within the sequence, then decide what C counts "
+        "(tokens or assignments?)")
 
 ex = exercise("ex3_capacity")
 Capacity = ex.CapacityTopK

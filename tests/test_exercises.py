@@ -145,6 +145,11 @@ WRONG = [
      "            self.cut_sum = cut.sum(0)\n            self.cut_groups = torch.tensor(cut.shape[0])\n",
      "test_micro_steps_give_the_thresholds_of_the_whole_batch", "every routing group of the step",
      "only the last micro-step's cut-offs are kept"),
+    ("ex5_causal_expert_choice",
+     "        all_reduce(self.cut_sum, self.world_size)\n        all_reduce(self.cut_groups, self.world_size)\n",
+     "",
+     "test_thresholds_average_the_routing_groups_of_every_rank", "of every rank's routing groups",
+     "no all-reduce in step(): each rank keeps the cut-offs of its own half of the batch"),
 
     ("ex6_first_specialist", "total = freq.sum(1, keepdim=True)", "total = freq.sum(-1, keepdim=True)",
      "test_an_expert_only_one_domain_uses_is_its_own_even_if_that_domain_spreads_out",
