@@ -9,6 +9,11 @@ subprocess, exactly as a student or teacher runs them, against:
   the reference solutions  every check passes
   wrong solutions          every exercise's checkers catch each plausible
                            mistake below, with a message naming the property
+  a student half way       two finished strategies moved into balancers.py
+                           under the names a student picks: no clash
+
+It also checks that the registry (balancers.register) refuses a second
+class under a taken name, and that EXERCISES_HINTS=0 hides the hints.
 
 The wrong solutions are the reference solutions with one text substitution
 each (WRONG), made in a temporary folder: a teacher reads each mistake as a
@@ -35,7 +40,7 @@ EXERCISE_FILES = ["ex1_multiplicative", "ex2_centred_bias", "ex3_capacity", "ex4
                   "ex5_causal_expert_choice", "ex6_first_specialist"]
 
 
-def run_checkers(tmp_path, source, tag, root=ROOT, args=(), **env_vars):
+def run_checkers(tmp_path, source, tag, root=ROOT, **env_vars):
     """`python -m pytest exercises` with EXERCISES_FROM=source (and any other
     environment variables given), in the project at `root`. Returns the exit
     code, the output, the summary counts and {test: (outcome, message)} read
@@ -44,8 +49,7 @@ def run_checkers(tmp_path, source, tag, root=ROOT, args=(), **env_vars):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "EXERCISES_"))}
     env.update(EXERCISES_FROM=str(source), OMP_NUM_THREADS="1", **env_vars)
     proc = subprocess.run([sys.executable, "-m", "pytest", "exercises", "-q", "-p", "no:cacheprovider",
-                           f"--junitxml={report}", *args], cwd=root, env=env, capture_output=True, text=True,
-                          timeout=600)
+                           f"--junitxml={report}"], cwd=root, env=env, capture_output=True, text=True, timeout=600)
     output = proc.stdout + proc.stderr
     last = output.strip().splitlines()[-1]
     counts = {word: int(n) for n, word in re.findall(r"(\d+) (passed|failed|skipped|errors?)", last)}
@@ -82,7 +86,7 @@ def test_reference_solutions_pass_every_check(tmp_path):
 def test_hints_are_hidden_with_exercises_hints_0(tmp_path):
     """For graded work: EXERCISES_HINTS=0 keeps the verdicts and drops every
     hint (the stubs print one hint per exercise otherwise, see above)."""
-    code, output, counts, results = run_checkers(tmp_path, "stubs", "nohints", EXERCISES_HINTS="0")
+    code, output, _, _ = run_checkers(tmp_path, "stubs", "nohints", EXERCISES_HINTS="0")
     assert code == 0 and output.count(": not started") == 6, output[-3000:]
     assert "hint: " not in output, output[-3000:]
 
@@ -154,7 +158,7 @@ def test_students_strategies_in_balancers_py_under_the_exercises_plain_names_bre
     handin = project / "exercises"
     for name in ("ex1_multiplicative", "ex2_centred_bias"):
         shutil.copy2(SOLUTIONS / f"{name}.py", handin / f"{name}.py")
-    code, output, counts, results = run_checkers(tmp_path, "stubs", "halfway", root=project)
+    code, output, _, _ = run_checkers(tmp_path, "stubs", "halfway", root=project)
     assert code == 0, output[-3000:]
     assert output.count(": done") == 2 and output.count(": not started") == 4, output[-3000:]
 
