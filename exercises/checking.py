@@ -11,7 +11,8 @@ Which copy: the environment variable EXERCISES_FROM.
 
 Each exercise file is imported from that folder under its own module name, so
 a stub and its solution never clash, and a strategy registers itself in
-balancers.BALANCERS the moment its file is imported (like tests/toy_strategy.py).
+balancers.BALANCERS (balancers.register, under its exN_ name) the moment its
+file is imported, like tests/toy_strategy.py.
 """
 
 import importlib.util

@@ -9,6 +9,7 @@
 
 EXERCISES_FROM chooses which copy is checked (exercises/checking.py):
 unset for your own files, `solutions` for the reference solutions.
+EXERCISES_HINTS=0 leaves the hints out (for graded work).
 """
 
 import os
@@ -24,6 +25,12 @@ _hint_of = {}                          # title -> HINT
 _outcomes = defaultdict(list)          # title -> [(test name, outcome)]
 
 
+def hints_shown():
+    """Hints are on unless EXERCISES_HINTS=0: a teacher grading work wants
+    the verdicts without the nudges."""
+    return os.environ.get("EXERCISES_HINTS", "1").strip() != "0"
+
+
 def pytest_configure(config):
     try:
         source_folder()
@@ -32,7 +39,9 @@ def pytest_configure(config):
 
 
 def pytest_report_header(config):
-    return f"exercises checked: {source_folder()} (EXERCISES_FROM={os.environ.get('EXERCISES_FROM', '') or 'unset'})"
+    chosen = os.environ.get("EXERCISES_FROM", "") or "unset"
+    hints = "" if hints_shown() else ", hints off (EXERCISES_HINTS=0)"
+    return f"exercises checked: {source_folder()} (EXERCISES_FROM={chosen}){hints}"
 
 
 def pytest_collection_modifyitems(items):
@@ -66,6 +75,7 @@ def pytest_terminal_summary(terminalreporter):
         return
     tr = terminalreporter
     tr.section("exercises")
+    show_hints = hints_shown()
     for title in sorted(_outcomes):
         results = _outcomes[title]
         failed = [name for name, outcome in results if outcome == "failed"]
@@ -74,11 +84,13 @@ def pytest_terminal_summary(terminalreporter):
             tr.write_line(f"{title}: wrong -- {len(failed)} of {len(results)} checks fail: {', '.join(failed)}")
         elif len(skipped) == len(results):
             tr.write_line(f"{title}: not started")
-            tr.write_line(f"    hint: {_hint_of[title]}")
+            if show_hints:
+                tr.write_line(f"    hint: {_hint_of[title]}")
         elif skipped:
             tr.write_line(f"{title}: not finished -- {len(results) - len(skipped)} of {len(results)} checks pass, "
                           f"the others reach code not written yet")
-            tr.write_line(f"    hint: {_hint_of[title]}")
+            if show_hints:
+                tr.write_line(f"    hint: {_hint_of[title]}")
         else:
             tr.write_line(f"{title}: done")
 

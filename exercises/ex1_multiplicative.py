@@ -11,18 +11,18 @@ with one multiplier m_i per expert, starting at 1, nudged after every
 optimizer step against the load just observed. They found the additive
 bias slightly better; with this class you can measure it yourself:
 
-    python -m exercises.run --balancer mult_bias      (and --balancer lossfree)
+    python -m exercises.run --balancer ex1_mult_bias      (and --balancer lossfree)
 
 Write route() and step(). Check with `python -m pytest exercises -k ex1`.
 """
 
 import torch  # noqa: F401
 
-from balancers import BALANCERS, Balancer, Routing, gate_scores  # noqa: F401
+from balancers import Balancer, Routing, gate_scores, register  # noqa: F401
 
 
 class MultiplicativeBias(Balancer):
-    """`mult_bias`: lossfree with a per-expert multiplier on the choice scores."""
+    """`ex1_mult_bias`: lossfree with a per-expert multiplier on the choice scores."""
     paper = "Wang et al. 2024, Sec. 4.3 (the multiplicative variant)"
     summary = "a per-expert multiplier that only steers the top-k choice, no loss"
     defaults = dict(Balancer.defaults, gate="sigmoid", bias_rate=1e-3)
@@ -55,4 +55,4 @@ class MultiplicativeBias(Balancer):
 
 # One line registers the strategy (balancers.py's README step), here at import
 # time so that nothing else in the project needs to change.
-BALANCERS.setdefault("mult_bias", MultiplicativeBias)
+register("ex1_mult_bias", MultiplicativeBias)

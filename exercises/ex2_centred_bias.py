@@ -16,11 +16,11 @@ Write step(). Check with `python -m pytest exercises -k ex2`.
 
 import torch  # noqa: F401
 
-from balancers import BALANCERS, LossFree  # noqa: F401
+from balancers import LossFree, register  # noqa: F401
 
 
 class CentredLossFree(LossFree):
-    """`lossfree_centred`: lossfree whose bias update has its mean removed.
+    """`ex2_lossfree_centred`: lossfree whose bias update has its mean removed.
     route() is LossFree's: only step() differs."""
     paper = "Wang et al. 2024, Alg. 1 (with the update centred)"
     summary = "lossfree with a zero-mean bias: the same decisions, no drift"
@@ -33,4 +33,4 @@ class CentredLossFree(LossFree):
         raise NotImplementedError("exercise 2: write CentredLossFree.step()")
 
 
-BALANCERS.setdefault("lossfree_centred", CentredLossFree)
+register("ex2_lossfree_centred", CentredLossFree)

@@ -24,7 +24,7 @@ exactly causal.
 
 Afterwards, train with it and compare MaxVio and loss with `none`:
 
-    python -m exercises.run --balancer capacity_drop --capacity-factor 1.0
+    python -m exercises.run --balancer ex3_capacity_drop --capacity-factor 1.0
 
 Write route(). Check with `python -m pytest exercises -k ex3`.
 """
@@ -34,11 +34,11 @@ import math  # noqa: F401  (you will want these)
 import torch  # noqa: F401
 import torch.nn.functional as F  # noqa: F401
 
-from balancers import BALANCERS, Balancer, Routing, gate_scores, top_k_routing
+from balancers import Balancer, Routing, gate_scores, register, top_k_routing
 
 
 class CapacityTopK(Balancer):
-    """`capacity_drop`: top-k with at most C assignments per expert and
+    """`ex3_capacity_drop`: top-k with at most C assignments per expert and
     sequence; the rest are dropped."""
     paper = "Fedus et al. 2021 (Switch), Sec. 2.2"
     summary = "top-k that drops what exceeds C = c k T / E per expert and sequence"
@@ -56,4 +56,4 @@ class CapacityTopK(Balancer):
         raise NotImplementedError("exercise 3: write CapacityTopK.route()")
 
 
-BALANCERS.setdefault("capacity_drop", CapacityTopK)
+register("ex3_capacity_drop", CapacityTopK)

@@ -2,12 +2,14 @@
 python -m exercises.run [train.py flags]
 
 train.py, with the strategies of the exercises registered as well, so that
-`--balancer mult_bias` (exercise 1), `lossfree_centred` (2), `capacity_drop`
-(3), `global_aux_nobuf` (4) and `causal_ec` (5) train like any other:
+`--balancer ex1_mult_bias` (exercise 1), `ex2_lossfree_centred` (2),
+`ex3_capacity_drop` (3), `ex4_global_aux_nobuf` (4) and `ex5_causal_ec` (5)
+train like any other (the exN_ prefix keeps them apart from the names of
+strategies in balancers.py):
 
-    python -m exercises.run --balancer mult_bias
-    python -m exercises.run --balancer capacity_drop --capacity-factor 1.0 --preset tiny
-    torchrun --nproc_per_node=2 -m exercises.run --balancer global_aux_nobuf --grad-accum 2
+    python -m exercises.run --balancer ex1_mult_bias
+    python -m exercises.run --balancer ex3_capacity_drop --capacity-factor 1.0 --preset tiny
+    torchrun --nproc_per_node=2 -m exercises.run --balancer ex4_global_aux_nobuf --grad-accum 2
 
 Your own files by default; EXERCISES_FROM=solutions trains the reference
 solutions (exercises/checking.py). An exercise not written yet stops the
@@ -24,12 +26,11 @@ import plumbing  # noqa: E402
 import train  # noqa: E402
 from checking import EXERCISES, exercise  # noqa: E402
 
-for name in EXERCISES:
-    exercise(name)          # importing an exercise file registers its strategy
-
 
 def main():
     try:
+        for name in EXERCISES:
+            exercise(name)      # importing an exercise file registers its strategy
         return train.main()
     except NotImplementedError as e:     # a stub: a user's to-do, not a crash
         raise ValueError(f"{e} first (or train the reference solution: EXERCISES_FROM=solutions)") from None

@@ -8,8 +8,9 @@ from balancers import BALANCERS, BalanceConfig
 from checking import drive, exercise, leak, skewed_logits, tiny_gpt, train_a_little
 
 EXERCISE = "ex1 multiplicative bias (Wang et al. 2024, Sec. 4.3)"
-HINT = ("choose with the top-k of s * mult but weight with the plain s (see balancers.top_k_routing); "
-        "in step(), a multiplicative update m *= (1 +- u) moves by a relative amount and stays positive")
+HINT = ("read balancers.top_k_routing: one tensor decides which experts win, another is the weight -- which of "
+        "the two may the multiplier touch? For step(): an expert stays busy for a thousand steps; what must "
+        "never happen to its multiplier?")
 
 ex = exercise("ex1_multiplicative")
 Mult = ex.MultiplicativeBias
@@ -47,7 +48,7 @@ def test_multiplier_gets_no_gradient():
     """The multiplier is state: even when autograd is told to track it,
     backpropagating the model's loss gives it no gradient, because it never
     enters a value (the router still gets one)."""
-    model = tiny_gpt("mult_bias")
+    model = tiny_gpt("ex1_mult_bias")
     bal = model.blocks[0].moe.balancer
     bal.mult.copy_(torch.tensor([1.2, 0.8, 1.1, 0.9]))
     assert not any(p is bal.mult for p in model.parameters()), "the multiplier must be a buffer, not a parameter"
@@ -103,8 +104,8 @@ def test_model_is_exactly_causal():
     """The multiplier comes from past batches and a token's choice depends
     only on its own scores: changing later tokens must not move earlier
     logits by a single bit (train.causal_probe reads exactly 0)."""
-    assert BALANCERS.get("mult_bias") is Mult, "the file must register the class as BALANCERS['mult_bias']"
-    model = train_a_little(tiny_gpt("mult_bias", bias_rate=0.1))
+    assert BALANCERS.get("ex1_mult_bias") is Mult, "the file must register the class as BALANCERS['ex1_mult_bias']"
+    model = train_a_little(tiny_gpt("ex1_mult_bias", bias_rate=0.1))
     assert any((layer.balancer.mult != 1).any() for layer in model.moe_layers()), \
         "training steps must change the multiplier (step() runs once per optimizer step)"
     assert leak(model) == 0, "the logits at positions <= t changed when later tokens changed: the routing is not causal"

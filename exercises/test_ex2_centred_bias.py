@@ -8,8 +8,8 @@ from balancers import BALANCERS, BalanceConfig, LossFree
 from checking import drive, exercise, skewed_logits, tiny_gpt, train_a_little
 
 EXERCISE = "ex2 centred bias (Wang et al. 2024, Alg. 1)"
-HINT = ("compute LossFree.step's update for both rules, then add (update - update.mean()) to self.bias; "
-        "adding a constant to every expert's bias changes no top-k decision")
+HINT = ("start from LossFree.step's update (both rules). Adding the same number to every expert's bias "
+        "changes no top-k decision: which number, taken from the update itself, keeps the bias's mean at 0?")
 
 ex = exercise("ex2_centred_bias")
 Centred = ex.CentredLossFree
@@ -71,8 +71,8 @@ def test_updates_drive_skewed_router_to_balance():
 def test_bias_is_zero_mean_in_every_layer_of_a_trained_model():
     """In the model, GPT.end_step() calls step() once per optimizer step with
     each layer's load: every layer's bias must come out zero-mean."""
-    assert BALANCERS.get("lossfree_centred") is Centred, "the file must register BALANCERS['lossfree_centred']"
-    model = train_a_little(tiny_gpt("lossfree_centred", bias_rate=0.01), steps=4)
+    assert BALANCERS.get("ex2_lossfree_centred") is Centred, "the file must register BALANCERS['ex2_lossfree_centred']"
+    model = train_a_little(tiny_gpt("ex2_lossfree_centred", bias_rate=0.01), steps=4)
     assert any(layer.balancer.bias.abs().max() > 0 for layer in model.moe_layers()), \
         "training steps must move the bias (step() runs once per optimizer step)"
     for i, layer in enumerate(model.moe_layers()):

@@ -11,8 +11,9 @@ from balancers import BALANCERS, BalanceConfig, make_balancer
 from checking import exercise, leak, tiny_gpt, train_a_little
 
 EXERCISE = "ex3 capacity and token dropping (Fedus et al. 2021, Sec. 2.2)"
-HINT = ("start from top_k_routing(...); F.one_hot(expert_idx) with a cumsum along the queue gives each "
-        "assignment its place in its expert's queue; keep those with place <= C")
+HINT = ("start from top_k_routing, whose assignments come token by token, best choice first; give each "
+        "assignment its place in its expert's queue within the sequence, then decide what C counts "
+        "(tokens or assignments?)")
 
 ex = exercise("ex3_capacity")
 Capacity = ex.CapacityTopK
@@ -111,8 +112,8 @@ def test_model_is_exactly_causal_while_dropping():
     """A token's fate depends only on the tokens before it in its sequence
     (and its own scores), so the model stays exactly causal: train.causal_probe
     reads 0 although many assignments are dropped."""
-    assert BALANCERS.get("capacity_drop") is Capacity, "the file must register BALANCERS['capacity_drop']"
-    model = train_a_little(tiny_gpt("capacity_drop", capacity_factor=0.5))
+    assert BALANCERS.get("ex3_capacity_drop") is Capacity, "the file must register BALANCERS['ex3_capacity_drop']"
+    model = train_a_little(tiny_gpt("ex3_capacity_drop", capacity_factor=0.5))
     model.eval()
     with torch.no_grad():
         out = model(torch.randint(0, 32, (2, 16)))
@@ -127,7 +128,7 @@ def test_a_dropped_token_passes_through_the_layer_unchanged():
     """A token all of whose assignments were dropped gets exactly nothing from
     the routed experts: the MoE layer's output row is 0, and the block's
     residual connection carries the token on."""
-    model = tiny_gpt("capacity_drop", capacity_factor=0.25)
+    model = tiny_gpt("ex3_capacity_drop", capacity_factor=0.25)
     layer = model.blocks[0].moe
     with torch.no_grad():
         y, _, routing = layer(torch.randn(2, 16, 16, generator=torch.Generator().manual_seed(3)))

@@ -10,8 +10,8 @@ from balancers import BALANCERS, BalanceConfig, make_balancer
 from checking import exercise
 
 EXERCISE = "ex4 global batch without the buffer (Qiu et al. 2025, Alg. 1)"
-HINT = ("balancers.GlobalAuxLoss.loss without its buffer: all-reduce the integer counts in place (training "
-        "mode only); f must sum to 1 over experts (k assignments per token); P is this rank's mean of routing.probs")
+HINT = ("read balancers.GlobalAuxLoss.loss and find the lines that are the buffer; an all-reduce changes "
+        "its tensor in place (is the tensor you reduce the one you use?); what must f sum to over experts?")
 
 ex = exercise("ex4_global_no_buffer")
 NoBuffer = ex.GlobalAuxNoBuffer
@@ -130,4 +130,4 @@ def test_under_gradient_accumulation_it_balances_each_micro_batch():
     assert without > 1.2 * with_buffer, \
         "micro-step 2 leans the other way from micro-step 1: without the buffer it must be penalised more " \
         f"than with it ({without.item():.5f} vs {with_buffer.item():.5f})"
-    assert not NoBuffer.accum_invariant and BALANCERS.get("global_aux_nobuf") is NoBuffer
+    assert not NoBuffer.accum_invariant and BALANCERS.get("ex4_global_aux_nobuf") is NoBuffer

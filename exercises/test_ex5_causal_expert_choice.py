@@ -1,16 +1,19 @@
 """Checks for exercise 5, expert choice with thresholds from past batches:
 exactly causal (train.causal_probe reads 0, where expert choice leaks),
 expert choice's cut-off as the threshold, learnt only in training and only
-in step(), and loads near the capacity C."""
+in step(), from every micro-step and every rank (one launch of 2 processes),
+and loads near the capacity C."""
 
 import torch
 
 from balancers import BALANCERS, BalanceConfig, expert_capacity, make_balancer
 from checking import exercise, leak, tiny_gpt, train_a_little
+from plumbing import spawn
 
 EXERCISE = "ex5 causal expert choice (Zhou et al. 2022; Wang et al. 2024, Sec. 5.2)"
-HINT = ("cut-off: scores of a group [n, E] -> topk(C + 1, dim=0).values[C]; route: "
-        "(scores > self.threshold).nonzero(); step: threshold = cut_sum / cut_groups, then zero the scratch")
+HINT = ("cutoffs: an expert keeps its C best tokens of a group, so which score is the first one it turns "
+        "away? route: decide each (token, expert) pair alone; step: where do the other micro-steps' and "
+        "the other ranks' cut-offs come in?")
 
 ex = exercise("ex5_causal_expert_choice")
 Causal = ex.CausalExpertChoice
@@ -89,8 +92,8 @@ def test_model_is_exactly_causal():
     """Each (token, expert) pair is decided by the token's own score and a
     threshold from past batches: changing later tokens must not move earlier
     logits by a single bit, where expert choice's do move."""
-    assert BALANCERS.get("causal_ec") is Causal, "the file must register BALANCERS['causal_ec']"
-    model = train_a_little(tiny_gpt("causal_ec"))
+    assert BALANCERS.get("ex5_causal_ec") is Causal, "the file must register BALANCERS['ex5_causal_ec']"
+    model = train_a_little(tiny_gpt("ex5_causal_ec"))
     for layer in model.moe_layers():
         assert (layer.balancer.threshold < 1).all(), "training steps must set the thresholds (in step())"
     assert leak(model) == 0, "the logits at positions <= t changed when later tokens changed: the routing is not causal"
@@ -99,7 +102,7 @@ def test_model_is_exactly_causal():
 
 def test_training_forward_is_causal_too():
     """The same in training mode, where route() also collects cut-offs."""
-    model = train_a_little(tiny_gpt("causal_ec")).train()
+    model = train_a_little(tiny_gpt("ex5_causal_ec")).train()
     x = torch.randint(0, 32, (2, 16), generator=torch.Generator().manual_seed(4))
     x2 = x.clone()
     x2[:, 8:] = torch.randint(0, 32, (2, 8), generator=torch.Generator().manual_seed(5))
@@ -135,6 +138,35 @@ def test_micro_steps_give_the_thresholds_of_the_whole_batch():
     split = learnt(a, b, E=E).threshold
     torch.testing.assert_close(split, whole, msg="the thresholds after two micro-steps must equal those of the "
                                "same batch in one: average the cut-offs of every routing group of the step")
+
+
+def one_rank(rank, world_size, halves):
+    """A rank of a 2-process run: one optimizer step on its half of the
+    global batch. Runs in a process of its own (plumbing.spawn)."""
+    E = halves[rank].shape[-1]
+    bal = Causal(E, 1, BalanceConfig(), world_size=world_size).train()
+    bal.route(halves[rank])
+    bal.step(torch.zeros(E, dtype=torch.long))
+    return bal.threshold
+
+
+def test_thresholds_average_the_routing_groups_of_every_rank():
+    """Two processes (gloo) each train on half of one global batch: both must
+    end with the thresholds of one process that trained on the whole batch,
+    the mean over every rank's routing groups. On one process the all-reduce
+    in step() does nothing, so only a real second rank can tell whether it
+    is there: without it, each rank would keep the cut-offs of its own half
+    and the ranks would route differently from then on."""
+    E = 4
+    halves = [batch(seed=1), batch(seed=7, lean=-1.0)]
+    whole = learnt(torch.cat(halves), E=E).threshold        # a stub stops here, before any process starts
+    alone = learnt(halves[0], E=E).threshold
+    assert not torch.allclose(alone, whole)                 # the halves differ, so the check can fail
+    for rank, threshold in enumerate(spawn(one_rank, 2, halves, timeout=120)):
+        torch.testing.assert_close(threshold, whole, msg=(
+            f"rank {rank} of 2 ended with thresholds {[round(x, 3) for x in threshold.tolist()]}, not those of "
+            f"the whole global batch {[round(x, 3) for x in whole.tolist()]}: step() must average the cut-offs "
+            f"of every rank's routing groups"))
 
 
 def test_scratch_is_back_to_zero_after_step():

@@ -11,8 +11,9 @@ import torch
 from checking import exercise
 
 EXERCISE = "ex6 which domain owns an expert first (Qiu et al. 2025, Fig. 1b)"
-HINT = ("ownership: divide by the sum over domains (dim 1), clamped away from 0; owned: share > threshold and "
-        "freq >= min_use * freq.sum(-1) / E; first_owned: walk the history backwards")
+HINT = ("ownership compares the domains with each other for one expert: which dimension is that? An unused "
+        "expert must not give 0 / 0; a barely used one is no specialist; \"from which step on\" is easiest "
+        "read from the end of the history")
 
 ex = exercise("ex6_first_specialist")
 DOMAINS = ["code", "math", "prose"]

@@ -9,6 +9,11 @@ subprocess, exactly as a student or teacher runs them, against:
   the reference solutions  every check passes
   wrong solutions          every exercise's checkers catch each plausible
                            mistake below, with a message naming the property
+  a student half way       two finished strategies moved into balancers.py
+                           under the names a student picks: no clash
+
+It also checks that the registry (balancers.register) refuses a second
+class under a taken name, and that EXERCISES_HINTS=0 hides the hints.
 
 The wrong solutions are the reference solutions with one text substitution
 each (WRONG), made in a temporary folder: a teacher reads each mistake as a
@@ -16,6 +21,7 @@ one-line diff, and a substitution that no longer matches the solution fails
 loudly instead of silently testing nothing.
 """
 
+import importlib.util
 import os
 import re
 import shutil
@@ -26,21 +32,24 @@ from pathlib import Path
 
 import pytest
 
+import balancers
+
 ROOT = Path(__file__).resolve().parent.parent
 SOLUTIONS = ROOT / "exercises" / "solutions"
 EXERCISE_FILES = ["ex1_multiplicative", "ex2_centred_bias", "ex3_capacity", "ex4_global_no_buffer",
                   "ex5_causal_expert_choice", "ex6_first_specialist"]
 
 
-def run_checkers(tmp_path, source, tag):
-    """`python -m pytest exercises` with EXERCISES_FROM=source. Returns the
-    exit code, the output, the summary counts and {test: (outcome, message)}
-    read from a JUnit XML report."""
+def run_checkers(tmp_path, source, tag, root=ROOT, **env_vars):
+    """`python -m pytest exercises` with EXERCISES_FROM=source (and any other
+    environment variables given), in the project at `root`. Returns the exit
+    code, the output, the summary counts and {test: (outcome, message)} read
+    from a JUnit XML report."""
     report = tmp_path / f"{tag}.xml"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
-    env.update(EXERCISES_FROM=str(source), OMP_NUM_THREADS="1")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "EXERCISES_"))}
+    env.update(EXERCISES_FROM=str(source), OMP_NUM_THREADS="1", **env_vars)
     proc = subprocess.run([sys.executable, "-m", "pytest", "exercises", "-q", "-p", "no:cacheprovider",
-                           f"--junitxml={report}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+                           f"--junitxml={report}"], cwd=root, env=env, capture_output=True, text=True, timeout=600)
     output = proc.stdout + proc.stderr
     last = output.strip().splitlines()[-1]
     counts = {word: int(n) for n, word in re.findall(r"(\d+) (passed|failed|skipped|errors?)", last)}
@@ -72,6 +81,86 @@ def test_reference_solutions_pass_every_check(tmp_path):
     assert code == 0, output[-3000:]
     assert counts == {"passed": len(results)} and len(results) >= 6 * 5, output[-3000:]
     assert output.count(": done") == 6, output[-3000:]
+
+
+def test_hints_are_hidden_with_exercises_hints_0(tmp_path):
+    """For graded work: EXERCISES_HINTS=0 keeps the verdicts and drops every
+    hint (the stubs print one hint per exercise otherwise, see above)."""
+    code, output, _, _ = run_checkers(tmp_path, "stubs", "nohints", EXERCISES_HINTS="0")
+    assert code == 0 and output.count(": not started") == 6, output[-3000:]
+    assert "hint: " not in output, output[-3000:]
+
+
+# ----------------------------------------------------------------------------
+# The registry: a name names one strategy, and the exercises' names (ex1_...)
+# leave every other name to the student.
+
+def test_registry_refuses_a_second_class_under_a_taken_name(monkeypatch):
+    monkeypatch.setattr(balancers, "BALANCERS", dict(balancers.BALANCERS))
+
+    class LossFree(balancers.LossFree):           # a student's class, named like the one it copies
+        pass
+
+    with pytest.raises(ValueError) as refused:
+        balancers.register("lossfree", LossFree)
+    message = str(refused.value)
+    assert "\n" not in message and "balancers.LossFree" in message and f"{__name__}." in message, message
+    assert balancers.BALANCERS["lossfree"] is balancers.LossFree, "the refused class must not replace the first"
+
+
+def test_registering_a_class_again_is_harmless(monkeypatch):
+    """The same class twice, or the same file executed again (a new class
+    object with the same module and name): no error, and the name keeps
+    naming that strategy."""
+    monkeypatch.setattr(balancers, "BALANCERS", dict(balancers.BALANCERS))
+    toy = balancers.BALANCERS["toy_ema"]
+    assert balancers.register("toy_ema", toy) is toy
+    spec = importlib.util.spec_from_file_location("toy_strategy", ROOT / "tests" / "toy_strategy.py")
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))       # registers its EmaPenalty again
+    again = balancers.BALANCERS["toy_ema"]
+    assert again is not toy and again.__qualname__ == toy.__qualname__ == "EmaPenalty"
+
+
+def project_copy(folder):
+    """The project's code, tests and exercises, copied for a test to edit."""
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    folder.mkdir()
+    for path in ROOT.iterdir():
+        if path.suffix in (".py", ".ini"):
+            shutil.copy2(path, folder / path.name)
+    for name in ("exercises", "tests"):
+        shutil.copytree(ROOT / name, folder / name, ignore=ignore)
+    return folder
+
+
+def move_into_balancers(project, solution, cls, name):
+    """exercises/README's advice, followed: the finished class copied from the
+    exercise file into balancers.py, above the registry, and its line added
+    to BALANCERS."""
+    text = (SOLUTIONS / f"{solution}.py").read_text()
+    code = text[text.index(f"\nclass {cls}("):text.index("\nregister(")]
+    path = project / "balancers.py"
+    source = path.read_text()
+    assert source.count("\nBALANCERS = {\n") == 1, "balancers.py must keep its registry as `BALANCERS = {`"
+    source = source.replace("\nBALANCERS = {\n", f"{code}\n\nBALANCERS = {{\n    \"{name}\": {cls},\n")
+    path.write_text(source)
+
+
+def test_students_strategies_in_balancers_py_under_the_exercises_plain_names_break_nothing(tmp_path):
+    """A student half way through: exercises 1 and 2 finished, and their
+    classes moved into balancers.py under the names a student picks,
+    `mult_bias` and `lossfree_centred`. The exercise files keep registering
+    their own ex1_/ex2_ names, so nothing clashes and every checker finds its
+    own class: 1 and 2 "done", the four others "not started", exit code 0."""
+    project = project_copy(tmp_path / "project")
+    move_into_balancers(project, "ex1_multiplicative", "MultiplicativeBias", "mult_bias")
+    move_into_balancers(project, "ex2_centred_bias", "CentredLossFree", "lossfree_centred")
+    handin = project / "exercises"
+    for name in ("ex1_multiplicative", "ex2_centred_bias"):
+        shutil.copy2(SOLUTIONS / f"{name}.py", handin / f"{name}.py")
+    code, output, _, _ = run_checkers(tmp_path, "stubs", "halfway", root=project)
+    assert code == 0, output[-3000:]
+    assert output.count(": done") == 2 and output.count(": not started") == 4, output[-3000:]
 
 
 # ----------------------------------------------------------------------------
@@ -145,6 +234,11 @@ WRONG = [
      "            self.cut_sum = cut.sum(0)\n            self.cut_groups = torch.tensor(cut.shape[0])\n",
      "test_micro_steps_give_the_thresholds_of_the_whole_batch", "every routing group of the step",
      "only the last micro-step's cut-offs are kept"),
+    ("ex5_causal_expert_choice",
+     "        all_reduce(self.cut_sum, self.world_size)\n        all_reduce(self.cut_groups, self.world_size)\n",
+     "",
+     "test_thresholds_average_the_routing_groups_of_every_rank", "of every rank's routing groups",
+     "no all-reduce in step(): each rank keeps the cut-offs of its own half of the batch"),
 
     ("ex6_first_specialist", "total = freq.sum(1, keepdim=True)", "total = freq.sum(-1, keepdim=True)",
      "test_an_expert_only_one_domain_uses_is_its_own_even_if_that_domain_spreads_out",
@@ -210,7 +304,7 @@ def test_exercise_strategies_train_through_train_py(tmp_path):
     """`python -m exercises.run` is train.py with the exercises' strategies
     registered: a reference solution trains and reports like any strategy."""
     env = dict(os.environ, OMP_NUM_THREADS="1", EXERCISES_FROM="solutions")
-    proc = subprocess.run([sys.executable, "-m", "exercises.run", "--balancer", "causal_ec", "--preset", "tiny",
+    proc = subprocess.run([sys.executable, "-m", "exercises.run", "--balancer", "ex5_causal_ec", "--preset", "tiny",
                            "--steps", "3", "--out", str(tmp_path / "run")], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -223,7 +317,7 @@ def test_an_unwritten_exercise_stops_its_run_with_one_line(tmp_path):
     write, exit code 2, no traceback."""
     env = {k: v for k, v in os.environ.items() if k != "EXERCISES_FROM"}
     env["OMP_NUM_THREADS"] = "1"
-    proc = subprocess.run([sys.executable, "-m", "exercises.run", "--balancer", "mult_bias", "--preset", "tiny",
+    proc = subprocess.run([sys.executable, "-m", "exercises.run", "--balancer", "ex1_mult_bias", "--preset", "tiny",
                            "--steps", "3", "--out", str(tmp_path / "run")], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
     errors = [line for line in proc.stderr.splitlines() if "error" in line or "Traceback" in line]

@@ -10,7 +10,7 @@ names. (tests/distributed.py imports it too, for the spawned processes.)"""
 
 import torch
 
-from balancers import BALANCERS, Balancer, gate_scores, top_k_routing
+from balancers import Balancer, gate_scores, register, top_k_routing
 
 
 class EmaPenalty(Balancer):
@@ -34,4 +34,4 @@ class EmaPenalty(Balancer):
         self.ema.lerp_(load / load.mean().clamp(min=1) - 1, self.cfg.bias_rate)
 
 
-BALANCERS.setdefault("toy_ema", EmaPenalty)
+register("toy_ema", EmaPenalty)

@@ -16,11 +16,11 @@ Write step(). Check with `python -m pytest exercises -k ex2`.
 
 import torch
 
-from balancers import BALANCERS, LossFree
+from balancers import LossFree, register
 
 
 class CentredLossFree(LossFree):
-    """`lossfree_centred`: lossfree whose bias update has its mean removed.
+    """`ex2_lossfree_centred`: lossfree whose bias update has its mean removed.
     route() is LossFree's: only step() differs."""
     paper = "Wang et al. 2024, Alg. 1 (with the update centred)"
     summary = "lossfree with a zero-mean bias: the same decisions, no drift"
@@ -40,4 +40,4 @@ class CentredLossFree(LossFree):
         self.bias += update - update.mean()
 
 
-BALANCERS.setdefault("lossfree_centred", CentredLossFree)
+register("ex2_lossfree_centred", CentredLossFree)

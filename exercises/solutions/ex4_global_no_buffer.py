@@ -21,18 +21,18 @@ across micro-steps. With --grad-accum 1 that is exactly global_aux. With
 so the same global batch is balanced differently depending on how it is
 cut -- see for yourself:
 
-    python -m exercises.run --balancer global_aux_nobuf --grad-accum 4 --domain-block 4
+    python -m exercises.run --balancer ex4_global_aux_nobuf --grad-accum 4 --domain-block 4
 
 Write loss(). Check with `python -m pytest exercises -k ex4`.
 """
 
 import torch
 
-from balancers import BALANCERS, Balancer, all_reduce
+from balancers import Balancer, all_reduce, register
 
 
 class GlobalAuxNoBuffer(Balancer):
-    """`global_aux_nobuf`: the aux loss with f all-reduced over ranks, but
+    """`ex4_global_aux_nobuf`: the aux loss with f all-reduced over ranks, but
     started afresh at every micro-step."""
     paper = "Qiu et al. 2025, Eq. 5 without Algorithm 1's buffer"
     summary = "aux loss with f counted over all ranks of one micro-step"
@@ -54,4 +54,4 @@ class GlobalAuxNoBuffer(Balancer):
         return self.cfg.alpha * E * (f * P).sum()
 
 
-BALANCERS.setdefault("global_aux_nobuf", GlobalAuxNoBuffer)
+register("ex4_global_aux_nobuf", GlobalAuxNoBuffer)

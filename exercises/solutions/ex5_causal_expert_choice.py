@@ -26,17 +26,17 @@ Write cutoffs(), route() and step(). Check with
 `python -m pytest exercises -k ex5`, then train it next to expert_choice and
 compare the causal leak and the validation loss:
 
-    python -m exercises.run --balancer causal_ec
+    python -m exercises.run --balancer ex5_causal_ec
     python -m exercises.run --balancer expert_choice
 """
 
 import torch
 
-from balancers import BALANCERS, Balancer, Routing, all_reduce, expert_capacity, gate_scores, groups_of
+from balancers import Balancer, Routing, all_reduce, expert_capacity, gate_scores, groups_of, register
 
 
 class CausalExpertChoice(Balancer):
-    """`causal_ec`: every expert takes the tokens that score it above a
+    """`ex5_causal_ec`: every expert takes the tokens that score it above a
     threshold learnt from past batches."""
     paper = "Zhou et al. 2022, with thresholds from past batches"
     summary = "expert choice with per-expert thresholds from past batches: causal"
@@ -102,4 +102,4 @@ class CausalExpertChoice(Balancer):
         self.cut_groups.zero_()
 
 
-BALANCERS.setdefault("causal_ec", CausalExpertChoice)
+register("ex5_causal_ec", CausalExpertChoice)
