@@ -1,5 +1,5 @@
-"""Multi-process tests: expert parallelism and the balancing statistics that
-must be global (gloo on CPU, 2 processes).
+"""Multi-process tests: expert parallelism, the (dp, ep) mesh, and the
+balancing statistics that must be global (gloo on CPU, 2 and 4 processes).
 
 The promise of train.py is that the global batch is the unit of everything:
 the number of processes and --grad-accum only decide how it is cut up. So a
@@ -7,8 +7,12 @@ the number of processes and --grad-accum only decide how it is cut up. So a
 the strategies that balance over the global batch (global_aux, lossfree)
 must see the same counts on every rank.
 
+The same holds for 4 processes in a mesh of 2 replicas x 2 expert-parallel
+ranks, and a checkpoint it writes resumes on 2 processes and on 1.
+
 Spawning costs a few seconds, so one spawn does every 2-process run of the
-module and the tests compare slices of its results."""
+module, one every 4-process run, and the tests compare slices of their
+results."""
 
 import functools
 
@@ -20,7 +24,7 @@ import train
 from balancers import BALANCERS, BalanceConfig, make_balancer
 from data import Corpus
 from distributed import run_distributed
-from moe import is_expert_param
+from moe import Mesh, MeshLayout, MoELayer, is_expert_param
 
 WORLD = 2
 STEPS = 3
@@ -56,18 +60,29 @@ def tiny_corpus():
 ADAM_EPS = 1e-6
 
 
-def train_run(balancer, grad_accum, rank, world_size):
-    """STEPS optimizer steps of train.train_step; returns what the tests compare.
-    The gradient norm is ~0.5 here, so --grad-clip 0.25 makes clipping, and
-    with it the norm summed over the ranks' expert shards, part of the test."""
-    args = train.parse_args(["--preset", "tiny", "--balancer", balancer, "--steps", str(STEPS),
+def tiny_args(balancer, grad_accum=1, ep_size=None):
+    """The tiny preset on 32-byte sequences. The gradient norm is ~0.5 here,
+    so --grad-clip 0.25 makes clipping, and with it the norm summed over the
+    ranks' expert shards, part of the tests."""
+    return train.parse_args(["--preset", "tiny", "--balancer", balancer, "--steps", str(STEPS),
                              "--seq-len", "32", "--warmup", "0", "--grad-clip", "0.25",
-                             "--grad-accum", str(grad_accum)])
+                             "--grad-accum", str(grad_accum)] + (["--ep-size", str(ep_size)] if ep_size else []))
+
+
+def build_run(args, rank, world_size):
+    """Proc (with its mesh), model and optimizer, as train.main makes them."""
     train.check_args(args, world_size)
-    proc = plumbing.Proc(rank, world_size, torch.device("cpu"))
+    proc = plumbing.Proc(rank, world_size, torch.device("cpu")).start(args.ep_size)
     model, opt = train.build(args, proc)
     for group in opt.param_groups:
         group["eps"] = ADAM_EPS
+    return proc, model, opt
+
+
+def train_run(balancer, grad_accum, rank, world_size, ep_size=None):
+    """STEPS optimizer steps of train.train_step; returns what the tests compare."""
+    args = tiny_args(balancer, grad_accum, ep_size)
+    proc, model, opt = build_run(args, rank, world_size)
     local_loads, global_loads, grads = [], [], []
     end_step, opt_step = model.end_step, opt.step
 
@@ -110,10 +125,12 @@ def one_rank(balancer, grad_accum):
     return train_run(balancer, grad_accum, 0, 1)
 
 
-def full_model(ranks):
+def full_model(ranks, ep_size=None):
     """One model's parameters and per-step gradients from the ranks' views:
-    expert tensors are the concatenation of the shards (rank 0 owns the first
-    experts); replicated ones are rank 0's."""
+    expert tensors are the concatenation of the shards of the mesh's first
+    row (its rank 0 owns the first experts); replicated ones are rank 0's."""
+    ranks = [ranks[r] for r in MeshLayout(len(ranks), ep_size or len(ranks)).ep_groups()[0]]
+
     def merge(views):
         return {n: torch.cat([v[n] for v in views]) if is_expert_param(n) else views[0][n] for n in views[0]}
     return dict(ranks[0], params=merge([r["params"] for r in ranks]),
