@@ -129,12 +129,14 @@ def full_model(ranks, ep_size=None):
     """One model's parameters and per-step gradients from the ranks' views:
     expert tensors are the concatenation of the shards of the mesh's first
     row (its rank 0 owns the first experts); replicated ones are rank 0's."""
-    ranks = [ranks[r] for r in MeshLayout(len(ranks), ep_size or len(ranks)).ep_groups()[0]]
+    row = [ranks[r] for r in MeshLayout(len(ranks), ep_size or len(ranks)).ep_groups()[0]]
+    return dict(row[0], params=merge_shards([r["params"] for r in row]),
+                grads=[merge_shards([r["grads"][s] for r in row]) for s in range(STEPS)])
 
-    def merge(views):
-        return {n: torch.cat([v[n] for v in views]) if is_expert_param(n) else views[0][n] for n in views[0]}
-    return dict(ranks[0], params=merge([r["params"] for r in ranks]),
-                grads=[merge([r["grads"][s] for r in ranks]) for s in range(STEPS)])
+
+def merge_shards(views):
+    """{name: tensor} of one row of the mesh, its expert shards side by side."""
+    return {n: torch.cat([v[n] for v in views]) if is_expert_param(n) else views[0][n] for n in views[0]}
 
 
 def assert_tensor_close(got, ref, rtol, what):
@@ -359,3 +361,167 @@ def test_global_aux_buffer_resets_after_step(global_aux_ranks):
         assert r["one"]["seen"].sum() > 0
         assert torch.equal(r["seen_after_step"], torch.zeros(E, dtype=torch.long))
         assert torch.equal(r["accum_seen_after_step"], torch.zeros(E, dtype=torch.long))
+
+
+# ----------------------------------------------------------------------------
+# The (dp, ep) mesh: 4 processes, 2 replicas (dp) x 2 expert-parallel ranks
+# (ep). Ranks 0 and 1 share the experts out and exchange tokens; ranks 2 and
+# 3 do the same with copies of those experts. The global batch is still the
+# unit: this must train like 1 process too.
+
+MESH_WORLD, MESH_EP = 4, 2
+RESUME_AT = 2          # the checkpoint's step; the resumed runs train the rest of STEPS
+
+
+def resume_run(rank, world_size, ep_size, path, load):
+    """lossfree on the given mesh: either the first RESUME_AT steps and then a
+    checkpoint at `path`, or that checkpoint loaded and the steps after it."""
+    args = tiny_args("lossfree", ep_size=ep_size)
+    proc, model, opt = build_run(args, rank, world_size)
+    if load:
+        plumbing.load_checkpoint(plumbing.read_checkpoint(path), model, opt, proc)
+    steps = range(RESUME_AT, STEPS) if load else range(RESUME_AT)
+    recs = [train.train_step(model, opt, tiny_corpus(), step, args, proc) for step in steps]
+    if not load:
+        plumbing.save_checkpoint(path, model, opt, RESUME_AT, {"config": vars(args)}, proc)
+    # What gathering one expert tensor hands each rank: all experts on rank 0, nothing elsewhere.
+    gathered = plumbing.gather_experts(model.blocks[0].moe.experts.w13.detach(), proc.mesh)
+    return {"loss": torch.tensor([r["loss"] for r in recs], dtype=torch.float64),
+            "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+            "state": model.strategy_state(),
+            "gathered": None if gathered is None else gathered.shape}
+
+
+def wire_run(rank, world_size):
+    """One MoE layer on the 2 x 2 mesh, forward and backward under CPU bf16
+    autocast, with every all_to_all_single call's input dtype recorded (moe.py
+    calls it through the torch.distributed module, so wrapping the attribute
+    catches the count exchange and the rows, both ways)."""
+    proc = plumbing.Proc(rank, world_size, torch.device("cpu")).start(MESH_EP)
+    torch.manual_seed(0)
+    layer = MoELayer(train.model_config(tiny_args("lossfree")), proc.mesh).train()
+    sent, real = [], torch.distributed.all_to_all_single
+
+    def recording(output, input, *a, **kw):
+        sent.append(input.dtype)
+        return real(output, input, *a, **kw)
+
+    torch.distributed.all_to_all_single = recording
+    try:
+        x = torch.randn(2, 16, layer.router.weight.shape[1], requires_grad=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y, _, _ = layer(x)
+        y.sum().backward()
+    finally:
+        torch.distributed.all_to_all_single = real
+    return {"sent": sent, "out": y.dtype, "x_grad": x.grad.dtype}
+
+
+def mesh_worker(rank, world_size, ckpt_path):
+    return {"training": {s: train_run(s, 1, rank, world_size, MESH_EP) for s in STRATEGIES},
+            "saved": resume_run(rank, world_size, MESH_EP, ckpt_path, load=False),
+            "wire": wire_run(rank, world_size)}
+
+
+def resume_worker(rank, world_size, ckpt_path, ep_size):
+    return resume_run(rank, world_size, ep_size, ckpt_path, load=True)
+
+
+@pytest.fixture(scope="module")
+def mesh_ckpt(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("mesh") / "ckpt.pt")
+
+
+@pytest.fixture(scope="module")
+def mesh_spawned(mesh_ckpt):
+    """Every 4-process run, in one launch."""
+    return run_distributed(mesh_worker, MESH_WORLD, mesh_ckpt)
+
+
+@pytest.fixture(scope="module")
+def mesh(mesh_spawned):
+    return {s: [r["training"][s] for r in mesh_spawned] for s in STRATEGIES}
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_mesh_of_two_replicas_by_two_expert_ranks_equals_one_rank(mesh, strategy):
+    """4 processes with --ep-size 2 train like 1 process on the same global
+    batch: losses, gradient norms, the first step's gradients (an expert
+    gradient averaged over the replicas with the wrong scale shows here) and
+    every parameter after 3 steps, the experts being the first row's shards."""
+    assert_same_training(full_model(mesh[strategy], MESH_EP), one_rank(strategy, 1),
+                         f"{strategy}, 4 ranks ep 2 vs 1")
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_mesh_replicas_hold_bit_identical_parameters(mesh, strategy):
+    """Replicated parameters are the same on all 4 ranks, and each expert
+    shard is the same on both ranks of its data-parallel column (0 and 2,
+    1 and 3), bit for bit: otherwise the replicas drift apart."""
+    ranks = mesh[strategy]
+    for column in MeshLayout(MESH_WORLD, MESH_EP).dp_groups():
+        for name, p in ranks[column[0]]["params"].items():
+            for r in column[1:] if is_expert_param(name) else range(MESH_WORLD):
+                assert torch.equal(p, ranks[r]["params"][name]), f"{name}: rank {r} differs from rank {column[0]}"
+    assert not torch.equal(ranks[0]["params"]["blocks.0.moe.experts.w13"],
+                           ranks[1]["params"]["blocks.0.moe.experts.w13"]), "ranks 0 and 1 hold the same experts"
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_mesh_strategy_counts_are_those_of_the_whole_global_batch(mesh, strategy):
+    """The loads the strategies step on (lossfree's bias, global_aux's
+    buffer, MaxVio) are summed over all 4 ranks, not over one expert-parallel
+    group: every rank gets the global batch's counts and ends with the
+    1-process state."""
+    ranks, ref = mesh[strategy], one_rank(strategy, 1)
+    total = sum(r["local_loads"] for r in ranks)
+    for r in ranks:
+        assert torch.equal(r["loads"], total)
+        assert torch.equal(r["loads"], ref["loads"])
+        for name, value in ref["state"].items():
+            assert torch.equal(r["state"][name], value), f"{strategy}: {name} differs from 1 rank"
+
+
+@pytest.fixture(scope="module")
+def two_rank_resumed(mesh_spawned, mesh_ckpt):
+    return run_distributed(resume_worker, 2, mesh_ckpt, 2)
+
+
+def assert_resumed_like_uninterrupted(ranks, ep_size, what):
+    """The steps after the checkpoint give the uninterrupted 1-process run's
+    losses, final parameters and strategy state."""
+    ref = one_rank("lossfree", 1)
+    torch.testing.assert_close(ranks[0]["loss"], ref["loss"][RESUME_AT:], rtol=1e-5, atol=0)
+    got = merge_shards([ranks[r]["params"] for r in MeshLayout(len(ranks), ep_size).ep_groups()[0]])
+    for name, p in ref["params"].items():
+        assert_tensor_close(got[name], p, 1e-5, f"{what}: parameter {name}")
+    for r in ranks:
+        assert torch.equal(r["state"]["bias"], ref["state"]["bias"]), f"{what}: lossfree bias"
+
+
+def test_checkpoint_of_4_ranks_ep_2_resumes_on_2_ranks_ep_2(two_rank_resumed):
+    assert_resumed_like_uninterrupted(two_rank_resumed, 2, "4 ranks ep 2 -> 2 ranks ep 2")
+
+
+def test_checkpoint_of_4_ranks_ep_2_resumes_on_1_process(mesh_spawned, mesh_ckpt):
+    assert_resumed_like_uninterrupted([resume_run(0, 1, None, mesh_ckpt, load=True)], 1, "4 ranks ep 2 -> 1")
+
+
+def test_checkpoint_gathers_experts_on_rank_0_only(mesh_spawned, mesh_ckpt):
+    """Saving gathers within the first expert-parallel group, to rank 0: no
+    other rank ever holds all experts, and the file holds each expert once."""
+    shapes = [r["saved"]["gathered"] for r in mesh_spawned]
+    E = tiny_args("lossfree").n_experts
+    assert shapes[0][0] == E and shapes[1:] == [None] * (MESH_WORLD - 1)
+    ckpt = plumbing.read_checkpoint(mesh_ckpt)
+    assert ckpt["model"]["blocks.0.moe.experts.w13"].shape[0] == E
+
+
+def test_dispatched_rows_travel_in_the_autocast_dtype(mesh_spawned):
+    """Under bf16 autocast the rows go out and the results come back in bf16
+    (half the bytes of fp32), forward and backward; only the counts travel
+    as integers, and the layer still hands fp32 to the residual stream."""
+    for r in mesh_spawned:
+        wire = r["wire"]
+        assert wire["sent"] == [torch.long] + [torch.bfloat16] * 4, wire["sent"]
+        assert wire["out"] == wire["x_grad"] == torch.float32
