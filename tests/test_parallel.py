@@ -24,7 +24,7 @@ import train
 from balancers import BALANCERS, BalanceConfig, make_balancer
 from data import Corpus
 from distributed import run_distributed
-from moe import Mesh, MeshLayout, MoELayer, is_expert_param
+from moe import GPT, MeshLayout, MoELayer, is_expert_param
 
 WORLD = 2
 STEPS = 3
@@ -480,6 +480,56 @@ def test_mesh_strategy_counts_are_those_of_the_whole_global_batch(mesh, strategy
         assert torch.equal(r["loads"], ref["loads"])
         for name, value in ref["state"].items():
             assert torch.equal(r["state"][name], value), f"{strategy}: {name} differs from 1 rank"
+
+
+# Bigger meshes, laid out without launching them.
+
+@pytest.mark.parametrize("world_size,ep_size", [(32, 16), (32, 4), (8, 2)])
+def test_mesh_layout_gives_each_row_every_expert_once_and_each_column_the_same_experts(world_size, ep_size):
+    """16 experts on W processes in rows of ep_size: the rows (the token
+    exchange) and the columns (the replicas) each cover every rank once, a
+    row and a column meet in one rank, every row holds each expert exactly
+    once, the ranks of a column hold the same experts, and a row is
+    consecutive ranks, so with ep_size = GPUs per node tokens never leave a
+    node."""
+    E, layout = 16, MeshLayout(world_size, ep_size)
+    rows, columns = layout.ep_groups(), layout.dp_groups()
+    assert len(rows) == world_size // ep_size and len(columns) == ep_size
+    assert sorted(sum(rows, [])) == list(range(world_size)) == sorted(sum(columns, []))
+    assert all(len(set(row) & set(col)) == 1 for row in rows for col in columns)
+    for row in rows:
+        assert row == list(range(row[0], row[0] + ep_size))
+        assert sorted(e for r in row for e in layout.experts_of(r, E)) == list(range(E))
+    for col in columns:
+        assert len({tuple(layout.experts_of(r, E)) for r in col}) == 1
+
+
+@pytest.mark.parametrize("world_size,ep_size", [(32, 16), (32, 4)])
+def test_proc_forms_the_layouts_groups_and_experts_for_32_ranks(world_size, ep_size):
+    """What each of 32 ranks gets from Proc.start (PyTorch's init_device_mesh
+    on a fake process group: collectives do nothing, nothing is launched):
+    its row and column as the process groups, and, once the model is built
+    on that mesh, the experts MeshLayout assigns it, with the weights those
+    experts have on one process."""
+    fake_pg = pytest.importorskip("torch.testing._internal.distributed.fake_pg")
+    args = tiny_args("none")
+    args.n_experts = 16
+    cfg = train.model_config(args)
+    torch.manual_seed(0)
+    whole = GPT(cfg).blocks[0].moe.experts.w13.detach()
+    layout = MeshLayout(world_size, ep_size)
+    for rank in range(world_size):
+        torch.distributed.init_process_group("fake", rank=rank, world_size=world_size, store=fake_pg.FakeStore())
+        try:
+            mesh = plumbing.Proc(rank, world_size).start(ep_size).mesh
+            groups = [torch.distributed.get_process_group_ranks(g) for g in (mesh.ep_group, mesh.dp_group)]
+        finally:
+            torch.distributed.destroy_process_group()
+        assert groups[0] in layout.ep_groups() and groups[1] in layout.dp_groups() and rank in groups[0] + groups[1]
+        assert mesh.ep_rank == groups[0].index(rank) and mesh.dp_size == world_size // ep_size
+        torch.manual_seed(0)
+        mine = layout.experts_of(rank, 16)
+        assert torch.equal(GPT(cfg, mesh).blocks[0].moe.experts.w13.detach(), whole[mine.start:mine.stop])
 
 
 @pytest.fixture(scope="module")
