@@ -15,6 +15,7 @@ module, one every 4-process run, and the tests compare slices of their
 results."""
 
 import functools
+import sys
 
 import pytest
 import torch
@@ -480,6 +481,26 @@ def test_mesh_strategy_counts_are_those_of_the_whole_global_batch(mesh, strategy
         assert torch.equal(r["loads"], ref["loads"])
         for name, value in ref["state"].items():
             assert torch.equal(r["state"][name], value), f"{strategy}: {name} differs from 1 rank"
+
+
+@pytest.mark.parametrize("world_size, flags, words", [
+    (4, ["--ep-size", "3"], "--ep-size 3 must divide the 4 processes"),
+    (1, ["--ep-size", "2"], "--ep-size 2 must divide the 1 processes"),
+    (4, ["--ep-size", "0"], "--ep-size 0"),
+    (4, ["--ep-size", "4", "--n-experts", "6"], "n_experts=6 is not divisible by the 4 expert-parallel"),
+])
+def test_bad_ep_size_gives_one_line_and_status_2_before_any_process_group(tmp_path, capsys, monkeypatch,
+                                                                         world_size, flags, words):
+    """As torchrun's rank 0 of world_size sees it: the flags are checked from
+    the environment alone, so no rendezvous is attempted and no folder made."""
+    monkeypatch.setenv("WORLD_SIZE", str(world_size))
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(sys, "argv", ["train.py", "--preset", "tiny", "--out", str(tmp_path / "o"), *flags])
+    with pytest.raises(SystemExit) as stop:
+        plumbing.cli(train.main)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and len(err.strip().splitlines()) == 1 and words in err, err
+    assert not torch.distributed.is_initialized() and not (tmp_path / "o").exists()
 
 
 # Bigger meshes, laid out without launching them.
