@@ -20,7 +20,8 @@ Per step and per GPU it prints:
                expert ones over the dp replicas of the same experts
   checkpoint   plumbing.save_checkpoint's single file: the first
                expert-parallel group gathers its experts on rank 0, which
-               writes weights and AdamW moments of the whole model
+               writes weights and AdamW moments of the whole model; on
+               resume every rank reads all of it
   memory       fp32 weights, gradients and the two AdamW moments of one
                GPU's share (activations not included)
 and the seconds those bytes take. The links are stated, not measured:
@@ -50,7 +51,7 @@ class Links:
     """One-way bytes per second of each link, from the stated speeds."""
     nvlink_GBps: float = 900.0      # both directions together
     ib_Gbps: float = 400.0          # one port per GPU, each way
-    fs_GBps: float = 2.0            # the shared filesystem rank 0 writes the checkpoint to
+    fs_GBps: float = 2.0            # the shared filesystem's checkpoint rate, all readers together
     tflops: float = 989.0           # H100 SXM dense bf16 peak
     mfu: float = 0.4                # the share of it a step achieves (an assumption)
 
@@ -125,6 +126,7 @@ def plan(cfg, batch_size, grad_accum, nodes, gpus_per_node, ep_size):
         ckpt_received_rank0=(PARAM_BYTES + ADAM_BYTES) * (all_experts - local_experts),
         ckpt_gather_crosses_nodes=len(nodes_of(row, gpus_per_node)) > 1,
         ckpt_shard_bytes=(PARAM_BYTES + ADAM_BYTES) * local_experts,   # what each rank would write, sharded
+        ckpt_resume_read_bytes=W * ((PARAM_BYTES + ADAM_BYTES) * (replicated + all_experts) + buffers),
         flops_per_gpu=tokens * grad_accum * (6 * model.active_params() + 6 * cfg.n_layers * cfg.seq_len * cfg.d_model),
     )
 
@@ -142,12 +144,13 @@ def times(p, links):
         compute=p["flops_per_gpu"] / (links.tflops * 1e12 * links.mfu),
         ckpt_gather=p["ckpt_received_rank0"] / rate(p["ckpt_gather_crosses_nodes"]),
         ckpt_write=p["ckpt_file_bytes"] / (links.fs_GBps * 1e9),
+        ckpt_resume=p["ckpt_resume_read_bytes"] / (links.fs_GBps * 1e9),
     )
 
 
 def size(n):
     """Bytes as a short human figure."""
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if n >= scale:
             return f"{n / scale:.1f} {unit}"
     return f"{n:.0f} B"
@@ -183,14 +186,16 @@ def report(p, t, cfg, args, links):
         f"  checkpoint   one file of {size(p['ckpt_file_bytes'])} written by rank 0, which receives "
         f"{size(p['ckpt_received_rank0'])} of experts ({where(p['ckpt_gather_crosses_nodes'])}); each other GPU "
         f"of the first group sends {size(p['ckpt_sent_per_gpu'])} (a sharded format would write "
-        f"{size(p['ckpt_shard_bytes'])} of experts per GPU)",
+        f"{size(p['ckpt_shard_bytes'])} of experts per GPU); on resume every GPU reads the whole file, "
+        f"{size(p['ckpt_resume_read_bytes'])} in all",
         f"  memory       weights {size(p['param_bytes_per_gpu'])}, gradients {size(p['grad_bytes_per_gpu'])}, "
         f"AdamW moments {size(p['adam_bytes_per_gpu'])} (while saving, rank 0 holds the whole "
         f"{size(p['ckpt_file_bytes'])} state besides)",
         f"time per step at NVLink {links.nvlink_GBps:g} GB/s, InfiniBand {links.ib_Gbps:g} Gb/s per GPU, "
         f"{links.tflops:g} TFLOP/s at {links.mfu:.0%} MFU:",
         f"  compute {ms(t['compute'])} | all-to-all {ms(t['a2a'])} | all-reduce {ms(t['allreduce'])} | "
-        f"checkpoint: gather {ms(t['ckpt_gather'])}, write {ms(t['ckpt_write'])} at {links.fs_GBps:g} GB/s",
+        f"checkpoint: gather {ms(t['ckpt_gather'])}, write {ms(t['ckpt_write'])} and resume "
+        f"{t['ckpt_resume']:.1f} s at {links.fs_GBps:g} GB/s",
     ]
     step = {"compute": t["compute"], "all-to-all": t["a2a"], "all-reduce": t["allreduce"]}
     first = max(step, key=step.get)
@@ -209,7 +214,7 @@ def parse_args(argv=None):
     p.add_argument("--ib-Gbps", type=float, default=Links.ib_Gbps, metavar="X",
                    help="InfiniBand per GPU, each way (default: %(default)s)")
     p.add_argument("--fs-GBps", type=float, default=Links.fs_GBps, metavar="X",
-                   help="checkpoint write speed of the shared filesystem (default: %(default)s)")
+                   help="checkpoint rate of the shared filesystem, all readers or the writer (default: %(default)s)")
     p.add_argument("--tflops", type=float, default=Links.tflops, metavar="X",
                    help="peak bf16 TFLOP/s per GPU (default: %(default)s, H100 SXM dense)")
     p.add_argument("--mfu", type=float, default=Links.mfu, metavar="X",

@@ -51,6 +51,7 @@ def test_plan_counts_the_bytes_of_a_hand_computed_mesh():
     assert p["ckpt_file_bytes"] == 12 * (REPLICATED + 196608) + 2 * 8 * 4 == 3211072
     assert p["ckpt_sent_per_gpu"] == p["ckpt_received_rank0"] == 12 * 98304
     assert not p["ckpt_gather_crosses_nodes"]
+    assert p["ckpt_resume_read_bytes"] == 4 * 3211072          # every rank reads the whole file
 
 
 def test_plan_sends_the_exchange_over_infiniband_when_a_row_spans_nodes():
