@@ -166,7 +166,8 @@ def report(p, t, cfg, args, links):
     where = lambda crosses: "InfiniBand" if crosses else "NVLink"
     lines = [
         f"mesh: {args.nodes} node(s) x {args.gpus_per_node} GPUs = {W} ranks; ep {ep} x dp {dp} "
-        f"({dp} expert-parallel group(s) of {ep} consecutive ranks, {dp} cop{'y' if dp == 1 else 'ies'} of every expert)",
+        f"({dp} expert-parallel group(s) of {ep} consecutive ranks, "
+        f"{dp} cop{'y' if dp == 1 else 'ies'} of every expert)",
         f"model ({args.preset} preset): {cfg.n_layers} layers, d_model {cfg.d_model}, {cfg.n_experts} experts "
         f"top-{cfg.top_k} (d_expert {cfg.d_expert}) + {cfg.shared_experts} shared; "
         f"{p['replicated_params'] / 1e6:.1f}M replicated + {p['expert_params'] / 1e6:.1f}M expert parameters, "
@@ -174,8 +175,8 @@ def report(p, t, cfg, args, links):
         f"batch: {args.batch_size} x {cfg.seq_len} tokens per step, {p['tokens_per_micro_step']} per GPU and "
         f"micro-step ({args.grad_accum} micro-step(s))",
         "per step and GPU:",
-        f"  all-to-all   {size(p['a2a_bytes_per_layer'])} per layer leave the GPU ({size(p['a2a_bytes_per_layer_nvlink'])} "
-        f"over NVLink, {size(p['a2a_bytes_per_layer_ib'])} over InfiniBand); {size(p['a2a_bytes'])} for all "
+        f"  all-to-all   {size(p['a2a_bytes_per_layer'])} per layer leave the GPU "
+        f"({size(p['a2a_bytes_per_layer_nvlink'])} over NVLink, {size(p['a2a_bytes_per_layer_ib'])} over InfiniBand); {size(p['a2a_bytes'])} for all "
         f"layers, plus {size(p['count_bytes'])} of counts",
         f"  all-reduce   replicated gradients {size(p['allreduce_replicated_buffer'])} over {W} GPUs: sends "
         f"{size(p['allreduce_replicated_bytes'])} ({where(p['allreduce_replicated_crosses_nodes'])}); "
