@@ -124,9 +124,9 @@ class MeshLayout:
 @dataclass(frozen=True)
 class Mesh:
     """This process's place in the grid, and the two process groups it talks
-    over (torch.distributed ProcessGroups; None where the group is this
-    process alone). Built by plumbing.Proc.start; the default is one process.
-    Passed to the model explicitly: nothing here is global."""
+    over (torch.distributed ProcessGroups; None for a single process). Built
+    by plumbing.Proc.start; the default is one process. Passed to the model
+    explicitly: nothing here is global."""
     rank: int = 0
     world_size: int = 1
     ep_size: int = 1

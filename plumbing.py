@@ -33,7 +33,7 @@ import socket
 import sys
 import tempfile
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
@@ -60,7 +60,7 @@ class Proc:
     device: torch.device = torch.device("cpu")
     # Which experts this rank holds and whom it exchanges tokens with. One
     # process needs no groups; several get theirs in start().
-    mesh: Mesh | None = field(default=None)
+    mesh: Mesh | None = None
 
     def __post_init__(self):
         if self.mesh is None and self.world_size == 1:
