@@ -418,8 +418,12 @@ def wire_run(rank, world_size):
     return {"sent": sent, "out": y.dtype, "x_grad": x.grad.dtype}
 
 
+OTHER_EP = (1, 4)      # 4 replicas of all experts (data parallel only); 1 row of 4 (expert parallel only)
+
+
 def mesh_worker(rank, world_size, ckpt_path):
     return {"training": {s: train_run(s, 1, rank, world_size, MESH_EP) for s in STRATEGIES},
+            "other_ep": {ep: train_run("lossfree", 1, rank, world_size, ep) for ep in OTHER_EP},
             "saved": resume_run(rank, world_size, MESH_EP, ckpt_path, load=False),
             "wire": wire_run(rank, world_size)}
 
@@ -452,6 +456,17 @@ def test_mesh_of_two_replicas_by_two_expert_ranks_equals_one_rank(mesh, strategy
     every parameter after 3 steps, the experts being the first row's shards."""
     assert_same_training(full_model(mesh[strategy], MESH_EP), one_rank(strategy, 1),
                          f"{strategy}, 4 ranks ep 2 vs 1")
+
+
+@pytest.mark.parametrize("ep_size", OTHER_EP)
+def test_mesh_of_4_ranks_equals_one_rank_at_the_extreme_ep_sizes(mesh_spawned, ep_size):
+    """The two ends of the grid: --ep-size 1 (every rank holds every expert,
+    no token exchange, expert gradients averaged over all 4) and --ep-size 4
+    (one row, no replicas) train like 1 process too."""
+    ranks = [r["other_ep"][ep_size] for r in mesh_spawned]
+    assert_same_training(full_model(ranks, ep_size), one_rank("lossfree", 1), f"lossfree, 4 ranks ep {ep_size} vs 1")
+    for r in ranks:
+        assert torch.equal(r["state"]["bias"], one_rank("lossfree", 1)["state"]["bias"])
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
