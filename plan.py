@@ -207,7 +207,8 @@ def report(p, t, cfg, args, links):
 
 def parse_args(argv=None):
     p = plumbing.OneLineParser(description="Bytes and seconds of one training step on a GPU cluster, on paper. "
-                                           "train.py's model and batch flags may follow.")
+                                           "train.py's flags may follow: --ep-size N (default: all GPUs), "
+                                           "--preset, --batch-size, --grad-accum, --n-experts, ...")
     p.add_argument("--nodes", type=int, default=1, metavar="N", help="machines (default: 1)")
     p.add_argument("--gpus-per-node", type=int, default=8, metavar="N", help="GPUs per machine (default: 8)")
     p.add_argument("--nvlink-GBps", type=float, default=Links.nvlink_GBps, metavar="X",
