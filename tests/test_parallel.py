@@ -403,9 +403,9 @@ def wire_run(rank, world_size):
     layer = MoELayer(train.model_config(tiny_args("lossfree")), proc.mesh).train()
     sent, real = [], torch.distributed.all_to_all_single
 
-    def recording(output, input, *a, **kw):
-        sent.append(input.dtype)
-        return real(output, input, *a, **kw)
+    def recording(output, tensor, *a, **kw):
+        sent.append(tensor.dtype)
+        return real(output, tensor, *a, **kw)
 
     torch.distributed.all_to_all_single = recording
     try:
