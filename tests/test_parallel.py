@@ -387,10 +387,14 @@ def resume_run(rank, world_size, ep_size, path, load):
         plumbing.save_checkpoint(path, model, opt, RESUME_AT, {"config": vars(args)}, proc)
     # What gathering one expert tensor hands each rank: all experts on rank 0, nothing elsewhere.
     gathered = plumbing.gather_experts(model.blocks[0].moe.experts.w13.detach(), proc.mesh)
+    # The memory behind each expert tensor's AdamW moments: this rank's share, or the whole loaded tensor?
+    moments = [(v.untyped_storage().nbytes(), v.numel() * v.element_size())
+               for n, p in model.named_parameters() if is_expert_param(n)
+               for k, v in opt.state[p].items() if k.startswith("exp_avg")]
     return {"loss": torch.tensor([r["loss"] for r in recs], dtype=torch.float64),
             "params": {n: p.detach().clone() for n, p in model.named_parameters()},
             "state": model.strategy_state(),
-            "gathered": None if gathered is None else gathered.shape}
+            "gathered": None if gathered is None else gathered.shape, "moments": moments}
 
 
 def wire_run(rank, world_size):
@@ -587,6 +591,14 @@ def assert_resumed_like_uninterrupted(ranks, ep_size, what):
 
 def test_checkpoint_of_4_ranks_ep_2_resumes_on_2_ranks_ep_2(two_rank_resumed):
     assert_resumed_like_uninterrupted(two_rank_resumed, 2, "4 ranks ep 2 -> 2 ranks ep 2")
+
+
+def test_a_resumed_rank_keeps_only_its_own_experts_moments(two_rank_resumed):
+    """After loading, each rank's AdamW moments of the experts are backed by
+    memory for its own experts only, not by the whole tensor read from the
+    file (a slice would keep all experts' moments alive on every rank)."""
+    for r in two_rank_resumed:
+        assert r["moments"] and all(held == own for held, own in r["moments"]), r["moments"]
 
 
 def test_checkpoint_of_4_ranks_ep_2_resumes_on_1_process(mesh_spawned, mesh_ckpt):
