@@ -147,7 +147,7 @@ class TrainLoop:
 
     def __init__(self, args, corpus, device, rank=0, world_size=1):
         self.args, self.corpus, self.step = args, corpus, 0
-        self.proc = plumbing.Proc(rank, world_size, device)
+        self.proc = plumbing.Proc(rank, world_size, device).start()     # start(): the expert-parallel mesh
         self.model, self.opt = train.build(args, self.proc)
 
     def __call__(self):

@@ -4,6 +4,7 @@ expert-parallel from the first line.
 
 Read it top to bottom:
   1. GPTConfig                  the model's shape and its balancing strategy
+     Mesh                       which rank holds which experts
   2. CausalSelfAttention        ordinary causal attention (nothing MoE about it)
   3. Router, Experts, SwiGLU    the parts of an MoE layer
   4. AllToAll                   the one collective expert parallelism needs,
@@ -20,9 +21,13 @@ Every balancing strategy (balancers.py) hands MoELayer the same thing: a flat
 list of assignments (token_idx, expert_idx, weight). Everything after routing
 is shared, so the strategies differ only where the papers differ.
 
-Expert parallelism: with world_size ranks, rank r holds experts
-[r * E/W, (r+1) * E/W); every other parameter is replicated. world_size = 1 is
-the same code with the exchanges skipped.
+Expert parallelism: the W processes form a (dp, ep) grid (Mesh). Within
+one row of ep ranks, the expert-parallel group, ep rank j holds experts
+[j * E/ep, (j+1) * E/ep) and tokens travel only between those ranks; the dp
+rows are replicas of each other, experts included. Every other parameter is
+replicated on all W ranks. ep = W (the default) is one row, every rank its
+own slice of the experts; one process is the same code with the exchanges
+skipped.
 """
 
 import functools
@@ -54,9 +59,11 @@ class GPTConfig:
     balance: BalanceConfig = field(default_factory=BalanceConfig)
 
 
-def check_config(cfg, world_size=1, local_seqs=None):
+def check_config(cfg, ep_size=1, local_seqs=None):
     """Raise ValueError naming the setting and the fix, before anything is built.
-    `local_seqs`: sequences per process and micro-step, when known."""
+    `ep_size`: the processes the experts are shared out over (the world size
+    unless --ep-size says otherwise). `local_seqs`: sequences per process and
+    micro-step, when known."""
     for name in ("n_layers", "d_model", "n_heads", "n_experts", "top_k", "d_expert", "seq_len"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"{name}={getattr(cfg, name)} must be >= 1")
@@ -65,10 +72,78 @@ def check_config(cfg, world_size=1, local_seqs=None):
     if cfg.d_model % cfg.n_heads:
         raise ValueError(f"d_model={cfg.d_model} is not divisible by n_heads={cfg.n_heads}: "
                          f"pick an --n-heads that divides --d-model")
-    if cfg.n_experts % world_size:
-        raise ValueError(f"n_experts={cfg.n_experts} is not divisible by the {world_size} processes: "
-                         f"each rank must own the same number of experts; change --n-experts or --nproc_per_node")
+    if cfg.n_experts % ep_size:
+        raise ValueError(f"n_experts={cfg.n_experts} is not divisible by the {ep_size} expert-parallel processes: "
+                         f"each rank must own the same number of experts; change --n-experts, --ep-size "
+                         f"or --nproc_per_node")
     check_strategy(cfg.balancer, cfg.n_experts, cfg.top_k, cfg.balance, local_seqs)
+
+
+# ----------------------------------------------------------------------------
+# Who holds which experts: the (dp, ep) mesh.
+#
+# W = dp x ep processes sit in a grid of dp rows and ep columns, rank
+# r = row * ep + column (the row-major order of init_device_mesh). A row is an
+# expert-parallel group: its ep ranks share the E experts out between them
+# and exchange tokens among themselves. A column is a data-parallel group:
+# its dp ranks hold the same experts and average their gradients. Rows are
+# consecutive ranks, so with ep = GPUs per node the token exchange never
+# leaves a node; only gradient averaging crosses nodes.
+
+@dataclass(frozen=True)
+class MeshLayout:
+    """The grid as lists of ranks; a pure function of (world_size, ep_size),
+    so a test can check a 32-process layout without starting 32 processes."""
+    world_size: int
+    ep_size: int
+
+    @property
+    def dp_size(self):
+        return self.world_size // self.ep_size
+
+    def ep_rank(self, rank):
+        return rank % self.ep_size
+
+    def dp_rank(self, rank):
+        return rank // self.ep_size
+
+    def ep_groups(self):
+        """The rows: the ranks that exchange tokens with each other."""
+        return [list(range(d * self.ep_size, (d + 1) * self.ep_size)) for d in range(self.dp_size)]
+
+    def dp_groups(self):
+        """The columns: the ranks that hold the same experts."""
+        return [list(range(e, self.world_size, self.ep_size)) for e in range(self.ep_size)]
+
+    def experts_of(self, rank, n_experts):
+        """The experts rank `rank` holds: a contiguous range, the same in every row."""
+        n = n_experts // self.ep_size
+        return range(self.ep_rank(rank) * n, (self.ep_rank(rank) + 1) * n)
+
+
+@dataclass(frozen=True)
+class Mesh:
+    """This process's place in the grid, and the two process groups it talks
+    over (torch.distributed ProcessGroups; None for a single process). Built
+    by plumbing.Proc.start; the default is one process. Passed to the model
+    explicitly: nothing here is global."""
+    rank: int = 0
+    world_size: int = 1
+    ep_size: int = 1
+    ep_group: object = None       # my row: the all-to-all and the expert-norm sum run here
+    dp_group: object = None       # my column: expert gradients are summed here
+
+    @property
+    def layout(self):
+        return MeshLayout(self.world_size, self.ep_size)
+
+    @property
+    def ep_rank(self):
+        return self.layout.ep_rank(self.rank)
+
+    @property
+    def dp_size(self):
+        return self.layout.dp_size
 
 
 # ----------------------------------------------------------------------------
@@ -125,18 +200,18 @@ class Experts(nn.Module):
     one grouped matmul per projection; that and the choice between the two
     live in the speed section at the end of this file."""
 
-    def __init__(self, cfg, rank=0, world_size=1):
+    def __init__(self, cfg, mesh=Mesh()):
         super().__init__()
         E, d, h = cfg.n_experts, cfg.d_model, cfg.d_expert
         # Draw the weights of *all* E experts, then keep this rank's slice. Every
         # rank consumes the random stream identically, so replicated parameters
         # created later match across ranks, and expert e has the same initial
-        # weights whatever the world size (the 2-rank == 1-rank test needs it).
+        # weights whatever the mesh (the multi-rank == 1-rank tests need it).
         w13 = torch.randn(E, d, 2 * h) * 0.02
         w2 = torch.randn(E, h, d) * 0.02 / math.sqrt(2 * cfg.n_layers)
-        lo, hi = rank * E // world_size, (rank + 1) * E // world_size
-        self.w13 = nn.Parameter(w13[lo:hi].clone())
-        self.w2 = nn.Parameter(w2[lo:hi].clone())
+        mine = mesh.layout.experts_of(mesh.rank, E)
+        self.w13 = nn.Parameter(w13[mine.start:mine.stop].clone())
+        self.w2 = nn.Parameter(w2[mine.start:mine.stop].clone())
 
     def forward(self, x, counts):
         """x: [N, d] rows sorted by local expert; counts: rows per local expert,
@@ -196,8 +271,8 @@ class SharedExpert(nn.Module):
 # The exchange between ranks.
 
 class AllToAll(torch.autograd.Function):
-    """Rows [in_splits[r] for each rank r] leave for rank r; rows from each
-    rank arrive in out_splits order.
+    """Rows [in_splits[r] for each rank r of `group`] leave for rank r; rows
+    from each rank arrive in out_splits order.
 
     Why is the backward the reverse exchange? The forward is a permutation of
     rows across ranks: row j of my input becomes row j' of some rank's output.
@@ -206,31 +281,44 @@ class AllToAll(torch.autograd.Function):
     the same all-to-all with the two split lists swapped."""
 
     @staticmethod
-    def forward(ctx, x, out_splits, in_splits):
-        ctx.splits = (out_splits, in_splits)
+    def forward(ctx, x, out_splits, in_splits, group):
+        ctx.splits, ctx.group = (out_splits, in_splits), group
         out = x.new_empty(sum(out_splits), *x.shape[1:])
-        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits)
+        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
         return out
 
     @staticmethod
     def backward(ctx, grad):
         out_splits, in_splits = ctx.splits
         grad_in = grad.new_empty(sum(in_splits), *grad.shape[1:])
-        dist.all_to_all_single(grad_in, grad.contiguous(), in_splits, out_splits)
-        return grad_in, None, None
+        dist.all_to_all_single(grad_in, grad.contiguous(), in_splits, out_splits, group=ctx.group)
+        return grad_in, None, None, None
+
+
+def wire_dtype(x):
+    """The dtype rows travel in: the compute dtype under autocast (bf16 on a
+    GPU), else x's own. The experts' first matmul would round the rows to
+    bf16 anyway, so rounding them before the exchange changes no number and
+    halves the bytes; the results come back in bf16 too, which is what the
+    experts produced."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
 
 
 # ----------------------------------------------------------------------------
 # The MoE layer.
 
 class MoELayer(nn.Module):
-    def __init__(self, cfg, rank=0, world_size=1):
+    def __init__(self, cfg, mesh=Mesh()):
         super().__init__()
-        self.n_experts, self.world_size = cfg.n_experts, world_size
-        self.n_local = cfg.n_experts // world_size
+        self.n_experts, self.mesh = cfg.n_experts, mesh
+        self.n_local = cfg.n_experts // mesh.ep_size
         self.router = Router(cfg.d_model, cfg.n_experts)
-        self.balancer = make_balancer(cfg.balancer, cfg.n_experts, cfg.top_k, cfg.balance, world_size)
-        self.experts = Experts(cfg, rank, world_size)
+        # The strategy's counts are the whole global batch's: it all-reduces
+        # over every rank, not over the expert-parallel group.
+        self.balancer = make_balancer(cfg.balancer, cfg.n_experts, cfg.top_k, cfg.balance, mesh.world_size)
+        self.experts = Experts(cfg, mesh)
         self.shared = SharedExpert(cfg) if cfg.shared_experts else None
         # Assignments per expert counted over the current optimizer step, in
         # training mode only (evaluation must not steer the lossfree bias).
@@ -262,18 +350,21 @@ class MoELayer(nn.Module):
         return torch.zeros_like(h).index_add_(0, token_idx, out)
 
     def run_experts(self, x, counts):
-        """x: [A, d] rows sorted by global expert id, counts: [E] rows per expert."""
-        if self.world_size == 1:
+        """x: [A, d] rows sorted by global expert id, counts: [E] rows per expert.
+        The exchanges run within this rank's expert-parallel group (a row of
+        the mesh); ranks below are ranks of that group."""
+        if self.mesh.ep_size == 1:
             return self.experts(x, counts)    # a tensor: the CUDA experts need no host sync
-        W, L = self.world_size, self.n_local
+        W, L, group = self.mesh.ep_size, self.n_local, self.mesh.ep_group
         # 1. Tell every rank how many rows it will receive for each of its experts.
         recv_counts = torch.empty_like(counts)
-        dist.all_to_all_single(recv_counts, counts)              # [W * L]: (source rank, local expert)
+        dist.all_to_all_single(recv_counts, counts, group=group)  # [W * L]: (source rank, local expert)
         send, recv = torch.stack([counts, recv_counts]).tolist()  # one host sync for both lists
         send_splits = [sum(send[r * L:(r + 1) * L]) for r in range(W)]
         recv_splits = [sum(recv[r * L:(r + 1) * L]) for r in range(W)]
-        # 2. Send the rows. They arrive grouped by source rank, then by expert.
-        rx = AllToAll.apply(x, recv_splits, send_splits)
+        # 2. Send the rows, in the compute dtype. They arrive grouped by source
+        #    rank, then by expert.
+        rx = AllToAll.apply(x.to(wire_dtype(x)), recv_splits, send_splits, group)
         # 3. Regroup by local expert so each expert's rows are contiguous again.
         #    The rows arrive as blocks (source rank r, expert l); listing the
         #    blocks in (l, r) order is all it takes: whole blocks move, in one
@@ -286,7 +377,7 @@ class MoELayer(nn.Module):
         #    them back where the rows came from (the reverse exchange).
         y_blocks = dict(zip(by_expert, y.split([recv[r * L + l] for r, l in by_expert])))
         ry = torch.cat([y_blocks[r, l] for r in range(W) for l in range(L)])
-        return AllToAll.apply(ry, send_splits, recv_splits)
+        return AllToAll.apply(ry, send_splits, recv_splits, group).to(x.dtype)
 
 
 # ----------------------------------------------------------------------------
@@ -295,12 +386,12 @@ class MoELayer(nn.Module):
 class Block(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + moe(norm(x))."""
 
-    def __init__(self, cfg, rank=0, world_size=1):
+    def __init__(self, cfg, mesh=Mesh()):
         super().__init__()
         self.norm1 = nn.RMSNorm(cfg.d_model)
         self.attn = CausalSelfAttention(cfg)
         self.norm2 = nn.RMSNorm(cfg.d_model)
-        self.moe = MoELayer(cfg, rank, world_size)
+        self.moe = MoELayer(cfg, mesh)
 
     def forward(self, x):
         x = x + self.attn(self.norm1(x))
@@ -317,13 +408,13 @@ class GPTOutput:
 
 
 class GPT(nn.Module):
-    def __init__(self, cfg, rank=0, world_size=1):
+    def __init__(self, cfg, mesh=Mesh()):
         super().__init__()
-        check_config(cfg, world_size)
-        self.cfg, self.world_size = cfg, world_size
+        check_config(cfg, mesh.ep_size)
+        self.cfg, self.mesh = cfg, mesh
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.seq_len, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg, rank, world_size) for _ in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(Block(cfg, mesh) for _ in range(cfg.n_layers))
         self.norm = nn.RMSNorm(cfg.d_model)
         # Untied output head: with 256 byte tokens the embedding is tiny, so
         # tying would save almost nothing, and untied is one less coupling to
@@ -381,11 +472,12 @@ class GPT(nn.Module):
 
     def end_step(self):
         """Call once per optimizer step, after all micro-steps. Sums each
-        layer's load over all ranks, hands it to the strategy's step() (lossfree
-        updates its bias here, global_aux resets its buffer) and returns the
-        global load [n_layers, E] for MaxVio_batch."""
+        layer's load over all ranks (every row of the mesh: the whole global
+        batch, not one expert-parallel group's share), hands it to the
+        strategy's step() (lossfree updates its bias here, global_aux resets
+        its buffer) and returns the global load [n_layers, E] for MaxVio_batch."""
         loads = torch.stack([layer.load for layer in self.moe_layers()])
-        if self.world_size > 1:
+        if self.mesh.world_size > 1:
             dist.all_reduce(loads)
         for layer, load in zip(self.moe_layers(), loads):
             layer.balancer.step(load)
@@ -422,29 +514,44 @@ def sync_gradients(model):
     """Make every rank's gradients those of the global mean loss.
 
     Each rank's loss is the mean over its own tokens; the global loss is the
-    mean of those over ranks. Replicated parameters: average the gradients
-    over ranks (one all-reduce of a flat buffer). Expert parameters: their
-    owner already received gradient from every rank's tokens through the
-    reverse all-to-all, i.e. the *sum* of the ranks' losses; divide by the
-    world size to get the mean."""
-    W = model.world_size
+    mean of those over all W ranks. Replicated parameters: average the
+    gradients over all W ranks (one all-reduce of a flat buffer). Expert
+    parameters: within a row of the mesh, the owner already received the
+    gradient of every row member's tokens through the reverse all-to-all,
+    i.e. the *sum* of those ep ranks' losses; summing that over the column
+    (the dp replicas of the same experts) gives the sum over all W ranks,
+    and dividing by W the mean. With dp = 1 the column is the rank alone."""
+    mesh = model.mesh
+    W = mesh.world_size
     if W == 1:
         return
     replicated = [p.grad for n, p in model.named_parameters() if not is_expert_param(n) and p.grad is not None]
-    flat = torch.cat([g.reshape(-1) for g in replicated])
-    dist.all_reduce(flat)
-    flat /= W
-    for g, new in zip(replicated, flat.split([g.numel() for g in replicated])):
+    all_reduce_mean(replicated, W, group=None)
+    experts = [p.grad for n, p in model.named_parameters() if is_expert_param(n) and p.grad is not None]
+    if mesh.dp_size > 1:
+        all_reduce_mean(experts, W, group=mesh.dp_group)
+    else:
+        for g in experts:
+            g /= W
+
+
+def all_reduce_mean(grads, divisor, group):
+    """Sum the tensors over `group` in one all-reduce of a flat buffer, then
+    divide by `divisor`, in place."""
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, group=group)
+    flat /= divisor
+    for g, new in zip(grads, flat.split([g.numel() for g in grads])):
         g.copy_(new.view_as(g))
-    for n, p in model.named_parameters():
-        if is_expert_param(n) and p.grad is not None:
-            p.grad /= W
 
 
 def clip_grad_norm(model, max_norm):
     """Global gradient-norm clipping when experts are sharded: replicated
     gradients are identical on every rank (count them once), expert gradients
-    are disjoint (sum their squares over ranks). Returns the norm."""
+    are disjoint within a row of the mesh (sum their squares over the row)
+    and identical across rows (count one row). Returns the norm."""
     device = next(model.parameters()).device
     sq_rep, sq_exp = torch.zeros((), device=device), torch.zeros((), device=device)
     for n, p in model.named_parameters():
@@ -454,8 +561,8 @@ def clip_grad_norm(model, max_norm):
             sq_exp = sq_exp + p.grad.float().pow(2).sum()
         else:
             sq_rep = sq_rep + p.grad.float().pow(2).sum()
-    if model.world_size > 1:
-        dist.all_reduce(sq_exp)
+    if model.mesh.ep_size > 1:
+        dist.all_reduce(sq_exp, group=model.mesh.ep_group)
     norm = (sq_rep + sq_exp).sqrt()
     scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
     for p in model.parameters():
@@ -552,8 +659,10 @@ def grouped_is_faster_on_cpu(x, counts, w13, w2):
                it back), but on one thread until the block is big enough.
     So the loop wins once one expert's block keeps every thread busy. The
     measured crossover is in the README's Speed section. (The grouped op
-    also needs row strides that are multiples of 16 bytes.)"""
-    if x.device.type != "cpu" or not grouped_mm_on_cpu():
+    also needs row strides that are multiples of 16 bytes, and operands of
+    one dtype: it is not on autocast's list, so bf16 rows under CPU autocast
+    take the loop, whose matmuls autocast does cast.)"""
+    if x.device.type != "cpu" or not grouped_mm_on_cpu() or x.dtype != w13.dtype:
         return False
     if any(width * x.element_size() % 16 for width in (w13.shape[1], w2.shape[1])):
         return False

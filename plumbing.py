@@ -5,13 +5,15 @@ train.py reads like the papers: settings, model, train_step, the
 measurements, the loop. Everything a real run also needs so that it never
 loses work lives here, in the order a run meets it:
 
-  1. Proc         who this process is (rank, world size, device), from
-                  torchrun's environment or as the only process
+  1. Proc         who this process is (rank, world size, device, its place
+                  in the (dp, ep) mesh), from torchrun's environment or as
+                  the only process
   2. RunDir       the output folder: a lock so two runs cannot share it, the
                   log (rewritten atomically on resume, strictly valid JSON),
                   summary.json
   3. checkpoints  written atomically, only from a finite state, with every
-                  expert gathered so any number of processes can resume
+                  expert gathered so any number of processes and any
+                  --ep-size can resume
   4. StopFlag     SIGTERM or Ctrl-C: finish the step, save, exit (every rank
                   at the same step)
   5. cli / leave  the command line: --help's defaults, the memory check,
@@ -38,9 +40,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed.device_mesh import init_device_mesh
 
 from balancers import BALANCERS, all_reduce
-from moe import is_expert_param
+from moe import Mesh, MeshLayout, is_expert_param
 
 # ----------------------------------------------------------------------------
 # 1. Who am I.
@@ -55,6 +58,13 @@ class Proc:
     rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device("cpu")
+    # Which experts this rank holds and whom it exchanges tokens with. One
+    # process needs no groups; several get theirs in start().
+    mesh: Mesh | None = None
+
+    def __post_init__(self):
+        if self.mesh is None and self.world_size == 1:
+            self.mesh = Mesh()
 
     @classmethod
     def from_env(cls, device="auto"):
@@ -65,15 +75,33 @@ class Proc:
             return cls(rank, world_size, torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))))
         return cls(rank, world_size, torch.device("cpu"))
 
-    def start(self):
+    def start(self, ep_size=None):
         """Join the process group: nccl between GPUs, gloo between CPU processes.
         A bounded timeout, so that if one rank dies the others fail instead of
-        waiting forever."""
+        waiting forever. Then form the (dp, ep) mesh: ep_size ranks share the
+        experts out (default: all of them), world_size / ep_size replicas.
+        (train.check_args has checked that ep_size divides the world.)"""
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         if self.world_size > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo", timeout=timedelta(minutes=5))
+        if self.world_size > 1:
+            self.mesh = self.form_mesh(ep_size or self.world_size)
         return self
+
+    def form_mesh(self, ep_size):
+        """The process groups of moe.MeshLayout's grid, from PyTorch's own
+        DeviceMesh (a collective: every rank calls it). The groups it makes
+        are checked against the layout the experts are assigned by, so the
+        two can never disagree about who holds what."""
+        layout = MeshLayout(self.world_size, ep_size)
+        grid = init_device_mesh(self.device.type, (layout.dp_size, ep_size), mesh_dim_names=("dp", "ep"))
+        ep_group, dp_group = grid["ep"].get_group(), grid["dp"].get_group()
+        mine = [g for g in layout.ep_groups() if self.rank in g] + [g for g in layout.dp_groups() if self.rank in g]
+        assert [dist.get_process_group_ranks(ep_group), dist.get_process_group_ranks(dp_group)] == mine, \
+            "init_device_mesh laid the ranks out differently from moe.MeshLayout"
+        assert grid.get_local_rank("ep") == layout.ep_rank(self.rank)
+        return Mesh(self.rank, self.world_size, ep_size, ep_group, dp_group)
 
     @property
     def main(self):
@@ -237,21 +265,30 @@ def open_run_dir(out, proc, resume, overwrite):
 # 3. Checkpoints.
 #
 # A checkpoint holds every expert (gathered from the ranks that own them) so
-# a run can resume on any number of processes; each rank then keeps its own
-# slice. Only a finite state is ever written: NaN weights would replace the
-# last good checkpoint, and every resume from it would fail again.
+# a run can resume on any number of processes and any mesh; each rank then
+# keeps its own slice. Only a finite state is ever written: NaN weights would
+# replace the last good checkpoint, and every resume from it would fail again.
 
-def gather_experts(tensor, world_size):
-    if world_size == 1:
-        return tensor
-    parts = [torch.empty_like(tensor) for _ in range(world_size)]
-    dist.all_gather(parts, tensor.contiguous())
-    return torch.cat(parts)
+def gather_experts(tensor, mesh):
+    """Every expert's slice of `tensor` stacked on dim 0, on rank 0; None on
+    the other ranks. Only the first row of the mesh takes part: its ep ranks
+    hold one copy of every expert, and the other rows hold the same again.
+    A gather to rank 0, not an all-gather: no other rank needs the whole."""
+    if mesh.ep_size == 1:                                   # every rank holds all experts
+        return tensor if mesh.rank == 0 else None
+    if mesh.layout.dp_rank(mesh.rank) != 0:
+        return None
+    parts = [torch.empty_like(tensor) for _ in range(mesh.ep_size)] if mesh.rank == 0 else None
+    dist.gather(tensor.contiguous(), parts, group_dst=0, group=mesh.ep_group)
+    return torch.cat(parts) if mesh.rank == 0 else None
 
 
-def shard_experts(tensor, rank, world_size):
-    n = tensor.shape[0] // world_size
-    return tensor[rank * n:(rank + 1) * n]
+def shard_experts(tensor, mesh):
+    """This rank's experts out of all of them (moe.MeshLayout.experts_of).
+    A copy, not a view: a view would keep the whole loaded tensor alive, so
+    every rank would hold every expert's weights and moments after a resume."""
+    mine = mesh.layout.experts_of(mesh.rank, tensor.shape[0])
+    return tensor[mine.start:mine.stop].clone()
 
 
 def is_finite_state(model, opt, proc):
@@ -274,13 +311,14 @@ def save_checkpoint(path, model, opt, step, meta, proc):
     if not is_finite_state(model, opt, proc):
         raise FloatingPointError(f"the weights or optimizer state became NaN or infinite by step {step}; "
                                  f"{path} keeps the last good state. Try a lower --lr")
-    W = proc.world_size
-    model_state = {k: gather_experts(v, W) if is_expert_param(k) else v for k, v in model.state_dict().items()}
+    mesh = proc.mesh
+    model_state = {k: gather_experts(v, mesh) if is_expert_param(k) else v for k, v in model.state_dict().items()}
     names = param_names(model, opt)
     opt_state = opt.state_dict()
     for i in expert_slots(names):
         if i in opt_state["state"]:
-            opt_state["state"][i] = {k: gather_experts(v, W) if v.dim() else v for k, v in opt_state["state"][i].items()}
+            opt_state["state"][i] = {k: gather_experts(v, mesh) if v.dim() else v
+                                     for k, v in opt_state["state"][i].items()}
     if proc.main:
         ckpt = {"model": model_state, "optimizer": opt_state, "param_order": names, "step": step,
                 "rng": torch.get_rng_state(), **meta}
@@ -315,16 +353,16 @@ def read_checkpoint(path):
 def load_checkpoint(ckpt, model, opt, proc):
     """Restore model (strict: a renamed or missing key is an error, never a
     silently fresh tensor), optimizer and RNG from a read checkpoint."""
-    r, W = proc.rank, proc.world_size
+    mesh = proc.mesh
     try:
-        model.load_state_dict({k: shard_experts(v, r, W) if is_expert_param(k) else v
+        model.load_state_dict({k: shard_experts(v, mesh) if is_expert_param(k) else v
                                for k, v in ckpt["model"].items()})
     except RuntimeError as e:
         raise ValueError(f"--resume: the checkpoint does not fit this model ({str(e).splitlines()[0]})") from None
     opt_state = ckpt["optimizer"]
     for i in expert_slots(ckpt["param_order"]):
         if i in opt_state["state"]:
-            opt_state["state"][i] = {k: shard_experts(v, r, W) if v.dim() else v
+            opt_state["state"][i] = {k: shard_experts(v, mesh) if v.dim() else v
                                      for k, v in opt_state["state"][i].items()}
     opt.load_state_dict(opt_state)
     torch.set_rng_state(ckpt["rng"])

@@ -4,6 +4,7 @@ the papers measure.
 
     python train.py --balancer lossfree                       # one process
     torchrun --nproc_per_node=2 train.py --balancer lossfree  # expert parallel
+    torchrun --nproc_per_node=4 train.py --ep-size 2          # 2 replicas x 2 expert-parallel ranks
 
 Read it top to bottom:
   1. settings: presets, flags (a strategy's flags come from BalanceConfig),
@@ -108,6 +109,10 @@ def parse_args(argv=None):
                                                  "(default: the built-in corpus)")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="auto: CUDA if this PyTorch sees a GPU, else CPU (default: auto)")
+    g.add_argument("--ep-size", type=int, metavar="N",
+                   help="processes that share the experts out and exchange tokens (an expert-parallel group); "
+                        "the world size / N such groups hold copies of the experts (data parallel). Must "
+                        "divide the number of processes and --n-experts (default: all processes)")
     g = p.add_argument_group("output")
     g.add_argument("--out", metavar="DIR", help="log.jsonl, summary.json and ckpt.pt go here (default: runs/BALANCER)")
     either = g.add_mutually_exclusive_group()     # "continue" and "start over" cannot both be meant
@@ -161,6 +166,7 @@ def check_args(args, world_size, device=None):
             raise ValueError(f"{flag(name)} must be at most {high} (got {getattr(args, name)})")
     if args.stop_at != -1 and args.stop_at < 1:
         raise ValueError(f"--stop-at must be a step >= 1 (got {args.stop_at})")
+    ep_size = expert_parallel_size(args, world_size)
     split = world_size * args.grad_accum
     if args.batch_size % split:
         raise ValueError(f"--batch-size {args.batch_size} is not divisible by processes x --grad-accum = {split}: "
@@ -168,8 +174,18 @@ def check_args(args, world_size, device=None):
     if args.batch_size % args.domain_block:
         raise ValueError(f"--domain-block {args.domain_block} must divide --batch-size {args.batch_size}")
     cfg = model_config(args)
-    check_config(cfg, world_size, local_seqs=args.batch_size // split)
-    plumbing.check_memory(cfg, args.batch_size // split, world_size, device)
+    check_config(cfg, ep_size, local_seqs=args.batch_size // split)
+    plumbing.check_memory(cfg, args.batch_size // split, ep_size, device)   # experts are split ep_size ways
+
+
+def expert_parallel_size(args, world_size):
+    """--ep-size, checked against the world size (the default: all processes)."""
+    if args.ep_size is None:
+        return world_size
+    if args.ep_size < 1 or world_size % args.ep_size:
+        raise ValueError(f"--ep-size {args.ep_size} must divide the {world_size} processes "
+                         f"(each expert-parallel group is --ep-size of them)")
+    return args.ep_size
 
 
 # ----------------------------------------------------------------------------
@@ -177,10 +193,10 @@ def check_args(args, world_size, device=None):
 
 def build(args, proc):
     """The model (this rank's experts, everything else replicated) and AdamW.
-    Seeded first, so every rank and every world size starts from the same
-    weights. bench.py and the tests build through here too."""
+    Seeded first, so every rank and every mesh starts from the same weights.
+    bench.py and the tests build through here too."""
     torch.manual_seed(args.seed)
-    model = GPT(model_config(args), proc.rank, proc.world_size).to(proc.device)
+    model = GPT(model_config(args), proc.mesh).to(proc.device)
     return model, make_optimizer(model, args)
 
 
@@ -388,7 +404,7 @@ def main(argv=None):
     args = parse_args(argv)
     proc = plumbing.Proc.from_env(args.device)
     check_args(args, proc.world_size, proc.device)  # before the process group: bad flags stop every rank at once
-    proc.start()
+    proc.start(args.ep_size)
     cfg = model_config(args)
     run = plumbing.open_run_dir(args.out, proc, args.resume, args.overwrite)
     try:

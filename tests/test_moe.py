@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from balancers import BALANCERS, BalanceConfig, gate_scores
-from moe import (ELEMENTS_PER_THREAD, GPT, MIN_ROWS, Experts, GPTConfig, MoELayer, check_config, grouped_experts_bf16,
-                 grouped_experts_cpu, grouped_is_faster_on_cpu, grouped_mm_on_cpu, pad_blocks, swiglu)
+from moe import (ELEMENTS_PER_THREAD, GPT, MIN_ROWS, Experts, GPTConfig, Mesh, MoELayer, check_config,
+                 grouped_experts_bf16, grouped_experts_cpu, grouped_is_faster_on_cpu, grouped_mm_on_cpu, pad_blocks,
+                 swiglu)
 from train import max_violation
 
 STRATEGIES = list(BALANCERS)
@@ -323,7 +324,7 @@ def test_bad_config_raises_value_error_naming_the_setting(overrides, world_size,
     with pytest.raises(ValueError, match=setting):
         check_config(cfg, world_size)
     with pytest.raises(ValueError, match=setting):
-        GPT(cfg, rank=0, world_size=world_size)
+        GPT(cfg, Mesh(0, world_size, world_size))
 
 
 def test_valid_config_passes_check():

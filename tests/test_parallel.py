@@ -1,5 +1,5 @@
-"""Multi-process tests: expert parallelism and the balancing statistics that
-must be global (gloo on CPU, 2 processes).
+"""Multi-process tests: expert parallelism, the (dp, ep) mesh, and the
+balancing statistics that must be global (gloo on CPU, 2 and 4 processes).
 
 The promise of train.py is that the global batch is the unit of everything:
 the number of processes and --grad-accum only decide how it is cut up. So a
@@ -7,10 +7,15 @@ the number of processes and --grad-accum only decide how it is cut up. So a
 the strategies that balance over the global batch (global_aux, lossfree)
 must see the same counts on every rank.
 
+The same holds for 4 processes in a mesh of 2 replicas x 2 expert-parallel
+ranks, and a checkpoint it writes resumes on 2 processes and on 1.
+
 Spawning costs a few seconds, so one spawn does every 2-process run of the
-module and the tests compare slices of its results."""
+module, one every 4-process run, and the tests compare slices of their
+results."""
 
 import functools
+import sys
 
 import pytest
 import torch
@@ -20,7 +25,7 @@ import train
 from balancers import BALANCERS, BalanceConfig, make_balancer
 from data import Corpus
 from distributed import run_distributed
-from moe import is_expert_param
+from moe import GPT, MeshLayout, MoELayer, is_expert_param
 
 WORLD = 2
 STEPS = 3
@@ -56,18 +61,29 @@ def tiny_corpus():
 ADAM_EPS = 1e-6
 
 
-def train_run(balancer, grad_accum, rank, world_size):
-    """STEPS optimizer steps of train.train_step; returns what the tests compare.
-    The gradient norm is ~0.5 here, so --grad-clip 0.25 makes clipping, and
-    with it the norm summed over the ranks' expert shards, part of the test."""
-    args = train.parse_args(["--preset", "tiny", "--balancer", balancer, "--steps", str(STEPS),
+def tiny_args(balancer, grad_accum=1, ep_size=None):
+    """The tiny preset on 32-byte sequences. The gradient norm is ~0.5 here,
+    so --grad-clip 0.25 makes clipping, and with it the norm summed over the
+    ranks' expert shards, part of the tests."""
+    return train.parse_args(["--preset", "tiny", "--balancer", balancer, "--steps", str(STEPS),
                              "--seq-len", "32", "--warmup", "0", "--grad-clip", "0.25",
-                             "--grad-accum", str(grad_accum)])
+                             "--grad-accum", str(grad_accum)] + (["--ep-size", str(ep_size)] if ep_size else []))
+
+
+def build_run(args, rank, world_size):
+    """Proc (with its mesh), model and optimizer, as train.main makes them."""
     train.check_args(args, world_size)
-    proc = plumbing.Proc(rank, world_size, torch.device("cpu"))
+    proc = plumbing.Proc(rank, world_size, torch.device("cpu")).start(args.ep_size)
     model, opt = train.build(args, proc)
     for group in opt.param_groups:
         group["eps"] = ADAM_EPS
+    return proc, model, opt
+
+
+def train_run(balancer, grad_accum, rank, world_size, ep_size=None):
+    """STEPS optimizer steps of train.train_step; returns what the tests compare."""
+    args = tiny_args(balancer, grad_accum, ep_size)
+    proc, model, opt = build_run(args, rank, world_size)
     local_loads, global_loads, grads = [], [], []
     end_step, opt_step = model.end_step, opt.step
 
@@ -110,14 +126,18 @@ def one_rank(balancer, grad_accum):
     return train_run(balancer, grad_accum, 0, 1)
 
 
-def full_model(ranks):
+def full_model(ranks, ep_size=None):
     """One model's parameters and per-step gradients from the ranks' views:
-    expert tensors are the concatenation of the shards (rank 0 owns the first
-    experts); replicated ones are rank 0's."""
-    def merge(views):
-        return {n: torch.cat([v[n] for v in views]) if is_expert_param(n) else views[0][n] for n in views[0]}
-    return dict(ranks[0], params=merge([r["params"] for r in ranks]),
-                grads=[merge([r["grads"][s] for r in ranks]) for s in range(STEPS)])
+    expert tensors are the concatenation of the shards of the mesh's first
+    row (its rank 0 owns the first experts); replicated ones are rank 0's."""
+    row = [ranks[r] for r in MeshLayout(len(ranks), ep_size or len(ranks)).ep_groups()[0]]
+    return dict(row[0], params=merge_shards([r["params"] for r in row]),
+                grads=[merge_shards([r["grads"][s] for r in row]) for s in range(STEPS)])
+
+
+def merge_shards(views):
+    """{name: tensor} of one row of the mesh, its expert shards side by side."""
+    return {n: torch.cat([v[n] for v in views]) if is_expert_param(n) else views[0][n] for n in views[0]}
 
 
 def assert_tensor_close(got, ref, rtol, what):
@@ -342,3 +362,264 @@ def test_global_aux_buffer_resets_after_step(global_aux_ranks):
         assert r["one"]["seen"].sum() > 0
         assert torch.equal(r["seen_after_step"], torch.zeros(E, dtype=torch.long))
         assert torch.equal(r["accum_seen_after_step"], torch.zeros(E, dtype=torch.long))
+
+
+# ----------------------------------------------------------------------------
+# The (dp, ep) mesh: 4 processes, 2 replicas (dp) x 2 expert-parallel ranks
+# (ep). Ranks 0 and 1 share the experts out and exchange tokens; ranks 2 and
+# 3 do the same with copies of those experts. The global batch is still the
+# unit: this must train like 1 process too.
+
+MESH_WORLD, MESH_EP = 4, 2
+RESUME_AT = 2          # the checkpoint's step; the resumed runs train the rest of STEPS
+
+
+def resume_run(rank, world_size, ep_size, path, load):
+    """lossfree on the given mesh: either the first RESUME_AT steps and then a
+    checkpoint at `path`, or that checkpoint loaded and the steps after it."""
+    args = tiny_args("lossfree", ep_size=ep_size)
+    proc, model, opt = build_run(args, rank, world_size)
+    if load:
+        plumbing.load_checkpoint(plumbing.read_checkpoint(path), model, opt, proc)
+    steps = range(RESUME_AT, STEPS) if load else range(RESUME_AT)
+    recs = [train.train_step(model, opt, tiny_corpus(), step, args, proc) for step in steps]
+    if not load:
+        plumbing.save_checkpoint(path, model, opt, RESUME_AT, {"config": vars(args)}, proc)
+    # What gathering one expert tensor hands each rank: all experts on rank 0, nothing elsewhere.
+    gathered = plumbing.gather_experts(model.blocks[0].moe.experts.w13.detach(), proc.mesh)
+    # The memory behind each expert tensor's AdamW moments: this rank's share, or the whole loaded tensor?
+    moments = [(v.untyped_storage().nbytes(), v.numel() * v.element_size())
+               for n, p in model.named_parameters() if is_expert_param(n)
+               for k, v in opt.state[p].items() if k.startswith("exp_avg")]
+    return {"loss": torch.tensor([r["loss"] for r in recs], dtype=torch.float64),
+            "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+            "state": model.strategy_state(),
+            "gathered": None if gathered is None else gathered.shape, "moments": moments}
+
+
+def wire_run(rank, world_size):
+    """One MoE layer on the 2 x 2 mesh, forward and backward under CPU bf16
+    autocast, with every all_to_all_single call's input dtype recorded (moe.py
+    calls it through the torch.distributed module, so wrapping the attribute
+    catches the count exchange and the rows, both ways)."""
+    proc = plumbing.Proc(rank, world_size, torch.device("cpu")).start(MESH_EP)
+    torch.manual_seed(0)
+    layer = MoELayer(train.model_config(tiny_args("lossfree")), proc.mesh).train()
+    sent, real = [], torch.distributed.all_to_all_single
+
+    def recording(output, tensor, *a, **kw):
+        sent.append(tensor.dtype)
+        return real(output, tensor, *a, **kw)
+
+    torch.distributed.all_to_all_single = recording
+    try:
+        x = torch.randn(2, 16, layer.router.weight.shape[1], requires_grad=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y, _, _ = layer(x)
+        y.sum().backward()
+    finally:
+        torch.distributed.all_to_all_single = real
+    return {"sent": sent, "out": y.dtype, "x_grad": x.grad.dtype}
+
+
+OTHER_EP = (1, 4)      # 4 replicas of all experts (data parallel only); 1 row of 4 (expert parallel only)
+
+
+def mesh_worker(rank, world_size, ckpt_path):
+    return {"training": {s: train_run(s, 1, rank, world_size, MESH_EP) for s in STRATEGIES},
+            "other_ep": {ep: train_run("lossfree", 1, rank, world_size, ep) for ep in OTHER_EP},
+            "saved": resume_run(rank, world_size, MESH_EP, ckpt_path, load=False),
+            "wire": wire_run(rank, world_size)}
+
+
+def resume_worker(rank, world_size, ckpt_path, ep_size):
+    return resume_run(rank, world_size, ep_size, ckpt_path, load=True)
+
+
+@pytest.fixture(scope="module")
+def mesh_ckpt(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("mesh") / "ckpt.pt")
+
+
+@pytest.fixture(scope="module")
+def mesh_spawned(mesh_ckpt):
+    """Every 4-process run, in one launch."""
+    return run_distributed(mesh_worker, MESH_WORLD, mesh_ckpt)
+
+
+@pytest.fixture(scope="module")
+def mesh(mesh_spawned):
+    return {s: [r["training"][s] for r in mesh_spawned] for s in STRATEGIES}
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_mesh_of_two_replicas_by_two_expert_ranks_equals_one_rank(mesh, strategy):
+    """4 processes with --ep-size 2 train like 1 process on the same global
+    batch: losses, gradient norms, the first step's gradients (an expert
+    gradient averaged over the replicas with the wrong scale shows here) and
+    every parameter after 3 steps, the experts being the first row's shards."""
+    assert_same_training(full_model(mesh[strategy], MESH_EP), one_rank(strategy, 1),
+                         f"{strategy}, 4 ranks ep 2 vs 1")
+
+
+@pytest.mark.parametrize("ep_size", OTHER_EP)
+def test_mesh_of_4_ranks_equals_one_rank_at_the_extreme_ep_sizes(mesh_spawned, ep_size):
+    """The two ends of the grid: --ep-size 1 (every rank holds every expert,
+    no token exchange, expert gradients averaged over all 4) and --ep-size 4
+    (one row, no replicas) train like 1 process too."""
+    ranks = [r["other_ep"][ep_size] for r in mesh_spawned]
+    assert_same_training(full_model(ranks, ep_size), one_rank("lossfree", 1), f"lossfree, 4 ranks ep {ep_size} vs 1")
+    for r in ranks:
+        assert torch.equal(r["state"]["bias"], one_rank("lossfree", 1)["state"]["bias"])
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_mesh_replicas_hold_bit_identical_parameters(mesh, strategy):
+    """Replicated parameters are the same on all 4 ranks, and each expert
+    shard is the same on both ranks of its data-parallel column (0 and 2,
+    1 and 3), bit for bit: otherwise the replicas drift apart."""
+    ranks = mesh[strategy]
+    for column in MeshLayout(MESH_WORLD, MESH_EP).dp_groups():
+        for name, p in ranks[column[0]]["params"].items():
+            for r in column[1:] if is_expert_param(name) else range(MESH_WORLD):
+                assert torch.equal(p, ranks[r]["params"][name]), f"{name}: rank {r} differs from rank {column[0]}"
+    assert not torch.equal(ranks[0]["params"]["blocks.0.moe.experts.w13"],
+                           ranks[1]["params"]["blocks.0.moe.experts.w13"]), "ranks 0 and 1 hold the same experts"
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_mesh_strategy_counts_are_those_of_the_whole_global_batch(mesh, strategy):
+    """The loads the strategies step on (lossfree's bias, global_aux's
+    buffer, MaxVio) are summed over all 4 ranks, not over one expert-parallel
+    group: every rank gets the global batch's counts and ends with the
+    1-process state."""
+    ranks, ref = mesh[strategy], one_rank(strategy, 1)
+    total = sum(r["local_loads"] for r in ranks)
+    for r in ranks:
+        assert torch.equal(r["loads"], total)
+        assert torch.equal(r["loads"], ref["loads"])
+        for name, value in ref["state"].items():
+            assert torch.equal(r["state"][name], value), f"{strategy}: {name} differs from 1 rank"
+
+
+@pytest.mark.parametrize("world_size, flags, words", [
+    (4, ["--ep-size", "3"], "--ep-size 3 must divide the 4 processes"),
+    (1, ["--ep-size", "2"], "--ep-size 2 must divide the 1 processes"),
+    (4, ["--ep-size", "0"], "--ep-size 0"),
+    (4, ["--ep-size", "4", "--n-experts", "6"], "n_experts=6 is not divisible by the 4 expert-parallel"),
+])
+def test_bad_ep_size_gives_one_line_and_status_2_before_any_process_group(tmp_path, capsys, monkeypatch,
+                                                                         world_size, flags, words):
+    """As torchrun's rank 0 of world_size sees it: the flags are checked from
+    the environment alone, so no rendezvous is attempted and no folder made."""
+    monkeypatch.setenv("WORLD_SIZE", str(world_size))
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(sys, "argv", ["train.py", "--preset", "tiny", "--out", str(tmp_path / "o"), *flags])
+    with pytest.raises(SystemExit) as stop:
+        plumbing.cli(train.main)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and len(err.strip().splitlines()) == 1 and words in err, err
+    assert not torch.distributed.is_initialized() and not (tmp_path / "o").exists()
+
+
+# Bigger meshes, laid out without launching them.
+
+@pytest.mark.parametrize("world_size,ep_size", [(32, 16), (32, 4), (8, 2)])
+def test_mesh_layout_gives_each_row_every_expert_once_and_each_column_the_same_experts(world_size, ep_size):
+    """16 experts on W processes in rows of ep_size: the rows (the token
+    exchange) and the columns (the replicas) each cover every rank once, a
+    row and a column meet in one rank, every row holds each expert exactly
+    once, the ranks of a column hold the same experts, and a row is
+    consecutive ranks, so with ep_size = GPUs per node tokens never leave a
+    node."""
+    E, layout = 16, MeshLayout(world_size, ep_size)
+    rows, columns = layout.ep_groups(), layout.dp_groups()
+    assert len(rows) == world_size // ep_size and len(columns) == ep_size
+    assert sorted(sum(rows, [])) == list(range(world_size)) == sorted(sum(columns, []))
+    assert all(len(set(row) & set(col)) == 1 for row in rows for col in columns)
+    for row in rows:
+        assert row == list(range(row[0], row[0] + ep_size))
+        assert sorted(e for r in row for e in layout.experts_of(r, E)) == list(range(E))
+    for col in columns:
+        assert len({tuple(layout.experts_of(r, E)) for r in col}) == 1
+
+
+@pytest.mark.parametrize("world_size,ep_size", [(32, 16), (32, 4)])
+def test_proc_forms_the_layouts_groups_and_experts_for_32_ranks(world_size, ep_size):
+    """What each of 32 ranks gets from Proc.start (PyTorch's init_device_mesh
+    on a fake process group: collectives do nothing, nothing is launched):
+    its row and column as the process groups, and, once the model is built
+    on that mesh, the experts MeshLayout assigns it, with the weights those
+    experts have on one process."""
+    fake_pg = pytest.importorskip("torch.testing._internal.distributed.fake_pg")
+    args = tiny_args("none")
+    args.n_experts = 16
+    cfg = train.model_config(args)
+    torch.manual_seed(0)
+    whole = GPT(cfg).blocks[0].moe.experts.w13.detach()
+    layout = MeshLayout(world_size, ep_size)
+    for rank in range(world_size):
+        torch.distributed.init_process_group("fake", rank=rank, world_size=world_size, store=fake_pg.FakeStore())
+        try:
+            mesh = plumbing.Proc(rank, world_size).start(ep_size).mesh
+            groups = [torch.distributed.get_process_group_ranks(g) for g in (mesh.ep_group, mesh.dp_group)]
+        finally:
+            torch.distributed.destroy_process_group()
+        assert groups[0] in layout.ep_groups() and groups[1] in layout.dp_groups() and rank in groups[0] + groups[1]
+        assert mesh.ep_rank == groups[0].index(rank) and mesh.dp_size == world_size // ep_size
+        torch.manual_seed(0)
+        mine = layout.experts_of(rank, 16)
+        assert torch.equal(GPT(cfg, mesh).blocks[0].moe.experts.w13.detach(), whole[mine.start:mine.stop])
+
+
+@pytest.fixture(scope="module")
+def two_rank_resumed(mesh_spawned, mesh_ckpt):
+    return run_distributed(resume_worker, 2, mesh_ckpt, 2)
+
+
+def assert_resumed_like_uninterrupted(ranks, ep_size, what):
+    """The steps after the checkpoint give the uninterrupted 1-process run's
+    losses, final parameters and strategy state."""
+    ref = one_rank("lossfree", 1)
+    torch.testing.assert_close(ranks[0]["loss"], ref["loss"][RESUME_AT:], rtol=1e-5, atol=0)
+    got = merge_shards([ranks[r]["params"] for r in MeshLayout(len(ranks), ep_size).ep_groups()[0]])
+    for name, p in ref["params"].items():
+        assert_tensor_close(got[name], p, 1e-5, f"{what}: parameter {name}")
+    for r in ranks:
+        assert torch.equal(r["state"]["bias"], ref["state"]["bias"]), f"{what}: lossfree bias"
+
+
+def test_checkpoint_of_4_ranks_ep_2_resumes_on_2_ranks_ep_2(two_rank_resumed):
+    assert_resumed_like_uninterrupted(two_rank_resumed, 2, "4 ranks ep 2 -> 2 ranks ep 2")
+
+
+def test_a_resumed_rank_keeps_only_its_own_experts_moments(two_rank_resumed):
+    """After loading, each rank's AdamW moments of the experts are backed by
+    memory for its own experts only, not by the whole tensor read from the
+    file (a slice would keep all experts' moments alive on every rank)."""
+    for r in two_rank_resumed:
+        assert r["moments"] and all(held == own for held, own in r["moments"]), r["moments"]
+
+
+def test_checkpoint_of_4_ranks_ep_2_resumes_on_1_process(mesh_spawned, mesh_ckpt):
+    assert_resumed_like_uninterrupted([resume_run(0, 1, None, mesh_ckpt, load=True)], 1, "4 ranks ep 2 -> 1")
+
+
+def test_checkpoint_gathers_experts_on_rank_0_only(mesh_spawned, mesh_ckpt):
+    """Saving gathers within the first expert-parallel group, to rank 0: no
+    other rank ever holds all experts, and the file holds each expert once."""
+    shapes = [r["saved"]["gathered"] for r in mesh_spawned]
+    E = tiny_args("lossfree").n_experts
+    assert shapes[0][0] == E and shapes[1:] == [None] * (MESH_WORLD - 1)
+    ckpt = plumbing.read_checkpoint(mesh_ckpt)
+    assert ckpt["model"]["blocks.0.moe.experts.w13"].shape[0] == E
+
+
+def test_dispatched_rows_travel_in_the_autocast_dtype(mesh_spawned):
+    """Under bf16 autocast the rows go out and the results come back in bf16
+    (half the bytes of fp32), forward and backward; only the counts travel
+    as integers, and the layer still hands fp32 to the residual stream."""
+    for r in mesh_spawned:
+        wire = r["wire"]
+        assert wire["sent"] == [torch.long] + [torch.bfloat16] * 4, wire["sent"]
+        assert wire["out"] == wire["x_grad"] == torch.float32
