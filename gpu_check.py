@@ -54,7 +54,7 @@ ROOT = Path(__file__).resolve().parent
 DOCS = ROOT / "docs" / "gpu.md"
 TABLE_BEGIN = "<!-- the table below is written by gpu_check.py: do not edit it by hand -->"
 TABLE_END = "<!-- end of the gpu_check.py table -->"
-STARTED = time.time()        # the total budget counts the interpreter's own start too
+STARTED = time.time()        # the total budget counts from here (importing torch, before, takes seconds)
 
 
 # ----------------------------------------------------------------------------
