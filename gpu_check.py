@@ -267,12 +267,16 @@ def run_isolated(ctx, fn, args, budget, log_path, threads=0):
     p = ctx.Process(target=_child, args=(fn, args, threads, str(log_path), str(result_path)), daemon=True)
     p.start()
     p.join(budget)
-    if p.is_alive():
+    hung = p.is_alive()
+    if hung:
         p.kill()              # this step's own process, by handle
         p.join(10)
-        return "overran", None, f"stopped after its {budget:.0f} s budget (see {log_path})"
     if not result_path.exists():
+        if hung:
+            return "overran", None, f"stopped after its {budget:.0f} s budget (see {log_path})"
         return "failed", None, f"its process died with exit code {p.exitcode} (see {log_path})"
+    # A process that wrote its figures and then hung on the way out (a CUDA
+    # or thread teardown) finished its step: keep the figures.
     record = json.loads(result_path.read_text())
     if "error" in record:
         return "failed", record["figures"], f"{record['error']} (see {log_path})"
