@@ -86,6 +86,23 @@ def test_quick_cpu_run_writes_the_table_and_leaves_results_and_docs_alone(quick_
     assert snapshot(PUBLISHED) == before
 
 
+def test_the_table_of_a_gpu_run_with_failed_steps_still_renders(quick_run):
+    """The table is written after every step, whatever they did: a GPU's
+    rows, and a step that overran or failed shows its status and error
+    instead of figures (and the rows that depend on it say n/a)."""
+    proc, out, _, _ = quick_run
+    r = json.loads((out / "out" / "gpu.json").read_text())
+    r["device"].update(device="cuda", name="NVIDIA H200", capability="9.0", memory_gib=139.8, cuda="12.8")
+    r["steps"]["matmul_peak"] = {"status": "overran", "seconds": 30.0, "budget_s": 30.0, "error": "stopped"}
+    r["steps"]["train_gpu"] = {"status": "failed", "seconds": 3.0, "budget_s": 90.0, "error": "ValueError: boom"}
+    r["figures"] = gpu_check.figures(r["steps"])
+    table = gpu_check.table(r)
+    assert "| device | NVIDIA H200, compute capability 9.0, 140 GiB |" in table
+    assert "| matmul peak | n/a |" in table and "| train_gpu | failed: ValueError: boom |" in table
+    assert "| tiny preset |" in table and "| n/a |" in table          # no peak: no MFU
+    assert "not ok: matmul_peak overran, train_gpu failed." in table
+
+
 def test_a_step_past_its_budget_is_stopped_and_recorded_as_overran(tmp_path):
     t0 = time.time()
     status, figures, error = gpu_check.run_isolated(gpu_check.context(), time.sleep, (120,), 2, tmp_path / "s.log")
