@@ -33,7 +33,6 @@ import math
 import multiprocessing as mp
 import os
 import re
-import resource
 import shlex
 import statistics
 import subprocess
