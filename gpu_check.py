@@ -156,44 +156,72 @@ def moe_vs_peers(plan, device, logs):
     return {"sizes": results, "skipped": skipped}
 
 
-def train_run(plan, device, logs, name):
-    """One train.py run, logged every step. The first `warmup` steps (kernel
-    selection, allocator growth) are left out of the rate; the full preset's
-    wall time is the measured run plus its missing steps at the timed rate,
-    plus one evaluation-and-checkpoint (the measured rest of the wall time:
-    the run evaluates and saves once, at its end) per evaluation of the full
-    schedule."""
-    flags, warmup = plan.train_runs[name]
+class Shapes:
+    """What bench.flops_per_token reads of a model, its config and its count
+    of active parameters (arithmetic on the config), without building the
+    model: initialising the gpu preset's 217M weights takes seconds."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    active_params = GPT.active_params
+
+
+def train_argv(plan, device, logs, name):
+    """train.py's flags for run `name`, logging every step, and its folder."""
+    flags, _ = plan.train_runs[name]
     out = Path(logs) / name
-    argv = [*flags, "--device", device, "--out", str(out), "--overwrite", "--log-every", "1"]
-    args = train.parse_args(argv)
-    if args.steps <= warmup:
-        raise ValueError(f"{name}: {args.steps} steps leave none to time after {warmup} warm-up steps")
+    return [*flags, "--device", device, "--out", str(out), "--overwrite", "--log-every", "1"], out
+
+
+def step_rate(plan, device, logs, name):
+    """Tokens/s and FLOP/s of a run, from the steps its log.jsonl holds so
+    far (also those of a run stopped for its budget). A logged step's time
+    is train.train_step's alone; the first `warmup` steps (kernel selection,
+    allocator growth) are left out."""
+    argv, out = train_argv(plan, device, logs, name)
+    args, warmup = train.parse_args(argv), plan.train_runs[name][1]
+    tokens = args.batch_size * args.seq_len
+    log_path = out / "log.jsonl"
+    lines = log_path.read_text().splitlines() if log_path.exists() else []
+    step_s = [tokens / json.loads(line)["tokens_per_s"] for line in lines]
+    timed = step_s[warmup:]
+    if not timed:
+        raise ValueError(f"{name}: {len(step_s)} steps logged leave none to time after {warmup} warm-up steps")
+    per_token = bench.flops_per_token(Shapes(train.model_config(args)))
+    rate = tokens * len(timed) / sum(timed)
+    ms = sorted(1e3 * t for t in timed)
+    return {"command": "python train.py " + shlex.join(argv), "preset": args.preset, "steps": len(step_s),
+            "preset_steps": train.PRESETS[args.preset]["steps"], "warmup_steps_untimed": warmup,
+            "timed_steps": len(timed), "tokens_per_step": tokens, "step_ms_median": statistics.median(ms),
+            "step_ms_p10": ms[len(ms) // 10], "step_ms_p90": ms[(9 * len(ms)) // 10], "tokens_per_s": rate,
+            "flops_per_token": per_token, "achieved_flops": rate * per_token,
+            "steps_s": sum(step_s), "mean_timed_step_s": statistics.mean(timed)}
+
+
+def train_run(plan, device, logs, name):
+    """One train.py run, then its rate (step_rate), peak memory and final
+    figures. The full preset's wall time: the run's own if it was the whole
+    schedule, else extrapolated: the measured run, plus its missing steps at
+    the mean timed step, plus one evaluation-and-checkpoint per further
+    evaluation of the full schedule, at the cost of the one the short run
+    made at its end (its wall time outside the steps)."""
+    argv, out = train_argv(plan, device, logs, name)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     code = train.main(argv)
     if code != 0:
         raise RuntimeError(f"train.py {shlex.join(argv)} exited with code {code}")
-    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     summary = json.loads((out / "summary.json").read_text())
-    tokens = args.batch_size * args.seq_len
-    step_s = [tokens / r["tokens_per_s"] for r in log]
-    timed = step_s[warmup:]
-    with torch.device("meta"):      # the FLOP count needs the shapes only
-        per_token = bench.flops_per_token(GPT(train.model_config(args)))
-    schedule = train.PRESETS[args.preset]
+    run = step_rate(plan, device, logs, name)
+    schedule = train.PRESETS[run["preset"]]
     full_steps, every = schedule["steps"], schedule["eval_every"]
     evaluations = (full_steps // every + (full_steps % every > 0)) if every else 1
-    once = summary["wall_time_s"] - sum(step_s)
-    complete = args.steps >= full_steps
-    full_wall = summary["wall_time_s"] if complete else \
-        summary["wall_time_s"] + (full_steps - args.steps) * statistics.mean(timed) + (evaluations - 1) * once
-    rate = tokens * len(timed) / sum(timed)
-    return {"command": "python train.py " + shlex.join(argv), "preset": args.preset, "steps": args.steps,
-            "preset_steps": full_steps, "warmup_steps_untimed": warmup, "timed_steps": len(timed),
-            "tokens_per_step": tokens, "step_ms_median": 1e3 * statistics.median(timed), "tokens_per_s": rate,
-            "flops_per_token": per_token, "achieved_flops": rate * per_token,
-            "peak_memory_mb": bench.peak_memory_mb(torch.device(device)),
+    once = summary["wall_time_s"] - run["steps_s"]
+    complete = run["steps"] >= full_steps
+    full_wall = summary["wall_time_s"] if complete else summary["wall_time_s"] + (evaluations - 1) * once \
+        + (full_steps - run["steps"]) * run["mean_timed_step_s"]
+    return {**run, "peak_memory_mb": bench.peak_memory_mb(torch.device(device)),
             "peak_memory_kind": "allocated on the GPU" if device == "cuda" else "resident set of the process",
             "wall_time_s": summary["wall_time_s"], "eval_and_checkpoint_s": once,
             "full_preset_wall_s": full_wall, "extrapolated": not complete,
@@ -241,6 +269,7 @@ def _child(fn, args, threads, log_path, result_path):
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
+    sys.stdout = sys.stderr = os.fdopen(fd, "w", buffering=1)   # in case they were not fds 1 and 2
     if threads:
         torch.set_num_threads(threads)
     try:
@@ -287,7 +316,7 @@ def run_step(ctx, step, plan, device, logs, deadline):
     seconds, budget and figures."""
     name = step.__name__
     budget = min(plan.budgets[name], deadline - time.time())
-    if budget < 5:
+    if budget < 1:
         return {"status": "skipped", "seconds": 0.0, "budget_s": max(0.0, budget),
                 "error": "no time left in the total budget"}
     t0 = time.time()
@@ -301,6 +330,13 @@ def run_step(ctx, step, plan, device, logs, deadline):
     else:
         status, figures, error = run_isolated(ctx, step, (plan, device, str(logs)), budget,
                                               Path(logs) / f"{name}.log", plan.threads)
+    if status != "ok" and figures is None and name in plan.train_runs:
+        # The log is written step by step: the rate is there even if the
+        # run did not finish (no peak memory, no final figures).
+        try:
+            figures = {**step_rate(plan, device, logs, name), "partial": True}
+        except ValueError:
+            pass
     record = {"status": status, "seconds": time.time() - t0, "budget_s": budget}
     if error:
         record["error"] = error
@@ -338,12 +374,11 @@ def figures(steps):
                                 for size, x in peers["sizes"].items()} if peers else None
     out["peers_skipped"] = peers["skipped"] if peers else None
     for name in ("train_default", "train_gpu"):
-        run = get(name)
+        run = steps[name].get("figures")     # a run stopped for its budget keeps its rate
         out[name] = None if run is None else {
             "tokens_per_s": run["tokens_per_s"], "step_ms_median": run["step_ms_median"],
             "mfu": run["achieved_flops"] / peak["flops_median"] if peak else None,
-            "peak_memory_mb": run["peak_memory_mb"], "full_preset_wall_s": run["full_preset_wall_s"],
-            "extrapolated": run["extrapolated"], "val_loss": run["val_loss"]}
+            **{key: run.get(key) for key in ("peak_memory_mb", "full_preset_wall_s", "extrapolated", "val_loss")}}
     return out
 
 
@@ -392,9 +427,10 @@ def table(report):
             lines.append(f"| {name} | {steps[name]['status']}: {steps[name].get('error', '')} | | | | | | |")
             continue
         wall = minutes(fig["full_preset_wall_s"]) + (" (extrapolated)" if fig["extrapolated"] else "")
-        lines.append(f"| {run['preset']} preset | {run['steps']} of {run['preset_steps']} ({run['timed_steps']}) "
-                     f"| {fig['tokens_per_s']:,.0f} | {fig['step_ms_median']:.1f} | {fmt(fig['mfu'], '.3f')} "
-                     f"| {fig['peak_memory_mb']:,.0f} MiB | {fig['val_loss']:.3f} | {wall} |")
+        stopped = "" if steps[name]["status"] == "ok" else f", then {steps[name]['status']}"
+        lines.append(f"| {run['preset']} preset | {run['steps']} of {run['preset_steps']} ({run['timed_steps']})"
+                     f"{stopped} | {fig['tokens_per_s']:,.0f} | {fig['step_ms_median']:.1f} | {fmt(fig['mfu'], '.3f')} "
+                     f"| {fmt(fig['peak_memory_mb'], ',.0f', ' MiB')} | {fmt(fig['val_loss'], '.3f')} | {wall} |")
     bad = [f"{name} {s['status']}" for name, s in steps.items() if s["status"] != "ok"]
     lines += ["", f"Total wall time {minutes(report['wall_time_s'])} of a {minutes(report['budget_s'])} budget; "
               + (f"not ok: {', '.join(bad)}." if bad else "every step ok.")]

@@ -3,8 +3,10 @@ every step at toy sizes and writes gpu.json and the table; a step past its
 budget is stopped, a failing one recorded, and bad flags are one line. No
 timing is asserted (the figures of a toy run mean nothing)."""
 
+import dataclasses
 import json
 import math
+import multiprocessing
 import subprocess
 import sys
 import time
@@ -23,6 +25,10 @@ ROOT = Path(__file__).resolve().parent.parent
 REGISTERED = {name for name, c in BALANCERS.items() if c.__module__ == "balancers"}
 STEPS = ["cuda_tests", "matmul_peak", "moe_vs_dense", "moe_vs_peers", "train_default", "train_gpu"]
 PUBLISHED = [ROOT / "results" / "gpu.json", ROOT / "docs" / "gpu.md"]
+# The steps below that run in a process of their own run no torch op, so
+# they may fork this process: instant, where gpu_check's own forkserver
+# would first import torch again (the quick run above uses that one).
+FORK = multiprocessing.get_context("fork")
 
 
 def positive(x):
@@ -103,22 +109,44 @@ def test_the_table_of_a_gpu_run_with_failed_steps_still_renders(quick_run):
     assert "not ok: matmul_peak overran, train_gpu failed." in table
 
 
-def test_a_step_past_its_budget_is_stopped_and_recorded_as_overran(tmp_path):
+def train_default(plan, device, logs):
+    """Stands in for gpu_check.train_default: a run that outlives its budget
+    (the step's name picks its budget and the log it is read from)."""
+    time.sleep(120)
+
+
+def test_a_run_past_its_budget_is_stopped_recorded_as_overran_and_keeps_its_logged_rate(tmp_path):
+    """The step is killed at its budget and the next one may start; what its
+    log.jsonl holds by then still gives the rate: 10 steps of the quick
+    plan's tiny run (512 tokens each), 3 slow warm-up ones left out, then 7
+    of 0.1 s each."""
+    (tmp_path / "train_default").mkdir()
+    rates = [100.0] * 3 + [5120.0] * 7
+    (tmp_path / "train_default" / "log.jsonl").write_text(
+        "".join(json.dumps({"step": i + 1, "tokens_per_s": r}) + "\n" for i, r in enumerate(rates)))
+    plan = dataclasses.replace(gpu_check.QUICK, budgets={**gpu_check.QUICK.budgets, "train_default": 1})
     t0 = time.time()
-    status, figures, error = gpu_check.run_isolated(gpu_check.context(), time.sleep, (120,), 2, tmp_path / "s.log")
-    assert status == "overran" and figures is None and "2 s budget" in error
+    record = gpu_check.run_step(FORK, train_default, plan, "cpu", tmp_path, t0 + 100)
     assert time.time() - t0 < 60
+    assert record["status"] == "overran" and "1 s budget" in record["error"]
+    run = record["figures"]
+    assert run["partial"] and run["steps"] == 10 and run["timed_steps"] == 7
+    assert run["tokens_per_s"] == pytest.approx(5120) and run["step_ms_median"] == pytest.approx(100)
+    steps = {name: {"status": "skipped"} for name in STEPS}
+    steps.update(matmul_peak={"status": "ok", "figures": {"flops_median": 1e9}}, train_default=record)
+    mfu = gpu_check.figures(steps)["train_default"]["mfu"]
+    assert mfu == pytest.approx(5120 * run["flops_per_token"] / 1e9)
 
 
 def test_a_failing_step_is_recorded_with_its_error_in_one_line(tmp_path):
-    status, figures, error = gpu_check.run_isolated(gpu_check.context(), int, ("x",), 120, tmp_path / "f.log")
+    status, figures, error = gpu_check.run_isolated(FORK, int, ("x",), 120, tmp_path / "f.log")
     assert status == "failed" and figures is None
     assert error.startswith("ValueError: invalid literal") and "\n" not in error
     assert "Traceback" in (tmp_path / "f.log").read_text()      # the whole story is in the step's log
 
 
 def test_a_step_with_no_time_left_is_skipped_without_starting(tmp_path):
-    record = gpu_check.run_step(None, gpu_check.matmul_peak, gpu_check.QUICK, "cpu", tmp_path, time.time() + 1)
+    record = gpu_check.run_step(None, gpu_check.matmul_peak, gpu_check.QUICK, "cpu", tmp_path, time.time() - 1)
     assert record["status"] == "skipped" and record["seconds"] == 0 and not list(tmp_path.iterdir())
 
 
