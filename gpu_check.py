@@ -174,6 +174,18 @@ def train_argv(plan, device, logs, name):
     return [*flags, "--device", device, "--out", str(out), "--overwrite", "--log-every", "1"], out
 
 
+def logged_steps(path):
+    """The records of a train.py log; a run killed in the middle of writing
+    one leaves a torn last line, which is dropped."""
+    records = []
+    for line in path.read_bytes().splitlines() if path.exists() else []:
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            pass
+    return records
+
+
 def step_rate(plan, device, logs, name):
     """Tokens/s and FLOP/s of a run, from the steps its log.jsonl holds so
     far (also those of a run stopped for its budget). A logged step's time
@@ -182,9 +194,7 @@ def step_rate(plan, device, logs, name):
     argv, out = train_argv(plan, device, logs, name)
     args, warmup = train.parse_args(argv), plan.train_runs[name][1]
     tokens = args.batch_size * args.seq_len
-    log_path = out / "log.jsonl"
-    lines = log_path.read_text().splitlines() if log_path.exists() else []
-    step_s = [tokens / json.loads(line)["tokens_per_s"] for line in lines]
+    step_s = [tokens / r["tokens_per_s"] for r in logged_steps(out / "log.jsonl")]
     timed = step_s[warmup:]
     if not timed:
         raise ValueError(f"{name}: {len(step_s)} steps logged leave none to time after {warmup} warm-up steps")

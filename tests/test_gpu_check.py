@@ -119,11 +119,12 @@ def test_a_run_past_its_budget_is_stopped_recorded_as_overran_and_keeps_its_logg
     """The step is killed at its budget and the next one may start; what its
     log.jsonl holds by then still gives the rate: 10 steps of the quick
     plan's tiny run (512 tokens each), 3 slow warm-up ones left out, then 7
-    of 0.1 s each."""
+    of 0.1 s each, and the torn line of the step it was writing."""
     (tmp_path / "train_default").mkdir()
     rates = [100.0] * 3 + [5120.0] * 7
     (tmp_path / "train_default" / "log.jsonl").write_text(
-        "".join(json.dumps({"step": i + 1, "tokens_per_s": r}) + "\n" for i, r in enumerate(rates)))
+        "".join(json.dumps({"step": i + 1, "tokens_per_s": r}) + "\n" for i, r in enumerate(rates))
+        + '{"step": 11, "tokens_p')                      # killed in the middle of writing a line
     plan = dataclasses.replace(gpu_check.QUICK, budgets={**gpu_check.QUICK.budgets, "train_default": 1})
     t0 = time.time()
     record = gpu_check.run_step(FORK, train_default, plan, "cpu", tmp_path, t0 + 100)
