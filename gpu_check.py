@@ -121,7 +121,7 @@ def cuda_tests(plan, device, logs, budget):
     lines = output.strip().splitlines()
     counts = {word: int(n) for n, word in
               re.findall(r"(\d+) (passed|failed|skipped|errors?|xfailed|xpassed)", lines[-1] if lines else "")}
-    result = {"command": shlex.join(cmd[1:]), "returncode": proc.returncode, "counts": counts,
+    result = {"command": "python " + shlex.join(cmd[1:]), "returncode": proc.returncode, "counts": counts,
               "summary": lines[-1] if lines else ""}
     if proc.returncode != 0:
         result["tail"] = lines[-60:]

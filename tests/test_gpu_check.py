@@ -27,7 +27,7 @@ STEPS = ["cuda_tests", "matmul_peak", "moe_vs_dense", "moe_vs_peers", "train_def
 PUBLISHED = [ROOT / "results" / "gpu.json", ROOT / "docs" / "gpu.md"]
 # The steps below that run in a process of their own run no torch op, so
 # they may fork this process: instant, where gpu_check's own forkserver
-# would first import torch again (the quick run above uses that one).
+# would first import torch again (the quick run uses that one).
 FORK = multiprocessing.get_context("fork")
 
 
