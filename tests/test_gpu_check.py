@@ -41,7 +41,7 @@ def snapshot(paths):
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
-    """One quick CPU run for the whole module (about 20 s on 2 busy cores)."""
+    """One quick CPU run for the whole module (20 to 60 s on 2 shared cores, by their load)."""
     out = tmp_path_factory.mktemp("gpu_check")
     before = snapshot(PUBLISHED)
     t0 = time.time()
