@@ -477,6 +477,9 @@ def parse_args(argv=None):
                    help="seconds for the whole command; each step also has its own (default: 480, 300 with --quick)")
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
+    if args.device == "auto" and not torch.cuda.is_available() and not args.quick:
+        raise ValueError("this PyTorch build sees no CUDA GPU and the full check is sized for one; "
+                         "for the CPU dry run use --device cpu --quick")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -171,6 +171,7 @@ BAD_FLAGS = {
 }
 if not torch.cuda.is_available():
     BAD_FLAGS["--device cuda without a GPU"] = ["--device", "cuda"]
+    BAD_FLAGS["no flags without a GPU"] = []
 
 
 @pytest.mark.parametrize("case", list(BAD_FLAGS))
