@@ -514,7 +514,9 @@ def main(argv=None):
     for step in STEPS:
         record = run_step(ctx, step, plan, args.device, args.logs, deadline)
         report["steps"][step.__name__] = record
-        note = record.get("error") or ""
+        # one line on what happened: the error, pytest's summary, or why the Hugging Face peers were skipped
+        shown = record.get("figures") or {}
+        note = record.get("error") or shown.get("summary") or shown.get("skipped") or ""
         print(f"  {step.__name__:14s} {record['status']:8s} {record['seconds']:6.1f} s of {record['budget_s']:.0f}"
               f"  {note}", flush=True)
     report["figures"] = figures(report["steps"])

@@ -4,6 +4,7 @@ budget is stopped, a failing one recorded, and bad flags are one line. No
 timing is asserted (the figures of a toy run mean nothing)."""
 
 import dataclasses
+import importlib.util
 import json
 import math
 import multiprocessing
@@ -88,6 +89,9 @@ def test_quick_cpu_run_writes_the_table_and_leaves_results_and_docs_alone(quick_
                 "| peer/project layer time, tiny size |", "| tiny preset |", "| gpu preset |", "Total wall time"):
         assert row in table, row
     assert "toy sizes" in table and "every step ok" in table
+    if importlib.util.find_spec("transformers") is None:   # said in one line, and in the table
+        assert "| Hugging Face peers | transformers is not installed" in table
+        assert "moe_vs_peers   ok" in proc.stdout and "Hugging Face peers skipped" in proc.stdout
     assert table in proc.stdout                      # printed as well
     assert snapshot(PUBLISHED) == before
 
