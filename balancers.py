@@ -66,7 +66,7 @@ class BalanceConfig:
     bias_update: str | None = knob("sign: b += u sign(e) (Alg. 1); proportional: b += u e / mean(load) "
                                    "(their Table 3 and App. C.2 use u e; the / mean(load) is this "
                                    "project's)", str, ("sign", "proportional"))
-    capacity_factor: float | None = knob("c in C = n c / E tokens per expert (Zhou et al. Eq. 1)", strict=True)
+    capacity_factor: float | None = knob("c in C = n c / E tokens per expert (Zhou et al. Sec. 3.2, Eq. 1)", strict=True)
     route_seqs: int | None = knob("sequences per routing group", int, low=1, group=True)
     route_shuffle: bool | None = knob("fill routing groups with tokens shuffled across the micro-batch "
                                       "(the control for the leak, Wang et al. Fig. 9)", bool)
@@ -79,8 +79,8 @@ class Routing:
     token_idx: torch.Tensor    # [A] long: row in the flattened [B*T] tokens
     expert_idx: torch.Tensor   # [A] long: which expert gets that row
     weight: torch.Tensor       # [A] gate value that scales the expert output (has grad)
-    probs: torch.Tensor        # [B, T, E] gate scores normalised to sum 1 per token (the aux loss's P;
-                               # for sigmoid that is the s / sum_j s_j of DeepSeek-V3's sequence-wise loss, Sec. 2.1.2)
+    probs: torch.Tensor        # [B, T, E] gate scores normalised to sum 1 per token: s / sum_j s_j, the P of
+                               # DeepSeek-V3's sequence-wise loss (Eq. 19); equal to s itself for softmax
     logits: torch.Tensor       # [B, T, E] raw router logits (for the z-loss)
 
 
@@ -122,15 +122,27 @@ def counts_per_group(routing, group_tokens, n_experts):
     return flat.view(n_groups, n_experts)
 
 
-def switch_loss(counts, probs):
+def switch_loss(counts, scores):
     """N_E * sum_i f_i * P_i per group (Fedus et al. 2021, Sec. 2.2), averaged
-    over groups. counts [G, E]; probs [G, n, E]. f is a count, P carries the
-    gradient. f is normalised by k*T so it sums to 1, which makes a uniform
-    router (P_i = 1/E) score exactly 1, whatever f is."""
-    n_experts = probs.shape[-1]
+    over groups. counts [G, E]; scores [G, n, E], the per-token scores whose
+    mean is P. f is a count, P carries the gradient. f is normalised by k*T so
+    it sums to 1, which makes a uniform softmax router (P_i = 1/E) score
+    exactly 1, whatever f is."""
+    n_experts = scores.shape[-1]
     f = counts.float() / counts.sum(-1, keepdim=True).clamp(min=1)   # [G, E]
-    P = probs.mean(dim=1)                                             # [G, E]
+    P = scores.mean(dim=1)                                            # [G, E]
     return n_experts * (f * P).sum(-1).mean()
+
+
+def unbiased_counts(routing, k, group_tokens):
+    """Per (group, expert) counts of the top-k of the *unbiased* scores: the
+    1(s_{i,t} in Topk({s_{j,t}}, K)) of DeepSeek-V3 Eq. 18. Under lossfree the
+    experts actually chosen are the top-k of s + b; counting those instead
+    would make the loss push against the bias that balances the load."""
+    B, T, E = routing.probs.shape
+    top = routing.probs.detach().topk(k, dim=-1).indices.reshape(-1, group_tokens * k)   # [G, n*k]
+    return torch.zeros(top.shape[0], E, dtype=torch.long, device=top.device).scatter_add_(
+        1, top, torch.ones_like(top))
 
 
 def router_z_loss(logits):
@@ -269,7 +281,10 @@ class AuxLoss(Balancer):
         LBL = alpha * N_E * sum_i f_i * P_i,  alpha = 1e-2 (Switch)
 
     computed per layer over *balance groups* of `balance_seqs` sequences and
-    averaged over groups. In a large run the group is the micro-batch of one
+    averaged over groups; GPT.forward adds every layer's loss, each with the
+    full alpha (Switch Sec. 2.2). P_i is the mean of the gate's own scores
+    s_{i,t}: the softmax probabilities, or under the sigmoid gate the raw
+    sigmoid scores of Wang et al. 2024, Eq. 2 (not renormalised per token). In a large run the group is the micro-batch of one
     device; here it is a fixed number of sequences, so the result does not
     depend on how a global batch is split over processes. With few sequences
     per group the loss asks every sequence to spread evenly over experts, which
@@ -286,7 +301,13 @@ class AuxLoss(Balancer):
         B, T, E = routing.probs.shape
         group_tokens = self.cfg.balance_seqs * T
         counts = counts_per_group(routing, group_tokens, E)
-        return self.cfg.alpha * switch_loss(counts, routing.probs.reshape(-1, group_tokens, E))
+        return self.cfg.alpha * switch_loss(counts, own_scores(routing, self.cfg.gate).reshape(-1, group_tokens, E))
+
+
+def own_scores(routing, gate):
+    """The gate's own scores s_{i,t} = G(u_t . e_i), whose mean is the aux
+    loss's P (Wang et al. 2024, Eq. 2: P_i = (1/T) sum_t s_{i,t})."""
+    return gate_scores(routing.logits, gate)
 
 
 class GlobalAuxLoss(Balancer):
@@ -320,7 +341,7 @@ class GlobalAuxLoss(Balancer):
         if self.training:  # evaluation must not pollute the training buffer
             self.seen += all_reduce(counts, self.world_size)
             counts = self.seen
-        return self.cfg.alpha * switch_loss(counts[None], routing.probs.reshape(1, -1, E))
+        return self.cfg.alpha * switch_loss(counts[None], own_scores(routing, self.cfg.gate).reshape(1, -1, E))
 
     def step(self, load):
         self.seen.zero_()
@@ -368,20 +389,23 @@ class SeqAuxLossFree(LossFree):
     """`seq_aux`: DeepSeek-V3's recipe (DeepSeek-AI 2024, Sec. 2.1.2): lossfree
     routing plus a tiny auxiliary loss computed *within each sequence*
     (alpha = 1e-4), only to prevent extreme imbalance inside one sequence.
-    V3 also rescales each token's k gate weights to sum to 1; that is left
-    out here so that the loss is the one thing this class adds to lossfree."""
+    Its Eq. 17-20: f counts the top-k of the unbiased scores s (Eq. 18), not
+    the biased choice lossfree routes by, and P averages the normalised
+    scores s / sum_j s_j (Eq. 19). V3 also rescales each token's k gate
+    weights to sum to 1; that is left out here so that the loss is the one
+    thing this class adds to lossfree."""
     paper = "DeepSeek-V3 (DeepSeek-AI 2024)"
     summary = "lossfree plus a tiny per-sequence aux loss"
     defaults = dict(LossFree.defaults, alpha=1e-4)
 
     def loss(self, routing):
         B, T, E = routing.probs.shape
-        counts = counts_per_group(routing, T, E)
+        counts = unbiased_counts(routing, self.top_k, T)
         return self.cfg.alpha * switch_loss(counts, routing.probs)
 
 
 class ExpertChoice(Balancer):
-    """`expert_choice`: Expert Choice routing (Zhou et al. 2022, Sec. 3.1).
+    """`expert_choice`: Expert Choice routing (Zhou et al. 2022, Sec. 3.2).
 
     The roles flip: S = softmax(X W_g) over experts, and each *expert* takes the
     C tokens of its routing group that score it highest, C = n * c / E with
@@ -422,7 +446,7 @@ class ExpertChoice(Balancer):
 
 
 def expert_capacity(n_tokens, capacity_factor, n_experts):
-    """C = n * c / E tokens per expert (Zhou et al. 2022, Eq. 1), at least 1 and
+    """C = n * c / E tokens per expert (Zhou et al. 2022, Sec. 3.2, Eq. 1), at least 1 and
     at most the whole group."""
     return max(1, min(n_tokens, round(n_tokens * capacity_factor / n_experts)))
 
