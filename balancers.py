@@ -62,6 +62,9 @@ class BalanceConfig:
     alpha: float | None = knob("aux-loss coefficient", high=1)
     balance_seqs: int | None = knob("sequences per balance group (Qiu et al.'s balance batch)", int, low=1,
                                     group=True)
+    balance_shuffle: bool | None = knob("fill each balance group with --balance-seqs sequences' worth of tokens "
+                                        "drawn at random from the whole micro-batch, a fresh draw every step "
+                                        "(Qiu et al. Table 2's Shuffle LBL_micro)", bool)
     bias_rate: float | None = knob("bias update rate u (Wang et al. Alg. 1)", high=1)
     bias_update: str | None = knob("sign: b += u sign(e) (Alg. 1); proportional: b += u e / mean(load) "
                                    "(their Table 3 and App. C.2 use u e; the / mean(load) is this "
@@ -112,12 +115,15 @@ def top_k_routing(logits, scores, k, choice_bias=None):
     return Routing(token_idx, expert_idx.reshape(-1), weight.reshape(-1), probs, logits)
 
 
-def counts_per_group(routing, group_tokens, n_experts):
+def counts_per_group(routing, group_tokens, n_experts, position=None):
     """Exact integer count of assignments per (group, expert): shape [G, E].
     Integers on purpose: a low-precision count can flip the sign of a small
-    difference (one shipped lossfree implementation did exactly that)."""
+    difference (one shipped lossfree implementation did exactly that).
+    `position[t]`: where token t sits in the order that is cut into groups
+    (default: the tokens' own order, so a group is whole sequences)."""
     n_groups = routing.probs.shape[0] * routing.probs.shape[1] // group_tokens
-    group = routing.token_idx // group_tokens
+    slot = routing.token_idx if position is None else position[routing.token_idx]
+    group = slot // group_tokens
     flat = torch.bincount(group * n_experts + routing.expert_idx, minlength=n_groups * n_experts)
     return flat.view(n_groups, n_experts)
 
@@ -159,6 +165,16 @@ def all_reduce(t, world_size, op="sum"):
     if world_size > 1:
         dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     return t
+
+
+def fresh_permutation(n, steps_done, draw, training, device):
+    """A permutation of n tokens that is new for every optimizer step and every
+    call within it, and never one that training used when evaluating. Seeded
+    by (steps done, training or evaluation, draw) so that a resumed run draws
+    exactly what an uninterrupted one would. One fixed permutation for every
+    call would make a shuffled model's evaluation its training regime."""
+    seed = ((int(steps_done) * 2 + (0 if training else 1)) << 20) + draw
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(device)
 
 
 def groups_of(n_seqs, group_seqs, flag):
@@ -268,13 +284,35 @@ class Balancer(nn.Module):
         return dict(self.state_dict())
 
 
+class Shuffling(Balancer):
+    """A strategy that may regroup tokens at random (aux's balance_shuffle,
+    expert choice's route_shuffle). It counts optimizer steps (state, saved
+    with the checkpoint) and the draws made since the last one, separately
+    for training and evaluation, so evaluating never changes what training
+    draws next."""
+
+    def __init__(self, n_experts, top_k, cfg, world_size=1):
+        super().__init__(n_experts, top_k, cfg, world_size)
+        self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
+        self.draws = {True: 0, False: 0}
+
+    def permutation(self, n, device):
+        draw = self.draws[self.training]
+        self.draws[self.training] += 1
+        return fresh_permutation(n, self.steps_done, draw, self.training, device)
+
+    def step(self, load):
+        self.steps_done += 1
+        self.draws = {True: 0, False: 0}
+
+
 class NoBalancing(Balancer):
     """`none`: plain top-k over softmax scores. Nothing stops the rich-get-richer
     loop, so MaxVio typically climbs and some experts starve: the baseline."""
     summary = "plain top-k, no balancing: the baseline that collapses"
 
 
-class AuxLoss(Balancer):
+class AuxLoss(Shuffling):
     """`aux`: the auxiliary load-balancing loss (Fedus et al. 2021, Sec. 2.2;
     Lepikhin et al. 2020).
 
@@ -288,20 +326,31 @@ class AuxLoss(Balancer):
     device; here it is a fixed number of sequences, so the result does not
     depend on how a global batch is split over processes. With few sequences
     per group the loss asks every sequence to spread evenly over experts, which
-    is what Qiu et al. 2025 show blocks domain specialisation."""
+    is what Qiu et al. 2025 show blocks domain specialisation.
+
+    balance_shuffle is Qiu et al.'s control (Table 2, Shuffle LBL_micro): each
+    group holds as many tokens as before, but drawn at random from the whole
+    micro-batch (a fresh draw every step), so it has the diversity of the
+    larger batch and the token count of the small group."""
     paper = "Fedus et al. 2021 (Switch), Lepikhin et al. 2020 (GShard)"
     summary = "aux loss alpha * E * sum_i f_i P_i over balance groups"
-    defaults = dict(Balancer.defaults, alpha=1e-2, balance_seqs=2)
+    defaults = dict(Balancer.defaults, alpha=1e-2, balance_seqs=2, balance_shuffle=False)
 
     def route(self, logits):
         groups_of(logits.shape[0], self.cfg.balance_seqs, "balance_seqs")
-        return super().route(logits)
+        return Balancer.route(self, logits)
 
     def loss(self, routing):
         B, T, E = routing.probs.shape
         group_tokens = self.cfg.balance_seqs * T
-        counts = counts_per_group(routing, group_tokens, E)
-        return self.cfg.alpha * switch_loss(counts, own_scores(routing, self.cfg.gate).reshape(-1, group_tokens, E))
+        scores = own_scores(routing, self.cfg.gate).reshape(B * T, E)
+        position = None
+        if self.cfg.balance_shuffle:
+            order = self.permutation(B * T, scores.device)          # order[j]: the token in slot j
+            position = torch.argsort(order)                           # position[t]: token t's slot
+            scores = scores[order]
+        counts = counts_per_group(routing, group_tokens, E, position)
+        return self.cfg.alpha * switch_loss(counts, scores.reshape(-1, group_tokens, E))
 
 
 def own_scores(routing, gate):
@@ -404,7 +453,7 @@ class SeqAuxLossFree(LossFree):
         return self.cfg.alpha * switch_loss(counts, routing.probs)
 
 
-class ExpertChoice(Balancer):
+class ExpertChoice(Shuffling):
     """`expert_choice`: Expert Choice routing (Zhou et al. 2022, Sec. 3.2).
 
     The roles flip: S = softmax(X W_g) over experts, and each *expert* takes the
@@ -428,12 +477,13 @@ class ExpertChoice(Balancer):
         n_groups = groups_of(B, g, "route_seqs")
         scores = gate_scores(logits, self.cfg.gate).reshape(B * T, E)
         # Which token sits in which group. Normally group j is sequences
-        # [j*g, (j+1)*g). With route_shuffle a fixed permutation scatters every
+        # [j*g, (j+1)*g). With route_shuffle a permutation, fresh every step
+        # and never one training used when evaluating, scatters every
         # sequence over all groups, so a group holds few tokens of any one
         # sequence and a choice reveals little about that sequence's future.
         slot = torch.arange(B * T, device=logits.device)
         if self.cfg.route_shuffle:
-            slot = slot[torch.randperm(B * T, generator=torch.Generator().manual_seed(0)).to(slot.device)]
+            slot = self.permutation(B * T, logits.device)
         n = g * T                                                   # tokens per routing group
         C = expert_capacity(n, self.cfg.capacity_factor, E)
         top = scores[slot].view(n_groups, n, E).topk(C, dim=1)      # each expert's best C tokens

@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from balancers import BALANCERS, BalanceConfig, LossFree, expert_capacity, gate_scores, make_balancer
+from balancers import (BALANCERS, BalanceConfig, LossFree, expert_capacity, fresh_permutation, gate_scores,
+                       make_balancer, switch_loss)
 from moe import GPT, GPTConfig
 from train import max_violation
 
@@ -399,7 +400,7 @@ def test_evaluation_does_not_count_load_or_move_bias():
                                           (4, 5, 4, 8, 0.5),    # n=20: C=round(1.25)=1
                                           (2, 3, 2, 2, 4.0)])   # n=6:  C=12, capped at 6
 def test_expert_choice_gives_every_expert_exactly_C_tokens_per_group(B, T, seqs, E, c):
-    """Zhou et al. 2022, Sec. 3.1: each expert takes the C = n*c/E tokens of
+    """Zhou et al. 2022, Sec. 3.2: each expert takes the C = n*c/E tokens of
     its routing group that score it highest, so the load is perfectly even;
     the gate is the raw softmax score of the chosen pair."""
     n = seqs * T
@@ -467,3 +468,45 @@ def test_gate_scores_rejects_unknown_gate():
     """Only the two gates of the papers exist: softmax and sigmoid."""
     with pytest.raises(ValueError, match="gate"):
         gate_scores(torch.zeros(1, 1, 2), "tanh")
+
+
+def test_route_shuffle_draws_a_new_permutation_every_step_and_another_in_evaluation():
+    """Wang et al.'s shuffled control scatters tokens over routing groups. One
+    fixed permutation for every call would make the control's "shuffled"
+    evaluation its own training regime: the draw must change with the
+    optimizer step, and evaluation must never reuse a training draw. Two
+    balancers at the same step draw the same (a resumed run repeats itself)."""
+    E, logits = 4, random_logits(4, 8, 4, seed=10)
+    make = lambda: make_balancer("expert_choice", E, 1, BalanceConfig(route_seqs=1, route_shuffle=True))
+    bal, twin = make().train(), make().train()
+    groups = lambda routing: sorted(tuple(sorted(g)) for g in routing.token_idx.view(4, -1).tolist())
+    first = groups(bal.route(logits))
+    assert first == groups(twin.route(logits))
+    bal.step(torch.zeros(E))
+    second = groups(bal.route(logits))
+    evaluated = groups(bal.eval().route(logits))
+    assert len({tuple(map(tuple, g)) for g in (first, second, evaluated)}) == 3
+    assert bal.steps_done.item() == 1 and "steps_done" in bal.state()
+
+
+def test_shuffle_lbl_micro_balances_random_token_groups_drawn_fresh_each_step():
+    """Qiu et al. 2025, Table 2, Shuffle LBL_micro: each balance group has
+    the micro-batch's token count but its tokens drawn at random from the
+    whole batch. The loss equals the Switch loss over the groups that the
+    step's permutation cuts out, and the groups change with the step."""
+    B, T, E, k = 4, 6, 4, 2
+    logits = random_logits(B, T, E, seed=11) + 3 * torch.eye(E)[:, None, :]     # sequence b leans to expert b
+    bal = make_balancer("aux", E, k, BalanceConfig(alpha=0.5, balance_seqs=1, balance_shuffle=True)).train()
+    losses = []
+    for step in range(2):
+        routing = bal.route(logits)
+        order = fresh_permutation(B * T, step, 0, True, "cpu")
+        chosen = logits.reshape(-1, E)[order].topk(k, dim=-1).indices.view(B, T * k)    # the groups' picks
+        counts = torch.stack([torch.bincount(g, minlength=E) for g in chosen])
+        expected = 0.5 * switch_loss(counts, logits.reshape(-1, E)[order].softmax(-1).view(B, T, E))
+        losses.append(bal.loss(routing))
+        torch.testing.assert_close(losses[-1], expected, rtol=1e-6, atol=0)
+        bal.step(torch.zeros(E))
+    assert losses[0] != losses[1]
+    unshuffled = make_balancer("aux", E, k, BalanceConfig(alpha=0.5, balance_seqs=1))
+    assert unshuffled.loss(unshuffled.route(logits)) > max(losses)     # a leaning sequence costs more alone
