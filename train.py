@@ -347,10 +347,12 @@ def causal_evaluation(model, batches, proc):
 
 
 @torch.no_grad()
-def evaluate(model, corpus, batches, proc):
-    """Loss/perplexity per domain, MaxVio_global, specialisation and the leak,
-    over the fixed validation set. Each rank takes its slice of every batch;
-    sums are all-reduced, so the figures do not depend on the world size."""
+def evaluate(model, corpus, batches, proc, causal_batches=CAUSAL_BATCHES):
+    """Loss/perplexity per domain, MaxVio_global and over computation
+    batches, specialisation and the leak, over the fixed validation set; for
+    expert choice also the causal loss on the first `causal_batches` batches.
+    Each rank takes its slice of every batch; sums are all-reduced, so the
+    figures do not depend on the world size."""
     model.eval()
     cfg, D, r, W = model.cfg, len(corpus.domains), proc.rank, proc.world_size
     loss_sum = torch.zeros(D, device=proc.device, dtype=torch.float64)
@@ -387,7 +389,8 @@ def evaluate(model, corpus, batches, proc):
     by_domain = (loss_sum / tok_sum.clamp(min=1)).tolist()
     val_loss = (loss_sum.sum() / tok_sum.sum()).item()
     mv = max_violation(load)
-    causal = {} if BALANCERS[cfg.balancer].token_choice else causal_evaluation(model, batches[:CAUSAL_BATCHES], proc)
+    causal = {} if BALANCERS[cfg.balancer].token_choice or not causal_batches else \
+        causal_evaluation(model, batches[:causal_batches], proc)
     return {"val_loss": val_loss, "val_ppl": math.exp(val_loss), **causal,
             "val_loss_by_domain": dict(zip(corpus.domains, by_domain)),
             "val_ppl_by_domain": {d: math.exp(v) for d, v in zip(corpus.domains, by_domain)},
