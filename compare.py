@@ -234,7 +234,7 @@ class Plan:
 # Seconds per optimizer step at the default size (two runs at a time on 2
 # cores), and per run for starting Python, evaluating and, for expert choice,
 # the causal evaluation (seq_len forwards per validation batch it covers).
-STEP_SECONDS = {"model": 0.075, "fine": 0.14}
+STEP_SECONDS = {"model": 0.08, "fine": 0.15}
 RUN_OVERHEAD_S, CAUSAL_EVAL_S = 8.0, 6.0
 
 
