@@ -334,6 +334,7 @@ class AuxLoss(Shuffling):
     larger batch and the token count of the small group."""
     paper = "Fedus et al. 2021 (Switch), Lepikhin et al. 2020 (GShard)"
     summary = "aux loss alpha * E * sum_i f_i P_i over balance groups"
+    # alpha per MoE layer (Switch's 1e-2); GPT.forward adds every layer's loss
     defaults = dict(Balancer.defaults, alpha=1e-2, balance_seqs=2, balance_shuffle=False)
 
     def route(self, logits):
@@ -375,7 +376,7 @@ class GlobalAuxLoss(Balancer):
     is balanced."""
     paper = "Qiu et al. 2025, \"Demons in the Detail\""
     summary = "the same aux loss with f counted over the global batch"
-    defaults = dict(Balancer.defaults, alpha=1e-2)
+    defaults = dict(Balancer.defaults, alpha=1e-2)        # per MoE layer, as aux (Qiu et al. used 0.008)
     accum_invariant = False     # an early micro-step sees only the counts so far (Alg. 1's approximation)
 
     def __init__(self, n_experts, top_k, cfg, world_size=1):
@@ -445,7 +446,7 @@ class SeqAuxLossFree(LossFree):
     thing this class adds to lossfree."""
     paper = "DeepSeek-V3 (DeepSeek-AI 2024)"
     summary = "lossfree plus a tiny per-sequence aux loss"
-    defaults = dict(LossFree.defaults, alpha=1e-4)
+    defaults = dict(LossFree.defaults, alpha=1e-4)        # per MoE layer, V3's value
 
     def loss(self, routing):
         B, T, E = routing.probs.shape
