@@ -235,7 +235,7 @@ class Plan:
 # cores), and per run for starting Python, evaluating and, for expert choice,
 # the causal evaluation (seq_len forwards per validation batch it covers).
 STEP_SECONDS = {"model": 0.08, "fine": 0.15}
-RUN_OVERHEAD_S, CAUSAL_EVAL_S = 8.0, 6.0
+RUN_OVERHEAD_S, CAUSAL_EVAL_S = 8.0, 8.0
 
 
 def run_seconds(argv):
