@@ -69,7 +69,8 @@ class BalanceConfig:
     bias_update: str | None = knob("sign: b += u sign(e) (Alg. 1); proportional: b += u e / mean(load) "
                                    "(their Table 3 and App. C.2 use u e; the / mean(load) is this "
                                    "project's)", str, ("sign", "proportional"))
-    capacity_factor: float | None = knob("c in C = n c / E tokens per expert (Zhou et al. Sec. 3.2, Eq. 1)", strict=True)
+    capacity_factor: float | None = knob("c in C = n c / E tokens per expert (Zhou et al. Sec. 3.2, Eq. 1)",
+                                         strict=True)
     route_seqs: int | None = knob("sequences per routing group", int, low=1, group=True)
     route_shuffle: bool | None = knob("fill routing groups with tokens shuffled across the micro-batch "
                                       "(the control for the leak, Wang et al. Fig. 9)", bool)
@@ -322,8 +323,9 @@ class AuxLoss(Shuffling):
     averaged over groups; GPT.forward adds every layer's loss, each with the
     full alpha (Switch Sec. 2.2). P_i is the mean of the gate's own scores
     s_{i,t}: the softmax probabilities, or under the sigmoid gate the raw
-    sigmoid scores of Wang et al. 2024, Eq. 2 (not renormalised per token). In a large run the group is the micro-batch of one
-    device; here it is a fixed number of sequences, so the result does not
+    sigmoid scores of Wang et al. 2024, Eq. 2 (not renormalised per token).
+    In a large run the group is the micro-batch of one device; here it is a
+    fixed number of sequences, so the result does not
     depend on how a global batch is split over processes. With few sequences
     per group the loss asks every sequence to spread evenly over experts, which
     is what Qiu et al. 2025 show blocks domain specialisation.

@@ -620,10 +620,10 @@ def claim_parts(c, r):
         aux, lossfree = list(c.arms)
         return [r.single(f"loss-free's MaxVio falls from S = {CB_MID} sequences to the whole set", lossfree,
                          "cb_fall", "<", seeds=seeds, paper="keeps improving (Fig. 5)"),
-                part(f"the aux loss's falls less over the same range (levels off)", lossfree, aux, "cb_fall", "<",
+                part("the aux loss's falls less over the same range (levels off)", lossfree, aux, "cb_fall", "<",
                      paper="approximately constant when large (Fig. 5)"),
                 part(f"loss-free lower at S = {CB_MID} sequences", lossfree, aux, "cb_mid", "<",
-                     paper="lower from ~18 sequences of 2048 tokens on")]
+                     paper="Fig. 5, computation batches of 2048-token sequences")]
     if c.key == "global":
         micro, _, _, glob, shuffle = list(c.arms)
         margin, why = MARGINS["global"]
@@ -745,11 +745,10 @@ def claim_table(res, c):
     noise floor beside MaxVio_batch; expert-choice rows add the causal loss
     and mark the teacher-forced one as leaky."""
     by_run = {(lbl, run["seed"]): run["metrics"] for run in res["runs"] for lbl in run["labels"]}
-    arms = [lbl for lbl in res["arms"] if any((lbl, s) in by_run for s in c["seeds"]) and lbl in c["arm_labels"]]
     mean_sd = lambda xs: fmt(xs[0], ".4g") if len(xs) < 2 else f"{sum(xs) / len(xs):.4g} ± {interval(xs)[1]:.2g}"
     head = [name for name, _, _ in COLUMNS] + ["MaxVio_batch floor", "causal val loss (EC)"]
     lines = ["| arm | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
-    for lbl in arms:
+    for lbl in c["arm_labels"]:
         rows = [by_run[lbl, s] for s in c["seeds"]]
         cells = [mean_sd([m[k] for m in rows]) for _, k, _ in COLUMNS]
         if "val_loss_causal" in rows[0]:
@@ -1062,9 +1061,9 @@ def parse_args(argv=None):
     size.add_argument("--smoke", action="store_true", help="seconds: 1 seed, 3 steps, a toy model (tests)")
     p.add_argument("--out", default="compare_out", metavar="DIR", help="results and runs/ go here (default: compare_out)")
     p.add_argument("--claims", type=lambda text: text.split(","), metavar="KEY,...",
-                   help="only these claims' runs and verdicts, e.g. 'softmax' to add seeds to one claim "
+                   help="only these claims' runs and verdicts, e.g. 'softmax' "
                         f"(keys: {', '.join(c.key for c in claims('default'))}; main: every strategy at its "
-                        f"defaults, for the tables, no verdict)")
+                        f"defaults and the exact causality check of token choice)")
     p.add_argument("--reuse", type=Path, metavar="DIR",
                    help="copy runs that finished with the same flags from DIR (another --out) instead of "
                         "training them again, e.g. to add seeds to one claim in a new folder")
