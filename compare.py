@@ -2,7 +2,7 @@
 compare.py -- check the papers' claims with numbers made here, the way the
 papers measured them.
 
-    python compare.py --pilot      # the pilot: seeds 1000-1002, about 35 min on 2 CPU cores
+    python compare.py --pilot      # the pilot: seeds 1000-1002, about 31 min on 2 CPU cores
     python compare.py              # the confirmatory run: at most 90 min on 2 CPU cores
     python compare.py --quick      # a few minutes: 2 seeds, short runs
     python compare.py --smoke      # seconds: does everything run?
@@ -146,11 +146,11 @@ def claims(size):
                         f"group of micro-batch size drawn across the global batch does as well",
               f"Qiu et al. 2025, Tables 1-2 and Fig. 1b: Balance BSZ {QIU_MICRO} -> {batch} "
               f"({batch // QIU_MICRO}x), softmax gate, alpha 0.008, z-loss 1e-3", 8,
-              {**{f"aux, balance {n} seq{'s' * (n > 1)}": qiu(*aux("0.008", "--balance-seqs", str(n)))
+              {**{f"aux, balance {n} seq{'s' * (n > 1)}": qiu("--balancer", "aux", "--balance-seqs", str(n))
                   for n in (QIU_MICRO, 2, 8)},
                f"global_aux, balance {batch} seqs": qiu("--balancer", "global_aux"),
-               f"Shuffle LBL_micro, {QIU_MICRO} seq of tokens": qiu(*aux("0.008", "--balance-seqs", str(QIU_MICRO),
-                                                                         "--balance-shuffle"))}),
+               f"Shuffle LBL_micro, {QIU_MICRO} seq of tokens": qiu("--balancer", "aux", "--balance-seqs",
+                                                                     str(QIU_MICRO), "--balance-shuffle")}),
         Claim("expert_choice", "Expert choice leaks future tokens: the causality probe is non-zero, its "
                                "teacher-forced loss understates its causal loss, and a model trained with small "
                                "routing chunks relies on the leak (its loss rises when its chunks are shuffled), "
