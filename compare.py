@@ -1045,9 +1045,28 @@ def confirmatory_plan(args, common, root, pilot):
         k, (was, now) = next(iter(changed.items()))
         raise ValueError(f"{root} holds a confirmatory run with {was} seeds for '{k}' (now {now}): a confirmatory "
                          f"run is never extended; use another --out (and --reuse {root} to copy finished runs)")
+    if not args.seeds:
+        wanted = fit_budget(args, common, wanted, {k for k in wanted if k not in frozen}, (pilot or {}).get("run_seconds"))
     root.mkdir(parents=True, exist_ok=True)
     (root / "seeds.json").write_text(json.dumps({**frozen, **wanted}, indent=1))
     return Plan(args.size, common, keys=args.claims, seed_lists={k: range(n) for k, n in wanted.items()})
+
+
+BUDGET_MINUTES = 90    # what the default confirmatory run may take on a 2-core machine
+
+
+def fit_budget(args, common, wanted, free, measured):
+    """If the plan's estimate (with the pilot's run times when known) is over
+    BUDGET_MINUTES, take one seed at a time from the claim in `free` (not yet
+    fixed) with the most, down to MIN_SEEDS. Done before any confirmatory
+    run, from times alone: no result is looked at."""
+    wanted = dict(wanted)
+    while True:
+        plan = Plan(args.size, common, keys=args.claims, seed_lists={k: range(n) for k, n in wanted.items()})
+        cut = [k for k in free if wanted[k] > MIN_SEEDS]
+        if plan.estimate_minutes(args.jobs, measured) <= BUDGET_MINUTES or not cut:
+            return wanted
+        wanted[max(cut, key=lambda k: wanted[k])] -= 1
 
 
 def parse_args(argv=None):

@@ -335,3 +335,16 @@ def test_the_default_plan_is_estimated_to_fit_in_90_minutes():
     size = compare.SIZES["default"]
     common = size["model"] + ["--batch-size", str(size["batch"]), "--steps", str(size["steps"])]
     assert compare.Plan("default", common).estimate_minutes(2) <= 90
+
+
+def test_a_plan_over_the_time_budget_gives_up_seeds_before_it_runs(tmp_path):
+    """With run times (say, from a slow pilot) that put the plan over 90
+    minutes, seeds are taken from the largest claims, never below MIN_SEEDS."""
+    args = compare.parse_args(["--out", str(tmp_path), "--claims", "softmax,bias_rate", "--jobs", "2"])
+    slow = {stem: 600.0 for stem in compare.Plan("default", ["--preset", "tiny"], 1).stem.values()}
+    wanted = compare.fit_budget(args, ["--preset", "tiny"], {"softmax": 10, "bias_rate": 6}, {"softmax", "bias_rate"},
+                                slow)
+    assert compare.MIN_SEEDS <= min(wanted.values()) and wanted["softmax"] < 10
+    plan = compare.Plan("default", ["--preset", "tiny"], keys=["softmax", "bias_rate"],
+                        seed_lists={k: range(n) for k, n in wanted.items()})
+    assert plan.estimate_minutes(2, slow) <= compare.BUDGET_MINUTES or set(wanted.values()) == {compare.MIN_SEEDS}
