@@ -754,7 +754,10 @@ def claim_table(res, c):
         if "val_loss_causal" in rows[0]:
             cells[0] += " (teacher-forced: leaky)"
         floor = res["maxvio_batch_noise_floor"].get(lbl)
-        cells += [fmt(floor), mean_sd([m["val_loss_causal"] for m in rows]) if "val_loss_causal" in rows[0] else "-"]
+        causal = "-" if "val_loss_causal" not in rows[0] else \
+            f"{mean_sd([m['val_loss_causal'] for m in rows])} (teacher-forced, same windows: " \
+            f"{mean_sd([m['val_loss_forced_same_windows'] for m in rows])})"
+        cells += [fmt(floor), causal]
         lines.append(f"| {lbl} | " + " | ".join(cells) + " |")
     return lines
 
