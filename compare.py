@@ -2,7 +2,7 @@
 compare.py -- check the papers' claims with numbers made here, the way the
 papers measured them.
 
-    python compare.py --pilot      # the pilot: seeds 1000-1002, about 31 min on 2 CPU cores
+    python compare.py --pilot      # the pilot: seeds 1000-1002, about 33 min on 2 CPU cores
     python compare.py              # the confirmatory run: at most 90 min on 2 CPU cores
     python compare.py --quick      # a few minutes: 2 seeds, short runs
     python compare.py --smoke      # seconds: does everything run?
