@@ -62,11 +62,15 @@ class BalanceConfig:
     alpha: float | None = knob("aux-loss coefficient", high=1)
     balance_seqs: int | None = knob("sequences per balance group (Qiu et al.'s balance batch)", int, low=1,
                                     group=True)
+    balance_shuffle: bool | None = knob("fill each balance group with --balance-seqs sequences' worth of tokens "
+                                        "drawn at random from the whole micro-batch, a fresh draw every step "
+                                        "(Qiu et al. Table 2's Shuffle LBL_micro)", bool)
     bias_rate: float | None = knob("bias update rate u (Wang et al. Alg. 1)", high=1)
     bias_update: str | None = knob("sign: b += u sign(e) (Alg. 1); proportional: b += u e / mean(load) "
                                    "(their Table 3 and App. C.2 use u e; the / mean(load) is this "
                                    "project's)", str, ("sign", "proportional"))
-    capacity_factor: float | None = knob("c in C = n c / E tokens per expert (Zhou et al. Eq. 1)", strict=True)
+    capacity_factor: float | None = knob("c in C = n c / E tokens per expert (Zhou et al. Sec. 3.2, Eq. 1)",
+                                         strict=True)
     route_seqs: int | None = knob("sequences per routing group", int, low=1, group=True)
     route_shuffle: bool | None = knob("fill routing groups with tokens shuffled across the micro-batch "
                                       "(the control for the leak, Wang et al. Fig. 9)", bool)
@@ -79,8 +83,8 @@ class Routing:
     token_idx: torch.Tensor    # [A] long: row in the flattened [B*T] tokens
     expert_idx: torch.Tensor   # [A] long: which expert gets that row
     weight: torch.Tensor       # [A] gate value that scales the expert output (has grad)
-    probs: torch.Tensor        # [B, T, E] gate scores normalised to sum 1 per token (the aux loss's P;
-                               # for sigmoid that is the s / sum_j s_j of DeepSeek-V3's sequence-wise loss, Sec. 2.1.2)
+    probs: torch.Tensor        # [B, T, E] gate scores normalised to sum 1 per token: s / sum_j s_j, the P of
+                               # DeepSeek-V3's sequence-wise loss (Eq. 19); equal to s itself for softmax
     logits: torch.Tensor       # [B, T, E] raw router logits (for the z-loss)
 
 
@@ -112,25 +116,40 @@ def top_k_routing(logits, scores, k, choice_bias=None):
     return Routing(token_idx, expert_idx.reshape(-1), weight.reshape(-1), probs, logits)
 
 
-def counts_per_group(routing, group_tokens, n_experts):
+def counts_per_group(routing, group_tokens, n_experts, position=None):
     """Exact integer count of assignments per (group, expert): shape [G, E].
     Integers on purpose: a low-precision count can flip the sign of a small
-    difference (one shipped lossfree implementation did exactly that)."""
+    difference (one shipped lossfree implementation did exactly that).
+    `position[t]`: where token t sits in the order that is cut into groups
+    (default: the tokens' own order, so a group is whole sequences)."""
     n_groups = routing.probs.shape[0] * routing.probs.shape[1] // group_tokens
-    group = routing.token_idx // group_tokens
+    slot = routing.token_idx if position is None else position[routing.token_idx]
+    group = slot // group_tokens
     flat = torch.bincount(group * n_experts + routing.expert_idx, minlength=n_groups * n_experts)
     return flat.view(n_groups, n_experts)
 
 
-def switch_loss(counts, probs):
+def switch_loss(counts, scores):
     """N_E * sum_i f_i * P_i per group (Fedus et al. 2021, Sec. 2.2), averaged
-    over groups. counts [G, E]; probs [G, n, E]. f is a count, P carries the
-    gradient. f is normalised by k*T so it sums to 1, which makes a uniform
-    router (P_i = 1/E) score exactly 1, whatever f is."""
-    n_experts = probs.shape[-1]
+    over groups. counts [G, E]; scores [G, n, E], the per-token scores whose
+    mean is P. f is a count, P carries the gradient. f is normalised by k*T so
+    it sums to 1, which makes a uniform softmax router (P_i = 1/E) score
+    exactly 1, whatever f is."""
+    n_experts = scores.shape[-1]
     f = counts.float() / counts.sum(-1, keepdim=True).clamp(min=1)   # [G, E]
-    P = probs.mean(dim=1)                                             # [G, E]
+    P = scores.mean(dim=1)                                            # [G, E]
     return n_experts * (f * P).sum(-1).mean()
+
+
+def unbiased_counts(routing, k, group_tokens):
+    """Per (group, expert) counts of the top-k of the *unbiased* scores: the
+    1(s_{i,t} in Topk({s_{j,t}}, K)) of DeepSeek-V3 Eq. 18. Under lossfree the
+    experts actually chosen are the top-k of s + b; counting those instead
+    would make the loss push against the bias that balances the load."""
+    B, T, E = routing.probs.shape
+    top = routing.probs.detach().topk(k, dim=-1).indices.reshape(-1, group_tokens * k)   # [G, n*k]
+    return torch.zeros(top.shape[0], E, dtype=torch.long, device=top.device).scatter_add_(
+        1, top, torch.ones_like(top))
 
 
 def router_z_loss(logits):
@@ -147,6 +166,16 @@ def all_reduce(t, world_size, op="sum"):
     if world_size > 1:
         dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     return t
+
+
+def fresh_permutation(n, steps_done, draw, training, device):
+    """A permutation of n tokens that is new for every optimizer step and every
+    call within it, and never one that training used when evaluating. Seeded
+    by (steps done, training or evaluation, draw) so that a resumed run draws
+    exactly what an uninterrupted one would. One fixed permutation for every
+    call would make a shuffled model's evaluation its training regime."""
+    seed = ((int(steps_done) * 2 + (0 if training else 1)) << 20) + draw
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(device)
 
 
 def groups_of(n_seqs, group_seqs, flag):
@@ -256,37 +285,81 @@ class Balancer(nn.Module):
         return dict(self.state_dict())
 
 
+class Shuffling(Balancer):
+    """A strategy that may regroup tokens at random (aux's balance_shuffle,
+    expert choice's route_shuffle). It counts optimizer steps (state, saved
+    with the checkpoint) and the draws made since the last one, separately
+    for training and evaluation, so evaluating never changes what training
+    draws next."""
+
+    def __init__(self, n_experts, top_k, cfg, world_size=1):
+        super().__init__(n_experts, top_k, cfg, world_size)
+        self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
+        self.draws = {True: 0, False: 0}
+
+    def permutation(self, n, device):
+        draw = self.draws[self.training]
+        self.draws[self.training] += 1
+        return fresh_permutation(n, self.steps_done, draw, self.training, device)
+
+    def step(self, load):
+        self.steps_done += 1
+        self.draws = {True: 0, False: 0}
+
+
 class NoBalancing(Balancer):
     """`none`: plain top-k over softmax scores. Nothing stops the rich-get-richer
     loop, so MaxVio typically climbs and some experts starve: the baseline."""
     summary = "plain top-k, no balancing: the baseline that collapses"
 
 
-class AuxLoss(Balancer):
+class AuxLoss(Shuffling):
     """`aux`: the auxiliary load-balancing loss (Fedus et al. 2021, Sec. 2.2;
     Lepikhin et al. 2020).
 
         LBL = alpha * N_E * sum_i f_i * P_i,  alpha = 1e-2 (Switch)
 
     computed per layer over *balance groups* of `balance_seqs` sequences and
-    averaged over groups. In a large run the group is the micro-batch of one
-    device; here it is a fixed number of sequences, so the result does not
+    averaged over groups; GPT.forward adds every layer's loss, each with the
+    full alpha (Switch Sec. 2.2). P_i is the mean of the gate's own scores
+    s_{i,t}: the softmax probabilities, or under the sigmoid gate the raw
+    sigmoid scores of Wang et al. 2024, Eq. 2 (not renormalised per token).
+    In a large run the group is the micro-batch of one device; here it is a
+    fixed number of sequences, so the result does not
     depend on how a global batch is split over processes. With few sequences
     per group the loss asks every sequence to spread evenly over experts, which
-    is what Qiu et al. 2025 show blocks domain specialisation."""
+    is what Qiu et al. 2025 show blocks domain specialisation.
+
+    balance_shuffle is Qiu et al.'s control (Table 2, Shuffle LBL_micro): each
+    group holds as many tokens as before, but drawn at random from the whole
+    micro-batch (a fresh draw every step), so it has the diversity of the
+    larger batch and the token count of the small group."""
     paper = "Fedus et al. 2021 (Switch), Lepikhin et al. 2020 (GShard)"
     summary = "aux loss alpha * E * sum_i f_i P_i over balance groups"
-    defaults = dict(Balancer.defaults, alpha=1e-2, balance_seqs=2)
+    # alpha per MoE layer (Switch's 1e-2); GPT.forward adds every layer's loss
+    defaults = dict(Balancer.defaults, alpha=1e-2, balance_seqs=2, balance_shuffle=False)
 
     def route(self, logits):
         groups_of(logits.shape[0], self.cfg.balance_seqs, "balance_seqs")
-        return super().route(logits)
+        return Balancer.route(self, logits)
 
     def loss(self, routing):
         B, T, E = routing.probs.shape
         group_tokens = self.cfg.balance_seqs * T
-        counts = counts_per_group(routing, group_tokens, E)
-        return self.cfg.alpha * switch_loss(counts, routing.probs.reshape(-1, group_tokens, E))
+        scores = own_scores(routing, self.cfg.gate).reshape(B * T, E)
+        position = None
+        if self.cfg.balance_shuffle:
+            order = self.permutation(B * T, scores.device)          # order[j]: the token in slot j
+            position = torch.argsort(order)                           # position[t]: token t's slot
+            scores = scores[order]
+        counts = counts_per_group(routing, group_tokens, E, position)
+        return self.cfg.alpha * switch_loss(counts, scores.reshape(-1, group_tokens, E))
+
+
+def own_scores(routing, gate):
+    """The gate's own scores s_{i,t} = G(u_t . e_i), whose mean is the aux
+    loss's P (Wang et al. 2024, Eq. 2: P_i = (1/T) sum_t s_{i,t})."""
+    return gate_scores(routing.logits, gate)
 
 
 class GlobalAuxLoss(Balancer):
@@ -305,7 +378,7 @@ class GlobalAuxLoss(Balancer):
     is balanced."""
     paper = "Qiu et al. 2025, \"Demons in the Detail\""
     summary = "the same aux loss with f counted over the global batch"
-    defaults = dict(Balancer.defaults, alpha=1e-2)
+    defaults = dict(Balancer.defaults, alpha=1e-2)        # per MoE layer, as aux (Qiu et al. used 0.008)
     accum_invariant = False     # an early micro-step sees only the counts so far (Alg. 1's approximation)
 
     def __init__(self, n_experts, top_k, cfg, world_size=1):
@@ -320,7 +393,7 @@ class GlobalAuxLoss(Balancer):
         if self.training:  # evaluation must not pollute the training buffer
             self.seen += all_reduce(counts, self.world_size)
             counts = self.seen
-        return self.cfg.alpha * switch_loss(counts[None], routing.probs.reshape(1, -1, E))
+        return self.cfg.alpha * switch_loss(counts[None], own_scores(routing, self.cfg.gate).reshape(1, -1, E))
 
     def step(self, load):
         self.seen.zero_()
@@ -368,20 +441,23 @@ class SeqAuxLossFree(LossFree):
     """`seq_aux`: DeepSeek-V3's recipe (DeepSeek-AI 2024, Sec. 2.1.2): lossfree
     routing plus a tiny auxiliary loss computed *within each sequence*
     (alpha = 1e-4), only to prevent extreme imbalance inside one sequence.
-    V3 also rescales each token's k gate weights to sum to 1; that is left
-    out here so that the loss is the one thing this class adds to lossfree."""
+    Its Eq. 17-20: f counts the top-k of the unbiased scores s (Eq. 18), not
+    the biased choice lossfree routes by, and P averages the normalised
+    scores s / sum_j s_j (Eq. 19). V3 also rescales each token's k gate
+    weights to sum to 1; that is left out here so that the loss is the one
+    thing this class adds to lossfree."""
     paper = "DeepSeek-V3 (DeepSeek-AI 2024)"
     summary = "lossfree plus a tiny per-sequence aux loss"
-    defaults = dict(LossFree.defaults, alpha=1e-4)
+    defaults = dict(LossFree.defaults, alpha=1e-4)        # per MoE layer, V3's value
 
     def loss(self, routing):
         B, T, E = routing.probs.shape
-        counts = counts_per_group(routing, T, E)
+        counts = unbiased_counts(routing, self.top_k, T)
         return self.cfg.alpha * switch_loss(counts, routing.probs)
 
 
-class ExpertChoice(Balancer):
-    """`expert_choice`: Expert Choice routing (Zhou et al. 2022, Sec. 3.1).
+class ExpertChoice(Shuffling):
+    """`expert_choice`: Expert Choice routing (Zhou et al. 2022, Sec. 3.2).
 
     The roles flip: S = softmax(X W_g) over experts, and each *expert* takes the
     C tokens of its routing group that score it highest, C = n * c / E with
@@ -404,12 +480,13 @@ class ExpertChoice(Balancer):
         n_groups = groups_of(B, g, "route_seqs")
         scores = gate_scores(logits, self.cfg.gate).reshape(B * T, E)
         # Which token sits in which group. Normally group j is sequences
-        # [j*g, (j+1)*g). With route_shuffle a fixed permutation scatters every
+        # [j*g, (j+1)*g). With route_shuffle a permutation, fresh every step
+        # and never one training used when evaluating, scatters every
         # sequence over all groups, so a group holds few tokens of any one
         # sequence and a choice reveals little about that sequence's future.
         slot = torch.arange(B * T, device=logits.device)
         if self.cfg.route_shuffle:
-            slot = slot[torch.randperm(B * T, generator=torch.Generator().manual_seed(0)).to(slot.device)]
+            slot = self.permutation(B * T, logits.device)
         n = g * T                                                   # tokens per routing group
         C = expert_capacity(n, self.cfg.capacity_factor, E)
         top = scores[slot].view(n_groups, n, E).topk(C, dim=1)      # each expert's best C tokens
@@ -422,7 +499,7 @@ class ExpertChoice(Balancer):
 
 
 def expert_capacity(n_tokens, capacity_factor, n_experts):
-    """C = n * c / E tokens per expert (Zhou et al. 2022, Eq. 1), at least 1 and
+    """C = n * c / E tokens per expert (Zhou et al. 2022, Sec. 3.2, Eq. 1), at least 1 and
     at most the whole group."""
     return max(1, min(n_tokens, round(n_tokens * capacity_factor / n_experts)))
 

@@ -403,7 +403,7 @@ class Block(nn.Module):
 class GPTOutput:
     logits: torch.Tensor           # [B, T, vocab]
     lm_loss: torch.Tensor | None   # mean next-token cross-entropy (None without targets)
-    balance_loss: torch.Tensor     # the strategies' extra loss, averaged over layers
+    balance_loss: torch.Tensor     # the strategies' extra loss, summed over layers
     routings: list                 # one balancers.Routing per layer (for metrics)
 
 
@@ -444,12 +444,12 @@ class GPT(nn.Module):
         lm_loss = None
         if targets is not None:
             lm_loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
-        # Averaged, not summed, over layers: each layer is balanced on its own
-        # (never pool all layers' logits as if expert i were one expert), and
-        # alpha weighs the whole model's balance term whatever the depth. So
-        # each router feels alpha / n_layers; a framework that sums over
-        # layers gives each router the full alpha.
-        return GPTOutput(logits, lm_loss, torch.stack(balance_losses).mean(), routings)
+        # Summed over layers, each layer's loss with the full alpha: "for each
+        # Switch layer, this auxiliary loss is added to the total model loss"
+        # (Fedus et al. 2021, Sec. 2.2; Wang et al. and Qiu et al. mean alpha
+        # the same way). Each layer is balanced on its own: never pool all
+        # layers' logits as if expert i of every layer were one expert.
+        return GPTOutput(logits, lm_loss, torch.stack(balance_losses).sum(), routings)
 
     def moe_layers(self):
         return [block.moe for block in self.blocks]

@@ -35,7 +35,7 @@ from tqdm import tqdm
 import plumbing
 from balancers import BALANCERS, BalanceConfig
 from data import VOCAB_SIZE, get_batch, load_corpus, val_batches
-from moe import GPT, GPTConfig, check_config, clip_grad_norm, sync_gradients
+from moe import GPT, GPTConfig, causal_logits, check_config, clip_grad_norm, sync_gradients
 
 # ----------------------------------------------------------------------------
 # 1. Settings.
@@ -311,19 +311,75 @@ def causal_probe(model, x, t, generator):
     return (a - b).abs().max().item()
 
 
+def computation_batch_maxvio(seq_load):
+    """MaxVio over computation batches of S sequences (Wang et al. 2024,
+    Sec. 5.1 and Fig. 5), for S = 1, 2, 4, ... and the whole set.
+
+    seq_load[l, n, e]: assignments to expert e of layer l by validation
+    sequence n, in the validation order (which mixes domains as training
+    batches do). A computation batch is what one expert-parallel step sees
+    at once, micro-batch x data-parallel ranks; here S consecutive sequences.
+    For each S: MaxVio of every batch of S (the remainder that does not fill
+    one is left out), averaged over batches and layers. At S = the whole set
+    this is MaxVio_global. Returns {"sizes": [...], "maxvio": [...]}."""
+    L, N, E = seq_load.shape
+    sizes = [1 << i for i in range(N.bit_length()) if 1 << i < N] + [N]
+    maxvio = [max_violation(seq_load[:, :N // S * S].reshape(L, N // S, S, E).sum(2)).mean().item() for S in sizes]
+    return {"sizes": sizes, "maxvio": maxvio}
+
+
+# Windows that the causal evaluation of expert choice covers: the first
+# CAUSAL_BATCHES validation batches (each mixes the domains). It costs one
+# forward per prefix length, seq_len forwards per batch, so not the whole set.
+CAUSAL_BATCHES = 4
+
+
 @torch.no_grad()
-def evaluate(model, corpus, batches, proc):
-    """Loss/perplexity per domain, MaxVio_global, specialisation and the leak,
-    over the fixed validation set. Each rank takes its slice of every batch;
-    sums are all-reduced, so the figures do not depend on the world size."""
+def causal_evaluation(model, batches, proc):
+    """An expert-choice model's loss as generation would see it, beside its
+    teacher-forced loss on the same windows.
+
+    Teacher forcing routes position t in a group that holds the future of its
+    sequence (Wang et al. 2024, Sec. 5.2: the leak "prevents reliable
+    evaluation of the model performance"). moe.causal_logits computes
+    position t from the prefix <= t alone, as generation must. For a
+    token-choice model the two losses are equal. Returns both, in nats."""
+    nll = torch.zeros(2, device=proc.device, dtype=torch.float64)
+    tokens = torch.zeros((), device=proc.device, dtype=torch.float64)
+    r, W = proc.rank, proc.world_size
+    for x, y, _ in batches:
+        b = x.shape[0] // W
+        x, y = (t[r * b:(r + 1) * b].to(proc.device) for t in (x, y))
+        with autocast(proc.device):
+            logits = [causal_logits(model, x), model(x).logits]
+        for i, lg in enumerate(logits):
+            nll[i] += F.cross_entropy(lg.float().transpose(1, 2), y, reduction="sum").double()
+        tokens += y.numel()
+    proc.all_reduce(nll)
+    proc.all_reduce(tokens)
+    causal, forced = (nll / tokens).tolist()
+    return {"val_loss_causal": causal, "val_loss_forced_same_windows": forced,
+            "causal_windows": sum(x.shape[0] for x, _, _ in batches)}
+
+
+@torch.no_grad()
+def evaluate(model, corpus, batches, proc, causal_batches=CAUSAL_BATCHES):
+    """Loss/perplexity per domain, MaxVio_global and over computation
+    batches, specialisation and the leak, over the fixed validation set; for
+    expert choice also the causal loss on the first `causal_batches` batches.
+    Each rank takes its slice of every batch; sums are all-reduced, so the
+    figures do not depend on the world size."""
     model.eval()
     cfg, D, r, W = model.cfg, len(corpus.domains), proc.rank, proc.world_size
     loss_sum = torch.zeros(D, device=proc.device, dtype=torch.float64)
     tok_sum = torch.zeros(D, device=proc.device, dtype=torch.float64)
     load = torch.zeros(cfg.n_layers, cfg.n_experts, device=proc.device, dtype=torch.long)
     picks = torch.zeros(cfg.n_layers, D, cfg.n_experts, device=proc.device, dtype=torch.long)
+    n_seqs = sum(x.shape[0] for x, _, _ in batches)
+    seq_load = torch.zeros(cfg.n_layers, n_seqs * cfg.n_experts, device=proc.device, dtype=torch.long)
+    first = 0                                                   # the batch's first row in the validation set
     for x, y, dom in batches:
-        b = x.shape[0] // W
+        b, rows = x.shape[0] // W, x.shape[0]
         x, y, dom = (t[r * b:(r + 1) * b].to(proc.device) for t in (x, y, dom))
         with autocast(proc.device):
             out = model(x)
@@ -335,7 +391,10 @@ def evaluate(model, corpus, batches, proc):
             load[l] += torch.bincount(routing.expert_idx, minlength=cfg.n_experts)
             cell = tok_domain[routing.token_idx] * cfg.n_experts + routing.expert_idx
             picks[l] += torch.bincount(cell, minlength=D * cfg.n_experts).view(D, cfg.n_experts)
-    for t in (loss_sum, tok_sum, load, picks):
+            seq = first + r * b + routing.token_idx // y.shape[1]      # this rank's rows of the batch
+            seq_load[l] += torch.bincount(seq * cfg.n_experts + routing.expert_idx, minlength=seq_load.shape[1])
+        first += rows
+    for t in (loss_sum, tok_sum, load, picks, seq_load):
         proc.all_reduce(t)
     freq = picks.double() / tok_sum.clamp(min=1)[None, :, None]
     x0 = batches[0][0]
@@ -346,11 +405,14 @@ def evaluate(model, corpus, batches, proc):
     by_domain = (loss_sum / tok_sum.clamp(min=1)).tolist()
     val_loss = (loss_sum.sum() / tok_sum.sum()).item()
     mv = max_violation(load)
-    return {"val_loss": val_loss, "val_ppl": math.exp(val_loss),
+    causal = {} if BALANCERS[cfg.balancer].token_choice or not causal_batches else \
+        causal_evaluation(model, batches[:causal_batches], proc)
+    return {"val_loss": val_loss, "val_ppl": math.exp(val_loss), **causal,
             "val_loss_by_domain": dict(zip(corpus.domains, by_domain)),
             "val_ppl_by_domain": {d: math.exp(v) for d, v in zip(corpus.domains, by_domain)},
             "val_tokens": int(tok_sum.sum().item()),
             "maxvio_global": mv.mean().item(), "maxvio_global_by_layer": mv.tolist(),
+            "maxvio_computation_batch": computation_batch_maxvio(seq_load.view(cfg.n_layers, n_seqs, cfg.n_experts)),
             "specialization": specialization_score(freq),
             "expert_freq": freq.tolist(), "causal_leak": leak.item()}
 

@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from balancers import BALANCERS, BalanceConfig, LossFree, expert_capacity, gate_scores, make_balancer
+from balancers import (BALANCERS, BalanceConfig, LossFree, expert_capacity, fresh_permutation, gate_scores,
+                       make_balancer, switch_loss)
 from moe import GPT, GPTConfig
 from train import max_violation
 
@@ -101,6 +102,35 @@ def test_aux_loss_matches_hand_worked_example():
     torch.testing.assert_close(bal.loss(routing), torch.tensor(0.01125), rtol=1e-6, atol=0)
 
 
+def test_sigmoid_aux_loss_uses_wang_eq_2_raw_scores_for_P():
+    """Wang et al. 2024, Eq. 2: P_i = (1/T) sum_t s_{i,t} with the sigmoid
+    scores themselves, not renormalised per token. The example above with the
+    sigmoid gate: sigmoid(ln 3) = 3/4, sigmoid(0) = 1/2, the same choices, so
+        f = (3/4, 1/4)
+        P = ((3 * 3/4 + 1/2) / 4, (3 * 1/2 + 3/4) / 4) = (11/16, 9/16)
+        LBL = 0.01 * 2 * (33/64 + 9/64) = 0.013125
+    (the normalised scores (3/5, 2/5) would give 0.0105)."""
+    ln3 = math.log(3.0)
+    logits = torch.tensor([[[ln3, 0.0], [ln3, 0.0], [0.0, ln3], [ln3, 0.0]]])
+    bal = make_balancer("aux", 2, 1, BalanceConfig(alpha=0.01, balance_seqs=1, gate="sigmoid"))
+    routing = bal.route(logits)
+    assert routing.expert_idx.tolist() == [0, 0, 1, 0]
+    torch.testing.assert_close(bal.loss(routing), torch.tensor(0.013125), rtol=1e-6, atol=0)
+
+
+def test_two_layer_models_balance_loss_is_the_sum_of_its_layers():
+    """Switch Sec. 2.2: "for each Switch layer, this auxiliary loss is added to
+    the total model loss", each with the full alpha; not their mean."""
+    cfg = GPTConfig(vocab_size=32, seq_len=8, n_layers=2, d_model=16, n_heads=2, n_experts=4,
+                    top_k=2, d_expert=8, balancer="aux", balance=BalanceConfig(alpha=0.5, balance_seqs=1))
+    torch.manual_seed(0)
+    model = GPT(cfg).train()
+    out = model(torch.randint(0, 32, (2, 8)))
+    layers = [layer.balancer.loss(r) for layer, r in zip(model.moe_layers(), out.routings)]
+    assert min(layers) > 0
+    torch.testing.assert_close(out.balance_loss, layers[0] + layers[1], rtol=1e-6, atol=0)
+
+
 def test_aux_loss_gradient_flows_only_through_mean_probability():
     """Only P carries gradient; f is a count (Fedus et al. 2021, Sec. 2.2).
     The gradient w.r.t. the logits must equal that of alpha * N_E * f . P with
@@ -160,6 +190,33 @@ def test_sequence_aux_loss_balances_each_sequence_separately():
     whole = bal.loss(bal.route(logits))
     per_seq = [bal.loss(bal.route(seq)) for seq in logits.split(1)]
     torch.testing.assert_close(whole, torch.stack(per_seq).mean(), rtol=1e-6, atol=0)
+
+
+def test_sequence_aux_counts_f_over_the_unbiased_top_k_deepseek_v3_eq_18():
+    """DeepSeek-V3 Eq. 18: f_i counts 1(s_{i,t} in Topk({s_{j,t}}, K)), the
+    top-k of the unbiased scores. With a bias of 5 on experts 0 and 1 every
+    token is *routed* to (0, 1), counts (16, 16, 0, ...), but the loss must
+    use the counts of the scores themselves, here (1, 3, 2, 4, 5, 7, 5, 5):
+    each token's two experts get logit 2, the others -2. P (Eq. 19) is the
+    mean of s / sum_j s_j, which takes two values per token."""
+    E, k, alpha = 8, 2, 0.5
+    pairs = [(0, 5), (1, 5), (1, 5), (1, 5), (2, 5), (2, 5), (3, 5), (3, 7), (3, 4), (3, 4),
+             (4, 6), (4, 6), (4, 7), (6, 7), (6, 7), (6, 7)]
+    logits = torch.full((1, len(pairs), E), -2.0)
+    for t, pair in enumerate(pairs):
+        logits[0, t, list(pair)] = 2.0
+    counts = torch.bincount(torch.tensor(pairs).flatten(), minlength=E)
+    assert counts.tolist() == [1, 3, 2, 4, 5, 7, 5, 5]
+    bal = make_balancer("seq_aux", E, k, BalanceConfig(alpha=alpha))
+    bal.bias.copy_(torch.tensor([5.0, 5.0, 0, 0, 0, 0, 0, 0]))
+    routing = bal.route(logits)
+    assert torch.bincount(routing.expert_idx, minlength=E).tolist() == [16, 16, 0, 0, 0, 0, 0, 0]
+    T, hi, lo = len(pairs), 1 / (1 + math.exp(-2)), 1 / (1 + math.exp(2))
+    total = 2 * hi + (E - 2) * lo                                  # sum_j s_{j,t}, the same for every token
+    f = counts.double() * E / (k * T)                              # Eq. 18's N_r / (K_r T) normalisation
+    P = (counts.double() * hi + (T - counts.double()) * lo) / (T * total)
+    expected = alpha * (f * P).sum()                               # Eq. 20
+    torch.testing.assert_close(bal.loss(routing).double(), expected, rtol=1e-6, atol=0)
 
 
 def test_global_aux_evaluation_leaves_count_buffer_alone():
@@ -343,7 +400,7 @@ def test_evaluation_does_not_count_load_or_move_bias():
                                           (4, 5, 4, 8, 0.5),    # n=20: C=round(1.25)=1
                                           (2, 3, 2, 2, 4.0)])   # n=6:  C=12, capped at 6
 def test_expert_choice_gives_every_expert_exactly_C_tokens_per_group(B, T, seqs, E, c):
-    """Zhou et al. 2022, Sec. 3.1: each expert takes the C = n*c/E tokens of
+    """Zhou et al. 2022, Sec. 3.2: each expert takes the C = n*c/E tokens of
     its routing group that score it highest, so the load is perfectly even;
     the gate is the raw softmax score of the chosen pair."""
     n = seqs * T
@@ -411,3 +468,45 @@ def test_gate_scores_rejects_unknown_gate():
     """Only the two gates of the papers exist: softmax and sigmoid."""
     with pytest.raises(ValueError, match="gate"):
         gate_scores(torch.zeros(1, 1, 2), "tanh")
+
+
+def test_route_shuffle_draws_a_new_permutation_every_step_and_another_in_evaluation():
+    """Wang et al.'s shuffled control scatters tokens over routing groups. One
+    fixed permutation for every call would make the control's "shuffled"
+    evaluation its own training regime: the draw must change with the
+    optimizer step, and evaluation must never reuse a training draw. Two
+    balancers at the same step draw the same (a resumed run repeats itself)."""
+    E, logits = 4, random_logits(4, 8, 4, seed=10)
+    make = lambda: make_balancer("expert_choice", E, 1, BalanceConfig(route_seqs=1, route_shuffle=True))
+    bal, twin = make().train(), make().train()
+    groups = lambda routing: sorted(tuple(sorted(g)) for g in routing.token_idx.view(4, -1).tolist())
+    first = groups(bal.route(logits))
+    assert first == groups(twin.route(logits))
+    bal.step(torch.zeros(E))
+    second = groups(bal.route(logits))
+    evaluated = groups(bal.eval().route(logits))
+    assert len({tuple(map(tuple, g)) for g in (first, second, evaluated)}) == 3
+    assert bal.steps_done.item() == 1 and "steps_done" in bal.state()
+
+
+def test_shuffle_lbl_micro_balances_random_token_groups_drawn_fresh_each_step():
+    """Qiu et al. 2025, Table 2, Shuffle LBL_micro: each balance group has
+    the micro-batch's token count but its tokens drawn at random from the
+    whole batch. The loss equals the Switch loss over the groups that the
+    step's permutation cuts out, and the groups change with the step."""
+    B, T, E, k = 4, 6, 4, 2
+    logits = random_logits(B, T, E, seed=11) + 3 * torch.eye(E)[:, None, :]     # sequence b leans to expert b
+    bal = make_balancer("aux", E, k, BalanceConfig(alpha=0.5, balance_seqs=1, balance_shuffle=True)).train()
+    losses = []
+    for step in range(2):
+        routing = bal.route(logits)
+        order = fresh_permutation(B * T, step, 0, True, "cpu")
+        chosen = logits.reshape(-1, E)[order].topk(k, dim=-1).indices.view(B, T * k)    # the groups' picks
+        counts = torch.stack([torch.bincount(g, minlength=E) for g in chosen])
+        expected = 0.5 * switch_loss(counts, logits.reshape(-1, E)[order].softmax(-1).view(B, T, E))
+        losses.append(bal.loss(routing))
+        torch.testing.assert_close(losses[-1], expected, rtol=1e-6, atol=0)
+        bal.step(torch.zeros(E))
+    assert losses[0] != losses[1]
+    unshuffled = make_balancer("aux", E, k, BalanceConfig(alpha=0.5, balance_seqs=1))
+    assert unshuffled.loss(unshuffled.route(logits)) > max(losses)     # a leaning sequence costs more alone

@@ -350,3 +350,60 @@ def test_the_run_prints_each_evaluation_and_judges_the_final_loss_against_the_un
     assert verdict in text
     assert ("worse than the unigram" in verdict) == (summary["val_loss"] >= summary["unigram_loss"])
     assert "beats the unigram" in train.against_unigram(1.0, 2.0, 10)
+
+
+def toy_model_and_batches(balancer, **balance):
+    """A two-layer toy model (untrained) and three validation batches of 4
+    sequences; enough for the evaluation's arithmetic."""
+    from balancers import BalanceConfig
+    from moe import GPT, GPTConfig
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=32, seq_len=16, n_layers=2, d_model=16, n_heads=2, n_experts=4, top_k=2,
+                    d_expert=8, balancer=balancer, balance=BalanceConfig(**balance))
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randint(0, 32, (4, 16), generator=g), torch.randint(0, 32, (4, 16), generator=g),
+                torch.tensor([0, 1, 0, 1])) for _ in range(3)]
+    return GPT(cfg).eval(), batches
+
+
+def test_computation_batch_maxvio_falls_on_a_hand_worked_load():
+    """Wang et al. 2024, Sec. 5.1: sequences that each lean to one expert are
+    imbalanced one by one, balanced in pairs. Loads (2, 0), (0, 2), (2, 0),
+    (0, 2): MaxVio 1 at S = 1, 0 at S = 2 and at S = 4."""
+    load = torch.tensor([[[2, 0], [0, 2], [2, 0], [0, 2]]])
+    assert train.computation_batch_maxvio(load) == {"sizes": [1, 2, 4], "maxvio": [1.0, 0.0, 0.0]}
+    three = train.computation_batch_maxvio(load[:, :3])          # 3 sequences: S = 1, 2, then the whole set
+    assert three["sizes"] == [1, 2, 3] and three["maxvio"][2] == pytest.approx(1 / 3)
+
+
+@pytest.mark.parametrize("balancer", ["aux", "lossfree", "expert_choice"])
+def test_computation_batch_maxvio_at_the_whole_set_equals_maxvio_global(balancer):
+    model, batches = toy_model_and_batches(balancer)
+    corpus = type("Corpus", (), {"domains": ["a", "b"]})()
+    ev = train.evaluate(model, corpus, batches, plumbing.Proc())
+    curve = ev["maxvio_computation_batch"]
+    assert curve["sizes"] == [1, 2, 4, 8, 12]
+    assert curve["maxvio"][-1] == pytest.approx(ev["maxvio_global"], rel=1e-6)
+    assert curve["maxvio"][0] > curve["maxvio"][-1]
+
+
+@pytest.mark.parametrize("balancer", [n for n, c in BALANCERS.items() if c.token_choice])
+def test_causal_evaluation_equals_teacher_forcing_exactly_for_token_choice(balancer):
+    """Token choice routes each token on its own, so computing position t
+    from its prefix alone changes nothing, to the last bit."""
+    model, batches = toy_model_and_batches(balancer)
+    ev = train.causal_evaluation(model, batches, plumbing.Proc())
+    assert ev["val_loss_causal"] == ev["val_loss_forced_same_windows"] and ev["causal_windows"] == 12
+
+
+@pytest.mark.parametrize("route_seqs", [1, 2])
+def test_causal_evaluation_differs_from_teacher_forcing_for_expert_choice(route_seqs):
+    """Expert choice's teacher-forced routing sees the future of the group;
+    the causal evaluation does not, so the two losses differ, and evaluate()
+    reports the causal one for every expert-choice model."""
+    model, batches = toy_model_and_batches("expert_choice", route_seqs=route_seqs)
+    ev = train.causal_evaluation(model, batches, plumbing.Proc())
+    assert ev["val_loss_causal"] != ev["val_loss_forced_same_windows"]
+    corpus = type("Corpus", (), {"domains": ["a", "b"]})()
+    full = train.evaluate(model, corpus, batches, plumbing.Proc())
+    assert full["val_loss_causal"] == ev["val_loss_causal"]

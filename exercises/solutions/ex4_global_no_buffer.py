@@ -36,6 +36,7 @@ class GlobalAuxNoBuffer(Balancer):
     started afresh at every micro-step."""
     paper = "Qiu et al. 2025, Eq. 5 without Algorithm 1's buffer"
     summary = "aux loss with f counted over all ranks of one micro-step"
+    # alpha per MoE layer, as in Switch and Qiu et al.: the model adds every layer's loss (GPT.forward)
     defaults = dict(Balancer.defaults, alpha=1e-2)
     accum_invariant = False     # the balance batch is a micro-step: cutting the global batch changes it
 
