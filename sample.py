@@ -304,7 +304,8 @@ def main(argv=None):
         f"{took:.1f} s: temperature {args.temperature}, top-k {args.top_k or 'all'}, seed {args.seed}")
     teacher, causal, n = own_loss(model, gen)
     verdict = ("the same: token choice routes each byte alone" if model.moe_layers()[0].balancer.token_choice else
-               "teacher forcing let expert choice route each byte with the bytes after it (Wang et al. 2024, Sec. 5.2)")
+               "they differ: teacher-forced, expert choice routed each byte with the bytes after it "
+               "(Wang et al. 2024, Sec. 5.2)")
     say(f"loss of its own last {n} bytes, per byte: teacher-forced {teacher:.4f}, causal {causal:.4f} -- {verdict}")
     if args.show_experts:
         out = (args.out or os.path.join(show_routing.run_folder(args.checkpoint), "sample")) + ".html"
