@@ -27,8 +27,9 @@ al. 2024, Sec. 5.2). Here that future is not there -- every forward routes
 groups made of the prefix only -- so generation is causal by construction,
 and its logits differ from the teacher-forced ones. At the end the script
 scores its own text both ways (moe.causal_logits is the causal way): for
-expert choice the teacher-forced loss is lower, the leak made visible; for
-token choice the two agree.
+token choice the two agree; for expert choice they differ, and once the
+model has learned to use the leak the teacher-forced loss is the lower one,
+a figure generation can never reach (docs/sampling.md has measured ones).
 
 Choices worth knowing:
   - A strategy with a group knob (aux's balance_seqs, expert choice's
@@ -115,9 +116,9 @@ def own_loss(model, gen):
     (teacher-forced, causal, bytes scored). Teacher forcing is one forward
     over the window, as training and evaluation run; causal is
     moe.causal_logits, one forward per prefix, as generation runs. Equal for
-    token choice (up to float rounding); under expert choice the
-    teacher-forced figure is lower, because there every byte was routed with
-    the bytes after it in its group."""
+    token choice (up to float rounding); under expert choice they differ,
+    because teacher-forced every byte was routed with the bytes after it in
+    its group."""
     window = gen.text[-model.cfg.seq_len:]
     n = min(len(gen.tokens), len(window) - 1)          # the first byte of the window has no prediction
     x = as_batch(window, show_routing.group_size(model))
@@ -240,8 +241,8 @@ def seed(text):
 
 
 def parse_args(argv=None):
-    p = plumbing.OneLineParser(description="Generate bytes from a checkpoint train.py wrote; for expert choice, "
-                                           "compare the loss of its own text teacher-forced and causally.")
+    p = plumbing.OneLineParser(description="Generate bytes from a checkpoint train.py wrote, then score them "
+                                           "teacher-forced and causally (the two differ for expert choice only).")
     p.add_argument("checkpoint", metavar="RUN", help="a run folder or its ckpt.pt")
     start = p.add_mutually_exclusive_group()
     start.add_argument("--prompt", help="the text to continue (default: a line break)")
@@ -258,7 +259,11 @@ def parse_args(argv=None):
                    help="MoE layer --show-experts shows, from 0; negative counts from the end (default: the middle one)")
     p.add_argument("--out", metavar="PREFIX", help="--show-experts writes PREFIX.html (default: sample, "
                                                    "in the checkpoint's run folder)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for flag in ("layer", "out"):
+        if getattr(args, flag) is not None and not args.show_experts:
+            p.error(f"--{flag} is for --show-experts, which was not given")
+    return args
 
 
 def prompt_bytes(args, model, ckpt):

@@ -232,7 +232,8 @@ def bad_inputs(root, runs):
         "prompt not UTF-8": [run, "--prompt", b"\xff\xfe".decode("utf-8", "surrogateescape")],
         "empty prompt": [run, "--prompt", ""],
         "--prompt and --domain": [run, "--prompt", "a", "--domain", "code"],
-        "--layer past the last": [run, "--layer", "2"],
+        "--layer past the last": [run, "--show-experts", "--layer", "2"],
+        "--out without --show-experts": [run, "--out", root / "page"],
     }
 
 
@@ -240,7 +241,7 @@ def bad_inputs(root, runs):
                                   "--domain without the run's corpus", "--tokens 0", "--tokens negative",
                                   "--temperature 0", "--temperature nan", "--top-k 0", "--seed negative",
                                   "prompt not UTF-8", "empty prompt", "--prompt and --domain",
-                                  "--layer past the last"])
+                                  "--layer past the last", "--out without --show-experts"])
 def test_bad_input_is_one_line_and_exit_code_2(runs, tmp_path, capsys, case):
     argv = [str(a) for a in bad_inputs(tmp_path, runs)[case]]
     with pytest.raises(SystemExit) as exit_:
