@@ -79,8 +79,10 @@ if sys.argv[1:] in (["--build"], ["--check"]):
 # 5. which expert each byte went to;
 # 6. letting the trained models write.
 #
-# It runs top to bottom on a CPU in a few minutes with the built-in corpus (docs/lesson.md has the
-# measured time). Run it from the project folder; in Colab, clone the project first and `%cd` into it.
+# It runs top to bottom on a CPU in a few minutes at most with the built-in corpus (docs/lesson.md
+# has the measured time). Run it from the project folder. In Colab, first run a cell with
+# `!git clone` and the project's address, then `%cd` into the folder it made, and
+# `!pip install einops` (Colab has the other packages).
 
 # %%
 import json
@@ -88,6 +90,10 @@ import os
 import tempfile
 import time
 from pathlib import Path
+
+if not Path("moe.py").exists():
+    raise FileNotFoundError("run this notebook from the project folder, where moe.py is "
+                            "(in Colab: !git clone the project, then %cd into it)")
 
 import matplotlib.pyplot as plt
 import torch
