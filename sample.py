@@ -256,7 +256,8 @@ def parse_args(argv=None):
     p.add_argument("--show-experts", action="store_true",
                    help="colour every byte by its top-1 expert, in the terminal and in PREFIX.html")
     p.add_argument("--layer", type=int, metavar="L",
-                   help="MoE layer --show-experts shows, from 0; negative counts from the end (default: the middle one)")
+                   help="MoE layer --show-experts shows, from 0; negative counts from the end "
+                        "(default: the middle one)")
     p.add_argument("--out", metavar="PREFIX", help="--show-experts writes PREFIX.html (default: sample, "
                                                    "in the checkpoint's run folder)")
     args = p.parse_args(argv)

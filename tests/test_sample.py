@@ -108,12 +108,23 @@ def test_bytes_that_are_not_printable_text_are_escaped():
 # ----------------------------------------------------------------------------
 # The command line, on checkpoints train.py wrote.
 
+def own_text(root):
+    """A --data folder of two small domains, one file each."""
+    root.mkdir()
+    (root / "lists.txt").write_text("".join(f"item {i}: {i * 7 % 13} apples, {i % 5} pears\n\n"
+                                            for i in range(800)))
+    (root / "letters.txt").write_text("".join(f"Dear {name},\nthank you for the {i} letters.\n\n"
+                                              for i in range(600) for name in ("Ann", "Bo")))
+    return root
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
+    flags = ["--preset", "tiny", "--steps", "3", "--val-seqs", "1"]
     for balancer in ("lossfree", "expert_choice"):
-        assert train.main(["--preset", "tiny", "--steps", "3", "--val-seqs", "1", "--balancer", balancer,
-                           "--out", str(root / balancer)]) == 0
+        assert train.main(flags + ["--balancer", balancer, "--out", str(root / balancer)]) == 0
+    assert train.main(flags + ["--data", str(own_text(root / "text")), "--out", str(root / "own")]) == 0
     return root
 
 
@@ -147,6 +158,23 @@ def test_domain_starts_from_a_validation_sample_of_that_domain(runs, corpus, cap
     assert sample.main([str(runs / "lossfree"), "--domain", "math", "--tokens", "5"]) == 0
     start = dict(show_routing.builtin_samples(corpus, 32))["math"]
     assert capsys.readouterr().out.startswith(sample.printable(start))
+
+
+def test_domain_reads_the_corpus_the_run_was_trained_on(runs, capsys):
+    assert sample.main([str(runs / "own"), "--domain", "letters", "--tokens", "5"]) == 0
+    assert capsys.readouterr().out.startswith("Dear ")
+
+
+def test_domain_without_the_runs_corpus_is_one_line_and_exit_code_2(runs, capsys):
+    """The run's --data folder moved away since it was trained."""
+    (runs / "text").rename(runs / "text_moved")
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            plumbing.cli(lambda: sample.main([str(runs / "own"), "--domain", "letters"]))
+    finally:
+        (runs / "text_moved").rename(runs / "text")
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and len(err.strip().splitlines()) == 1 and "--data" in err, err
 
 
 class Spans(HTMLParser):
@@ -215,14 +243,11 @@ def test_a_checkpoint_of_a_two_process_run_samples_on_one_process(tmp_path, caps
 def bad_inputs(root, runs):
     run = str(runs / "lossfree")
     (root / "notes.pt").write_text("these are my notes, not a checkpoint\n")
-    ckpt = torch.load(runs / "lossfree" / "ckpt.pt", map_location="cpu", weights_only=False)
-    ckpt["args"]["data"] = str(root / "moved_away")
-    torch.save(ckpt, root / "moved.pt")
     return {
         "missing folder": [root / "nowhere"],
         "not a checkpoint": [root / "notes.pt"],
         "unknown --domain": [run, "--domain", "poetry"],
-        "--domain without the run's corpus": [root / "moved.pt", "--domain", "code"],
+        "--domain of another corpus": [runs / "own", "--domain", "code"],
         "--tokens 0": [run, "--tokens", "0"],
         "--tokens negative": [run, "--tokens", "-5"],
         "--temperature 0": [run, "--temperature", "0"],
@@ -238,7 +263,7 @@ def bad_inputs(root, runs):
 
 
 @pytest.mark.parametrize("case", ["missing folder", "not a checkpoint", "unknown --domain",
-                                  "--domain without the run's corpus", "--tokens 0", "--tokens negative",
+                                  "--domain of another corpus", "--tokens 0", "--tokens negative",
                                   "--temperature 0", "--temperature nan", "--top-k 0", "--seed negative",
                                   "prompt not UTF-8", "empty prompt", "--prompt and --domain",
                                   "--layer past the last", "--out without --show-experts"])
