@@ -19,8 +19,9 @@ step, no KV cache: slower, but there is nothing to get wrong.
 What generation teaches. A token-choice router decides each byte's experts
 from that byte alone, so a byte's logits do not depend on anything after it:
 generating, where the future does not exist yet, gives the very logits one
-forward over the finished text gives (teacher forcing). tests/test_sample.py
-checks that for every token-choice strategy in balancers.BALANCERS. Expert
+forward over the finished text gives (teacher forcing), bit for bit (see
+generate for the one detail that takes). tests/test_sample.py checks that
+for every token-choice strategy in balancers.BALANCERS. Expert
 choice is different: each expert takes its top-C tokens of a routing group,
 so whether byte t is taken depends on how the bytes after t score (Wang et
 al. 2024, Sec. 5.2). Here that future is not there -- every forward routes
@@ -94,14 +95,26 @@ class Generation:
 
 
 @torch.no_grad()
-def generate(model, prompt, n_tokens, temperature=1.0, top_k=None, seed=0):
+def generate(model, prompt, n_tokens, temperature=0.8, top_k=None, seed=0):
     """n_tokens bytes after `prompt`, each drawn from the model run on the
-    text so far (cropped to its context window, seq_len bytes)."""
+    text so far (cropped to its context window, seq_len bytes).
+
+    Token choice: every forward gets the same length, that of the finished
+    text (at most seq_len), the prefix padded on the right with zero bytes.
+    A causal model cannot see the padding (nothing after position t reaches
+    t), and with one shape every matmul rounds alike, so the logits equal
+    teacher forcing's bit for bit -- the same fact that makes the causality
+    probe read exactly 0. Expert choice gets no padding: its routing groups
+    would hold it, and generation must route groups of the prefix only."""
     T, group = model.cfg.seq_len, show_routing.group_size(model)
+    token_choice = model.moe_layers()[0].balancer.token_choice
+    width = min(T, len(prompt) + n_tokens - 1)
     generator = torch.Generator().manual_seed(seed)
     seq, logits = list(prompt), []
     for _ in range(n_tokens):
-        last = model(as_batch(seq[-T:], group)).logits[0, -1]
+        context = seq[-T:]
+        pad = [0] * (width - len(context)) if token_choice else []
+        last = model(as_batch(context + pad, group)).logits[0, len(context) - 1]
         logits.append(last)
         seq.append(pick(last, temperature, top_k, generator))
     return Generation(bytes(prompt), bytes(seq[len(prompt):]), torch.stack(logits))
