@@ -86,7 +86,6 @@ if sys.argv[1:] in (["--build"], ["--check"]):
 
 # %%
 import json
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -106,7 +105,6 @@ import sample
 import show_routing
 import train
 
-os.environ.setdefault("TQDM_MININTERVAL", "5")   # the training bars: a line every few seconds
 # The tensors here are tiny: more threads only add synchronisation, which on
 # a busy 2-core machine made the runs below ten times slower.
 torch.set_num_threads(1)
