@@ -83,6 +83,13 @@ def pick(logits, temperature, top_k, generator):
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).item()
 
 
+def forward(model, context, width):
+    """The model on `context` (one group of copies of it), for token choice
+    padded on the right with zero bytes to `width` (generate says why)."""
+    pad = [0] * (width - len(context)) if model.moe_layers()[0].balancer.token_choice else []
+    return model(as_batch(list(context) + pad, show_routing.group_size(model)))
+
+
 @dataclass
 class Generation:
     prompt: bytes
@@ -106,15 +113,13 @@ def generate(model, prompt, n_tokens, temperature=0.8, top_k=None, seed=0):
     teacher forcing's bit for bit -- the same fact that makes the causality
     probe read exactly 0. Expert choice gets no padding: its routing groups
     would hold it, and generation must route groups of the prefix only."""
-    T, group = model.cfg.seq_len, show_routing.group_size(model)
-    token_choice = model.moe_layers()[0].balancer.token_choice
+    T = model.cfg.seq_len
     width = min(T, len(prompt) + n_tokens - 1)
     generator = torch.Generator().manual_seed(seed)
     seq, logits = list(prompt), []
     for _ in range(n_tokens):
         context = seq[-T:]
-        pad = [0] * (width - len(context)) if token_choice else []
-        last = model(as_batch(context + pad, group)).logits[0, len(context) - 1]
+        last = forward(model, context, width).logits[0, len(context) - 1]
         logits.append(last)
         seq.append(pick(last, temperature, top_k, generator))
     return Generation(bytes(prompt), bytes(seq[len(prompt):]), torch.stack(logits))
@@ -151,11 +156,11 @@ def causal_routes(model, text, layer):
     model run on the context that ends on it). For token choice that is the
     routing of one forward over the text; for expert choice it is the
     routing generation really used."""
-    T, group = model.cfg.seq_len, show_routing.group_size(model)
+    T = model.cfg.seq_len
     picks = []
     for t in range(len(text)):
         context = text[max(0, t + 1 - T):t + 1]
-        routing = model(as_batch(context, group)).routings[layer]
+        routing = forward(model, context, min(T, len(text))).routings[layer]
         mine = routing.token_idx == len(context) - 1                   # the newest byte of row 0
         pairs = zip(routing.expert_idx[mine].tolist(), routing.weight[mine].tolist())
         picks.append(sorted(pairs, key=lambda p: (-p[1], p[0])))
