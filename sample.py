@@ -49,6 +49,7 @@ Choices worth knowing:
 """
 
 import argparse
+import html
 import math
 import os
 import sys
@@ -222,10 +223,10 @@ def html_page(model, path, layer, gen, picks):
                                                   ("generated", gen.tokens, picks[P:])))
     title = f"What {model.cfg.balancer} wrote, layer {layer} of {model.cfg.n_layers}"
     return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>{show_routing.html.escape(title)}</title>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>{show_routing.CSS}</style></head><body>
-<h1>{show_routing.html.escape(title)}</h1>
-<p class="note">{show_routing.html.escape(path)}. Each byte is coloured by its top-1 expert (the largest gate
+<h1>{html.escape(title)}</h1>
+<p class="note">{html.escape(path)}. Each byte is coloured by its top-1 expert (the largest gate
 weight) as it was routed when it was the newest byte, so from the bytes before it only; hover over a byte for
 all its experts and weights.</p>
 <div class="legend">experts: {show_routing.legend_html(colours)}</div>
