@@ -4,9 +4,10 @@ show_routing.py -- routing made visible: which expert did every byte go to?
     python show_routing.py runs/aux/ckpt.pt runs/global_aux/ckpt.pt
     python show_routing.py runs/*/ckpt.pt --text notes.txt --layer 1 --out notes
 
-writes PREFIX.html (default routing.html: one self-contained page, no network,
-no script; hover a byte to see all its experts and weights) and PREFIX.png
-(the same picture, for a README).
+writes PREFIX.html (one self-contained page, no network, no script; hover a
+byte to see all its experts and weights) and PREFIX.png (the same picture,
+for a README). The default PREFIX is `routing` in the first checkpoint's run
+folder (runs/aux/routing.html above), never the current folder.
 
 What it teaches. Qiu et al. 2025 ("Demons in the Detail", Fig. 1b) show that
 whether experts specialise by domain depends on *where* the load is counted.
@@ -48,6 +49,7 @@ import html
 import math
 import os
 import re
+import textwrap
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -384,6 +386,12 @@ class Column:
         return ", ".join(p for p in parts if p)
 
 
+def legend_html(colours):
+    """Every expert's colour with its number, and the grey of "no expert"."""
+    legend = "".join(f'<span style="background:{c};color:{ink(c)}">{e}</span>' for e, c in enumerate(colours))
+    return legend + f' &nbsp;<span style="background:{NO_EXPERT}">&nbsp;</span> no expert (expert choice only)'
+
+
 def html_page(columns, samples, freq_names, layer_label):
     """The whole page: a header per checkpoint, a row per sample, the bars."""
     top = max(float(col.freq.max()) for col in columns) or 1.0
@@ -397,9 +405,7 @@ def html_page(columns, samples, freq_names, layer_label):
     bars = "".join(f'<td class="freq" data-ckpt="{c}">{bars_cell(col.freq, freq_names, col.colours, top)}</td>'
                    for c, col in enumerate(columns))
     rows.append(f'<tr><th class="row">expert frequency<small>per domain, Qiu et al. Fig. 1b</small></th>{bars}</tr>')
-    widest = max(columns, key=lambda col: col.model.cfg.n_experts).colours
-    legend = "".join(f'<span style="background:{c};color:{ink(c)}">{e}</span>' for e, c in enumerate(widest))
-    legend += f' &nbsp;<span style="background:{NO_EXPERT}">&nbsp;</span> no expert (expert choice only)'
+    legend = legend_html(max(columns, key=lambda col: col.model.cfg.n_experts).colours)
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>Routing by byte, {html.escape(layer_label)}</title>
 <style>{CSS}</style></head><body>
@@ -461,6 +467,17 @@ def draw_bars(ax, row, colours, top):
     ax.spines[["top", "right"]].set_visible(False)
 
 
+TITLE_PT = 8.5
+
+
+def column_title(col, inches):
+    """A column's heading, wrapped to the width of its axes: the strategy's
+    summary is longer than one line of a narrow column. A character of
+    DejaVu Sans is about 0.6 of the font size wide on average."""
+    chars = max(20, int(inches * 72 / (0.6 * TITLE_PT)))
+    return "\n".join([f"{col.model.cfg.balancer}: {col.path}"] + textwrap.wrap(col.title, chars))
+
+
 def png_figure(columns, samples, freq_names, layer_label, path, width=80):
     """Rows: the samples, then one bar chart per domain; one column per
     checkpoint. Sizes follow the text so a cell stays readable."""
@@ -472,9 +489,11 @@ def png_figure(columns, samples, freq_names, layer_label, path, width=80):
     lines = [text_layout(sample, width)[-1][0] + 1 for _, sample in samples]
     heights = [n * line_h for n in lines] + [bar_h] * len(freq_names)
     left = max(0.9, 0.35 + 0.075 * max(len(name) for name in freq_names))   # room for the row labels
-    fig = plt.figure(figsize=(left + 0.1 + len(columns) * (width * cell_w + 0.45), sum(heights) + 1.6))
+    titles = [column_title(col, width * cell_w) for col in columns]
+    head = 0.45 + 0.15 * max(t.count("\n") + 1 for t in titles)          # the titles, then the suptitle
+    fig = plt.figure(figsize=(left + 0.1 + len(columns) * (width * cell_w + 0.45), sum(heights) + head + 0.65))
     grid = fig.add_gridspec(len(heights), len(columns), height_ratios=heights, left=left / fig.get_figwidth(),
-                            right=0.99, top=1 - 0.95 / fig.get_figheight(), bottom=0.45 / fig.get_figheight(),
+                            right=0.99, top=1 - head / fig.get_figheight(), bottom=0.45 / fig.get_figheight(),
                             hspace=0.12, wspace=0.08)
     top = max(float(col.freq.max()) for col in columns) or 1.0
     for c, col in enumerate(columns):
@@ -482,7 +501,7 @@ def png_figure(columns, samples, freq_names, layer_label, path, width=80):
             ax = fig.add_subplot(grid[s, c])
             draw_sample(ax, sample, col.picks[s], col.colours, width)
             if s == 0:
-                ax.set_title(f"{col.model.cfg.balancer}: {col.path}\n{col.title}", fontsize=8.5)
+                ax.set_title(titles[c], fontsize=TITLE_PT)
             if c == 0:
                 ax.set_ylabel(name, fontsize=10)
         for d, name in enumerate(freq_names):
@@ -524,7 +543,8 @@ def parse_args(argv=None):
                    help="validation sequences per domain for the bars (default: 32)")
     p.add_argument("--data", metavar="DIR",
                    help="the text folder the checkpoints were trained on (default: the built-in corpus)")
-    p.add_argument("--out", default="routing", metavar="PREFIX", help="writes PREFIX.html and PREFIX.png (default: routing)")
+    p.add_argument("--out", metavar="PREFIX",
+                   help="writes PREFIX.html and PREFIX.png (default: routing, in the first checkpoint's run folder)")
     return p.parse_args(argv)
 
 
@@ -542,6 +562,12 @@ def layer_index(layer, model, path):
         raise InputError(f"--layer {layer} is out of range: {path} has {n} layers "
                          f"(use 0..{n - 1}, or -1 for the last)")
     return layer % n
+
+
+def run_folder(path):
+    """The folder a checkpoint lives in (a run folder is its own): where the
+    pictures of a run go, so that nothing lands in the current folder."""
+    return path if os.path.isdir(path) else os.path.dirname(path) or "."
 
 
 def write_file(path, write):
@@ -587,6 +613,7 @@ def main(argv=None):
         columns.append(Column(path, model, layer, picks, freq, spread))
 
     layer_label = "layer " + ", ".join(str(v) for v in sorted(set(layers)))
+    args.out = args.out or os.path.join(run_folder(args.checkpoints[0]), "routing")
     page = html_page(columns, samples, freq_names, layer_label)
     write_file(args.out + ".html", lambda p: Path(p).write_text(page, encoding="utf-8"))
     write_file(args.out + ".png", lambda p: png_figure(columns, samples, freq_names, layer_label, p))

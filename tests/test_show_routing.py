@@ -187,6 +187,24 @@ def test_png_is_written(two_columns):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
 
+def test_without_out_the_pages_go_next_to_the_first_checkpoint_not_the_current_folder(ckpts, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run_folder = Path(ckpts["aux"]).parent
+    run(run_folder, ckpts["expert_choice"], "--bytes", 32, "--val-seqs", 1)
+    assert (run_folder / "routing.html").is_file() and (run_folder / "routing.png").is_file()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_long_column_title_is_wrapped_to_the_width_of_its_column(ckpts):
+    """The strategy's summary is longer than one line of a column; cut at the
+    figure's edge it lost its last words (the specialisation figure)."""
+    model = show_routing.load_model(ckpts["expert_choice"])
+    col = show_routing.Column("runs/expert_choice/ckpt.pt", model, LAYER, [], torch.zeros(3, 8), 0.123)
+    title = show_routing.column_title(col, 80 * 0.075)
+    assert title.replace("\n", " ").endswith("specialisation 0.123")
+    assert len(title.splitlines()) >= 3 and max(len(line) for line in title.splitlines()) <= 100
+
+
 def test_the_page_loads_nothing_from_the_network(two_columns):
     prefix, _ = two_columns
     page = Path(f"{prefix}.html").read_text(encoding="utf-8")
