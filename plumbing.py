@@ -590,8 +590,6 @@ def load_model(path):
                          f"truncated, or not a file train.py wrote?") from None
     if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
         raise ValueError(f"{path} is not a train.py checkpoint (it has no 'config' and 'model')")
-    if "checksum" in ckpt:          # checkpoints of older versions have none; they still load
-        verify_checkpoint(ckpt, path)
     try:
         c = ckpt["config"]
         model = GPT(GPTConfig(**{**c, "balance": BalanceConfig(**c["balance"])}))
@@ -599,6 +597,8 @@ def load_model(path):
     except (TypeError, KeyError, ValueError, RuntimeError) as e:
         why = " ".join(str(e).split())[:160]           # load_state_dict explains over many lines
         raise ValueError(f"{path} does not fit this version of moe.py ({why})") from None
+    if "checksum" in ckpt:          # checkpoints of older versions have none; they still load
+        verify_checkpoint(ckpt, path)
     return model.eval(), ckpt
 
 
