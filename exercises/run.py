@@ -24,12 +24,11 @@ import plumbing  # noqa: E402
 import train  # noqa: E402
 from checking import EXERCISES, exercise  # noqa: E402
 
-for name in EXERCISES:
-    exercise(name)          # importing an exercise file registers its strategy
-
 
 def main():
-    try:
+    for name in EXERCISES:
+        exercise(name)      # importing an exercise file registers its strategy (inside cli: a bad
+    try:                    # EXERCISES_FROM is then one line)
         return train.main()
     except NotImplementedError as e:     # a stub: a user's to-do, not a crash
         raise ValueError(f"{e} first (or train the reference solution: EXERCISES_FROM=solutions)") from None
