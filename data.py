@@ -26,6 +26,7 @@ import math
 import os
 import random
 import re
+import stat
 import sys
 import sysconfig
 import tempfile
@@ -276,10 +277,14 @@ def user_documents(data_dir: str, log=print) -> dict[str, list[bytes]]:
 
     def size(path):
         try:
-            return path.stat().st_size
+            st = path.stat()
         except OSError as e:                       # a dangling link, a file removed meanwhile
             raise DataError(f"cannot read {shown(str(path))} ({e.strerror}); fix it or move it out of "
                             "the data folder") from None
+        if not stat.S_ISREG(st.st_mode):           # a named pipe or a device would block or never end
+            raise DataError(f"{shown(str(path))} is not a regular file (a pipe, socket or device); move it "
+                            "out of the data folder")
+        return st.st_size
 
     def non_empty(paths):
         empty = [p for p in paths if size(p) == 0]

@@ -61,7 +61,15 @@ class Proc:
 
     @classmethod
     def from_env(cls, device="auto"):
-        world_size, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+        try:
+            world_size, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+        except ValueError:
+            world_size = rank = -1
+        if not 0 <= rank < world_size:
+            # A scheduler's or a hand-written environment; torchrun's is always right.
+            raise ValueError(f"WORLD_SIZE={os.environ.get('WORLD_SIZE')!r} and RANK={os.environ.get('RANK')!r} "
+                             f"are not a process of a run (need 0 <= RANK < WORLD_SIZE): start it with "
+                             f"torchrun, or unset both for one process")
         if device == "cuda" and not torch.cuda.is_available():
             raise ValueError("--device cuda: this PyTorch build sees no CUDA GPU; use --device cpu or auto")
         if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
@@ -307,8 +315,11 @@ class RunDir:
         for name in RUN_FILES:
             for tmp in self.out.glob(f".{name}.*.tmp"):
                 tmp.unlink()
-        if (self.out / STAGE).exists():
-            shutil.rmtree(self.out / STAGE)
+        stage = self.out / STAGE
+        if stage.is_dir() and not stage.is_symlink():
+            shutil.rmtree(stage)
+        elif stage.exists() or stage.is_symlink():
+            stage.unlink()
 
     def finish_swap(self):
         """Move a committed new run's files over the old ones (see the class)."""
@@ -690,6 +701,18 @@ def lost_peer_line(e):
             f"--max-restarts N with --resume auto does that by itself)")
 
 
+def prints_errors():
+    """Does this process print the run's error line? Each machine's first
+    process (LOCAL_RANK 0) does; so does any process whose environment is
+    not a valid rank's, since that mistake is its own."""
+    try:
+        rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+        local = int(os.environ.get("LOCAL_RANK", rank))
+    except ValueError:
+        return True
+    return local == 0 or not 0 <= rank < world
+
+
 def cli(entry):
     """Run entry() as a program. User mistakes (ValueError) become one line on
     stderr and exit code 2; a run that diverged (FloatingPointError) one line
@@ -713,7 +736,7 @@ def cli(entry):
             # Every rank sees the same flags and fails the same way: one line
             # per machine is enough (its first process prints it; on several
             # nodes each node's user sees it in their own log).
-            if int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0"))) == 0:
+            if prints_errors():
                 print(f"error: {e}", file=sys.stderr, flush=True)
             code = 2 if isinstance(e, ValueError) else 1
     finally:
