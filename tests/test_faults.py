@@ -25,16 +25,22 @@ import io
 import json
 import math
 import os
+import random
 import shutil
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
 import torch
 
+import bench
+import compare
 import data
 import plumbing
 import train
@@ -96,6 +102,23 @@ def data_dirs(tmp_path_factory):
     (root / "short" / "b").mkdir()
     (root / "short" / "b" / "y.txt").write_text("hello\n")
     (root / "file.txt").write_text("a file, not a folder\n")
+    text = "the quick brown fox jumps over the lazy dog\n" * 500
+    for name in ("dangling", "fifo", "sparse", "locked", "secret", "odd", "good"):
+        (root / name / "a").mkdir(parents=True)
+        (root / name / "a" / "x.txt").write_text(text)
+        (root / name / "b").mkdir()
+        (root / name / "b" / "y.txt").write_text(text.upper())
+    (root / "dangling" / "b" / "z.txt").symlink_to(root / "nowhere.txt")  # a link whose file was removed
+    os.mkfifo(root / "fifo" / "b" / "pipe")                                # reading it would wait forever
+    with open(root / "sparse" / "b" / "huge.txt", "wb") as f:              # 64 GB that take no disk
+        f.truncate(64 * 2**30)
+    (root / "locked" / "b" / "locked").mkdir()                             # a folder that cannot be listed
+    (root / "locked" / "b" / "locked" / "z.txt").write_text(text)
+    (root / "secret" / "b" / "secret.txt").write_text(text)                 # a file that cannot be read
+    odd = os.path.join(os.fsencode(str(root / "odd")), b"caf\xe9\n")      # Latin-1 and a newline in a name
+    os.mkdir(odd)
+    with open(os.path.join(odd, b"x.txt"), "wb") as f:
+        f.write(b"hi\n")
     return root
 
 
@@ -271,6 +294,168 @@ PROBES = [
     ("--overwrite --data {data}/short", None, 2, "too short"),
 ]
 
+
+# Second round: each of these failed (a traceback, a wrong exit code, a
+# silent wrong answer, or lost data) before the fix it names.
+
+def edit_checkpoint(out, change, reseal=False):
+    """Change a saved checkpoint; reseal: with a checksum that fits again
+    (what an older train.py, or someone else's tool, would have written)."""
+    ckpt = torch.load(out / "ckpt.pt", weights_only=False)
+    change(ckpt)
+    if reseal:
+        ckpt["checksum"] = plumbing.checksum({k: v for k, v in ckpt.items() if k != "checksum"})
+    torch.save(ckpt, out / "ckpt.pt")
+
+
+def flipped_byte_in_a_weight(out, monkeypatch):
+    """One bit of the largest tensor's bytes, inside the zip: torch.load
+    does not check the zip's CRC and reads the damaged weight happily."""
+    path = out / "ckpt.pt"
+    with zipfile.ZipFile(path) as z:
+        entry = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    raw = bytearray(path.read_bytes())
+    name_len, extra_len = struct.unpack("<HH", raw[entry.header_offset + 26:entry.header_offset + 30])
+    raw[entry.header_offset + 30 + name_len + extra_len + entry.file_size // 2] ^= 0x40
+    path.write_bytes(bytes(raw))
+
+
+def checkpoint_without_checksum(out, monkeypatch):
+    edit_checkpoint(out, lambda c: c.pop("checksum"))
+
+
+def step_edited_by_hand(out, monkeypatch):
+    edit_checkpoint(out, lambda c: c.update(step=1))
+
+
+def weight_edited_by_hand(out, monkeypatch):
+    edit_checkpoint(out, lambda c: next(iter(c["model"].values())).add_(1))
+
+
+def checkpoint_of_an_older_train_py(out, monkeypatch):
+    edit_checkpoint(out, lambda c: (c.pop("run_id"), c.pop("trajectory")), reseal=True)
+
+
+def classmates_checkpoint(out, monkeypatch):
+    """A whole, valid checkpoint of another seed copied over this one."""
+    edit_checkpoint(out, lambda c: c["trajectory"].update({"--seed": 1}), reseal=True)
+
+
+def log_of_another_run(out, monkeypatch):
+    lines = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    (out / "log.jsonl").write_text("".join(json.dumps({**r, "run": "0123456789ab"}) + "\n" for r in lines))
+
+
+def step_fails(error):
+    def setup(out, monkeypatch):
+        def fail(*a, **k):
+            raise error
+        monkeypatch.setattr(train, "train_step", fail)
+    setup.__name__ = f"step_raises_{type(error).__name__}"
+    return setup
+
+
+allocation_fails_in_a_step = step_fails(RuntimeError(
+    "[enforce fail at alloc_cpu.cpp:117] . DefaultCPUAllocator: can't allocate memory: you tried to allocate "
+    "68719476736 bytes. Error code 12 (Cannot allocate memory)"))
+exercise_stub_raises = step_fails(ValueError("exercise 1: write MultBias.route first (or train the reference "
+                                             "solution: EXERCISES_FROM=solutions)"))
+
+
+def environment(**env):
+    def setup(out, monkeypatch):
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+    setup.__name__ = "env_" + "_".join(f"{k}={v}" for k, v in env.items())
+    return setup
+
+
+LISTENING = []          # sockets kept open for the length of the tests
+
+
+def busy_master_port(out, monkeypatch):
+    """MASTER_PORT set by hand to a port another program listens on."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen()
+    LISTENING.append(s)
+    for k, v in dict(WORLD_SIZE="2", RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(s.getsockname()[1])).items():
+        monkeypatch.setenv(k, v)
+
+
+def locked_folder(out, monkeypatch):
+    """A subfolder that cannot be listed (chmod 000 by a non-root user; the
+    kernel's answer is faked, since root may list anything)."""
+    real = os.walk
+
+    def walk(top, onerror=None, **k):
+        for here, dirs, files in real(top, onerror=onerror, **k):
+            if Path(here).name == "locked":
+                onerror(PermissionError(errno.EACCES, os.strerror(errno.EACCES), here))
+                continue
+            yield here, dirs, files
+    monkeypatch.setattr(os, "walk", walk)
+
+
+def secret_file(out, monkeypatch):
+    """A file that cannot be read (chmod 000 by another user; faked for root)."""
+    real = Path.read_bytes
+
+    def read_bytes(self):
+        if self.name == "secret.txt":
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+        return real(self)
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+
+
+SECOND_ROUND = [
+    # a failure of any kind after --overwrite leaves the old run byte for byte
+    ("--overwrite --steps 20 --lr 1e6", None, 1, "gradient norm"),
+    ("--overwrite --steps 20", allocation_fails_in_a_step, 2, "out of memory"),
+    ("--overwrite --steps 20", exercise_stub_raises, 2, "exercise 1"),
+    # every trajectory flag is compared on --resume, and named
+    ("--resume --steps 4 --batch-size 4", None, 2, "--batch-size 8, this run has 4"),
+    ("--resume --steps 4 --seed 1", None, 2, "--seed 0, this run has 1"),
+    ("--resume --steps 4 --lr 0.001", None, 2, "--lr 0.003, this run has 0.001"),
+    ("--resume --steps 4 --warmup 3", None, 2, "--warmup 5, this run has 3"),
+    ("--resume --steps 4 --grad-accum 2", None, 2, "--grad-accum 1, this run has 2"),
+    ("--resume --steps 4 --domain-block 2", None, 2, "--domain-block 1, this run has 2"),
+    ("--resume --steps 4 --weight-decay 0.2", None, 2, "--weight-decay 0.1, this run has 0.2"),
+    ("--resume --steps 4 --grad-clip 0.5", None, 2, "--grad-clip 1.0, this run has 0.5"),
+    ("--resume --steps 4 --data {data}/good", None, 2, "--data None"),
+    ("--resume --steps 4 --n-heads 2", None, 2, "--n-heads was 4, now 2"),
+    ("--resume --steps 1", None, 2, "past --steps 1"),
+    ("--resume --steps 4 --stop-at 2", None, 2, "--stop-at 2"),
+    # checkpoints that are not what was written
+    ("--resume --steps 4", flipped_byte_in_a_weight, 2, "damaged"),
+    ("--resume --steps 4", step_edited_by_hand, 2, "damaged"),
+    ("--resume --steps 4", weight_edited_by_hand, 2, "damaged"),
+    ("--resume --steps 4", checkpoint_without_checksum, 2, "no checksum"),
+    ("--resume --steps 4", checkpoint_of_an_older_train_py, 2, "older train.py"),
+    ("--resume --steps 4", classmates_checkpoint, 2, "--seed 1, this run has 0"),
+    ("--resume --steps 4", log_of_another_run, 2, "another run"),
+    # --resume auto: continue, start, or refuse
+    ("--resume auto --steps 4", checkpoint_deleted, 2, "--resume auto"),
+    ("--resume auto --steps 4 --seed 1", None, 2, "--seed 0, this run has 1"),
+    ("--resume auto --steps 4", flipped_byte_in_a_weight, 2, "damaged"),
+    ("--resume yes", None, 2, "--resume"),
+    # data that is read is reported
+    ("--overwrite --data {data}/dangling", None, 2, "z.txt"),
+    ("--overwrite --data {data}/fifo", None, 2, "not a regular file"),
+    ("--overwrite --data {data}/sparse", machine_with_16gib, 2, "too large"),
+    ("--overwrite --data {data}/locked", locked_folder, 2, "cannot read"),
+    ("--overwrite --data {data}/secret", secret_file, 2, "secret.txt"),
+    ("--overwrite --data {data}/odd", None, 2, "caf\\xe9\\n"),
+    # a scheduler's (or a hand-written) environment
+    ("", environment(WORLD_SIZE="0"), 2, "WORLD_SIZE"),
+    ("", environment(WORLD_SIZE="two"), 2, "WORLD_SIZE"),
+    ("", environment(WORLD_SIZE="2", RANK="2"), 2, "RANK"),
+    ("", environment(WORLD_SIZE="2", RANK="-1"), 2, "RANK"),
+    ("--overwrite", busy_master_port, 2, "MASTER_PORT"),
+    ("--out /dev/null", None, 2, "cannot be written"),
+]
+PROBES += SECOND_ROUND
+
 FAST = 10.0   # seconds; a probe that takes longer is building or hanging instead of refusing
 
 
@@ -284,6 +469,8 @@ def test_a_bad_input_is_one_line_with_its_exit_code_and_leaves_out_untouched(
     if setup:
         setup(out, monkeypatch)
     before = snapshot(tmp_path)
+    real_bar = train.tqdm
+    monkeypatch.setattr(train, "tqdm", lambda *a, **k: real_bar(*a, **{**k, "disable": True}))
     start = time.time()
     status, _, err = run_cli(monkeypatch, capsys, *TINY, "--steps", "2", "--out", out,
                              *flags.format(root=tmp_path, data=data_dirs).split())
