@@ -83,8 +83,21 @@ class Proc:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         if self.world_size > 1 and not dist.is_initialized():
+            backend, timeout = "nccl" if self.device.type == "cuda" else "gloo", timedelta(minutes=5)
             try:
-                dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo", timeout=timedelta(minutes=5))
+                if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+                    # torchrun --max-restarts starts the processes again on the
+                    # store of the failed attempt, whose keys (the dead
+                    # processes' addresses) would be read as this attempt's:
+                    # the new processes hang or fail to connect. A key prefix
+                    # per attempt keeps the attempts apart.
+                    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), self.world_size,
+                                          is_master=False, timeout=timeout)
+                    store = dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", store)
+                    dist.init_process_group(backend, store=store, rank=self.rank, world_size=self.world_size,
+                                            timeout=timeout)
+                else:
+                    dist.init_process_group(backend, timeout=timeout)
             except dist.DistNetworkError as e:
                 where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
                 raise ValueError(f"rank {self.rank} cannot join the process group at {where} "
