@@ -929,14 +929,21 @@ def test_overwrite_killed_at_any_moment_leaves_the_old_run_or_a_whole_new_one(fi
     old = run_files(finished)
     rng = random.Random(19)
     outcomes = []
-    for sig, delay in [(signal.SIGKILL, 0.2)] + [(signal.SIGKILL, rng.uniform(1.0, 5.0)) for _ in range(2)] + \
-            [(signal.SIGTERM, 4.0)]:
+    # (signal, seconds after the new run logged its first step; None: at once, while Python starts)
+    for sig, delay in [(signal.SIGKILL, None)] + [(signal.SIGKILL, rng.uniform(0.0, 1.5)) for _ in range(3)] + \
+            [(signal.SIGTERM, 0.0)]:
         out = tmp_path / f"run{len(outcomes)}"
         shutil.copytree(finished, out)
         proc = subprocess.Popen([sys.executable, "train.py", *TINY, "--steps", "100000", "--ckpt-every", "20",
                                  "--overwrite", "--out", str(out)], cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(delay)
+        if delay is not None:
+            deadline = time.time() + 120
+            logs = [out / d / "log.jsonl" for d in (plumbing.STAGE, plumbing.SWAP)]
+            while not any(p.exists() and p.stat().st_size for p in logs) and run_files(out) == old:
+                assert time.time() < deadline and proc.poll() is None
+                time.sleep(0.01)
+            time.sleep(delay)
         proc.send_signal(sig)
         proc.wait(60)
         files = run_files(out)
