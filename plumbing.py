@@ -9,9 +9,11 @@ loses work lives here, in the order a run meets it:
                   torchrun's environment or as the only process
   2. RunDir       the output folder: a lock so two runs cannot share it, the
                   log (rewritten atomically on resume, strictly valid JSON),
-                  summary.json
+                  summary.json; a run id in all three, and a new run that
+                  replaces an old one only at its first checkpoint
   3. checkpoints  written atomically, only from a finite state, with every
-                  expert gathered so any number of processes can resume
+                  expert gathered so any number of processes can resume, and
+                  a checksum verified before anything is loaded
   4. StopFlag     SIGTERM or Ctrl-C: finish the step, save, exit (every rank
                   at the same step)
   5. cli / leave  the command line: --help's defaults, the memory check,
