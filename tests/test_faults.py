@@ -1191,3 +1191,25 @@ def test_torchrun_restarts_with_resume_auto_continue_the_same_loss_after_a_kille
     final = [json.loads((tmp_path / run / "summary.json").read_text())["val_loss"] for run in ("whole", "killed")]
     assert final[0] == final[1]
     assert log_steps(tmp_path / "killed") == list(range(1, 41))
+
+
+def test_a_flag_given_to_one_node_only_stops_both_nodes_with_one_line_each(tmp_path):
+    """Two torchrun launchers on this machine stand for two nodes of one
+    process each; the second is given another --lr. Each node prints the
+    same line naming the flag and the ranks (its LOCAL_RANK 0 prints), and
+    both exit with an error before anything is written."""
+    port = plumbing.free_port()
+
+    def node(rank, *extra):
+        return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={rank}",
+                                 "--nproc_per_node=1", "--master-addr=127.0.0.1", f"--master-port={port}",
+                                 "train.py", *TINY, "--steps", "2", "--out", str(tmp_path / "run"), *extra],
+                                cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+    nodes = [node(0), node(1, "--lr", "0.001")]
+    errs = [n.communicate(timeout=180)[1] for n in nodes]
+    for n, err in zip(nodes, errs):
+        ours = [line for line in err.splitlines() if line.startswith("error:")]
+        assert n.returncode != 0 and len(ours) == 1, err
+        assert "--lr differs (rank 0: 0.003; rank 1: 0.001)" in ours[0]
+    assert not (tmp_path / "run").exists()
