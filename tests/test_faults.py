@@ -66,7 +66,10 @@ def snapshot(folder):
     state = {}
     for path in sorted(Path(folder).rglob("*")):
         key = str(path.relative_to(folder))
-        state[key] = "folder" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
+        if path.is_symlink():
+            state[key] = f"link to {os.readlink(path)}"
+        else:
+            state[key] = "folder" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
     return state
 
 
@@ -115,6 +118,16 @@ def data_dirs(tmp_path_factory):
     (root / "locked" / "b" / "locked").mkdir()                             # a folder that cannot be listed
     (root / "locked" / "b" / "locked" / "z.txt").write_text(text)
     (root / "secret" / "b" / "secret.txt").write_text(text)                 # a file that cannot be read
+    (root / "hidden" / ".cache").mkdir(parents=True)                        # only hidden files
+    (root / "hidden" / ".cache" / "x.txt").write_text(text)
+    (root / "hidden" / ".notes.txt").write_text(text)
+    (root / "swapfiles" / "a").mkdir(parents=True)                          # a domain of editor swap files
+    (root / "swapfiles" / "a" / "x.txt").write_text(text)
+    (root / "swapfiles" / "b").mkdir()
+    (root / "swapfiles" / "b" / ".y.txt.swp").write_text(text)
+    (root / "stems").mkdir()                                                # notes.txt and notes.md: one name
+    (root / "stems" / "notes.txt").write_text(text)
+    (root / "stems" / "notes.md").write_text(text.upper())
     odd = os.path.join(os.fsencode(str(root / "odd")), b"caf\xe9\n")      # Latin-1 and a newline in a name
     os.mkdir(odd)
     with open(os.path.join(odd, b"x.txt"), "wb") as f:
@@ -408,6 +421,16 @@ def secret_file(out, monkeypatch):
     monkeypatch.setattr(Path, "read_bytes", read_bytes)
 
 
+def checkpoint_link_to_nowhere(out, monkeypatch):
+    """ckpt.pt a symlink into a folder someone has since cleaned up."""
+    (out / "ckpt.pt").unlink()
+    (out / "ckpt.pt").symlink_to(out.parent / "cleaned-up" / "ckpt.pt")
+
+
+def out_is_a_link_to_a_file(out, monkeypatch):
+    (out.parent / "link").symlink_to(out.parent / "afile")
+
+
 SECOND_ROUND = [
     # a failure of any kind after --overwrite leaves the old run byte for byte
     ("--overwrite --steps 20 --lr 1e6", None, 1, "gradient norm"),
@@ -453,6 +476,18 @@ SECOND_ROUND = [
     ("", environment(WORLD_SIZE="2", RANK="-1"), 2, "RANK"),
     ("--overwrite", busy_master_port, 2, "MASTER_PORT"),
     ("--out /dev/null", None, 2, "cannot be written"),
+    # accidents on a shared lab machine
+    ("--resume --steps 4", checkpoint_link_to_nowhere, 2, "no checkpoint"),
+    ("--out {root}/link", out_is_a_link_to_a_file, 2, "cannot be written"),
+    ("--resume --steps 4 --preset default", None, 2, "different model"),      # forgot --preset tiny
+    ("--overwrite --resume auto", None, 2, "not allowed with"),
+    ("--overwrite --data {data}/hidden", None, 2, "contains no files"),
+    ("--overwrite --data {data}/swapfiles", None, 2, "domain 'b'"),
+    ("--overwrite --data {data}/stems", None, 2, "same domain name"),
+    ("--resume auto --steps 1", None, 2, "past --steps 1"),
+    # what a scheduler's environment can hold
+    ("", environment(RANK="1"), 2, "RANK"),
+    ("", environment(WORLD_SIZE="2", RANK="0.5"), 2, "RANK"),
 ]
 PROBES += SECOND_ROUND
 
