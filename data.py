@@ -227,7 +227,7 @@ def files_under(folder: Path) -> list[Path]:
         raise DataError(f"cannot read {shown(e.filename or str(folder))} ({e.strerror}) under the data "
                         "folder; fix its permissions or move it out") from None
     found = []
-    for here, subdirs, names in os.walk(folder, onerror=refuse):
+    for here, subdirs, names in os.walk(folder, onerror=refuse, followlinks=True):   # as rglob did
         subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
         found += [Path(here) / n for n in names if not n.startswith(".")]
     return sorted(found, key=lambda p: p.relative_to(folder).as_posix())

@@ -1248,3 +1248,20 @@ def test_a_flag_given_to_one_node_only_stops_both_nodes_with_one_line_each(tmp_p
         assert n.returncode != 0 and len(ours) == 1, err
         assert "--lr differs (rank 0: 0.003; rank 1: 0.001)" in ours[0]
     assert not (tmp_path / "run").exists()
+
+
+def test_resume_auto_starts_where_there_is_nothing_and_continues_where_there_is_a_run(tmp_path, monkeypatch, capsys):
+    """Nothing in OUT (or only the log of a run killed before its first
+    checkpoint): a fresh run. A checkpoint of this run: continued. A
+    finished run: left alone, exit 0."""
+    out = tmp_path / "run"
+    assert run_cli(monkeypatch, capsys, *TINY, "--steps", "3", "--stop-at", "2", "--out", out, "--resume", "auto")[0] == 0
+    assert run_cli(monkeypatch, capsys, *TINY, "--steps", "3", "--out", out, "--resume", "auto")[0] == 0
+    first = assert_one_run(out)
+    assert log_steps(out) == [1, 2, 3]
+    status, stdout, _ = run_cli(monkeypatch, capsys, *TINY, "--steps", "3", "--out", out, "--resume", "auto")
+    assert status == 0 and "finished all 3 steps already" in stdout
+    for name in ("ckpt.pt", "summary.json"):
+        (out / name).unlink()                        # what a kill before the first checkpoint leaves
+    assert run_cli(monkeypatch, capsys, *TINY, "--steps", "3", "--out", out, "--resume", "auto")[0] == 0
+    assert assert_one_run(out)["run_id"] != first["run_id"] and log_steps(out) == [1, 2, 3]
