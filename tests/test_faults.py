@@ -14,9 +14,15 @@ the proof that none of them loses data.
    The fifth, "a NaN step never replaces the last good checkpoint", is
    test_a_nan_step_never_replaces_the_last_good_checkpoint in test_train.py.
 3. Under torchrun, a bad flag stops both ranks with one line.
+4. bench.py, compare.py and exercises.run: the same standard, as a table.
+5. The second round, named: an --overwrite killed at random moments, an
+   interrupted swap, stale files, output flags on resume, changed data, a
+   real full disk (tmpfs, as root), ranks or nodes started differently, and
+   torchrun --max-restarts with --resume auto after a killed rank.
 
 Everything runs the tiny preset for a few steps and in this process, except
-where a real process is the point (a lock held by a live run, torchrun).
+where a real process is the point (a lock held by a live run, signals,
+torchrun). docs/reliability.md lists the guarantees and the test of each.
 """
 
 import errno
