@@ -739,11 +739,12 @@ def cli(entry):
         if dist.is_initialized():
             dist.barrier()          # tear down together, once every rank is done
     except (ValueError, FloatingPointError, MemoryError, RuntimeError) as e:
-        if isinstance(e, RuntimeError) and lost_peer(e):
+        out_of_memory = any(s in str(e).lower() for s in OUT_OF_MEMORY)
+        if isinstance(e, RuntimeError) and not out_of_memory and lost_peer(e):
             print(f"error: {lost_peer_line(e)}", file=sys.stderr, flush=True)
             code = 1
         else:
-            if isinstance(e, RuntimeError) and not any(s in str(e).lower() for s in OUT_OF_MEMORY):
+            if isinstance(e, RuntimeError) and not out_of_memory:
                 raise
             if isinstance(e, (MemoryError, RuntimeError)):
                 e = ValueError("out of memory: lower --batch-size (or raise --grad-accum), --n-experts, "
