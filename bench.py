@@ -616,8 +616,11 @@ def print_peers(r):
     print("\nheadline: " + ", ".join(f"{k} {v:.3f}" for k, v in r["headline"].items()))
 
 
+MAX_REPEATS = 100_000     # a bound on typos: 1e9 repeats would run for years
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
+    p = plumbing.OneLineParser(description=__doc__.split("\n\n")[0].strip(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="only moe_over_dense and mfu (under a minute)")
     p.add_argument("--peers", action="store_true",
@@ -641,10 +644,18 @@ def parse_args(argv=None):
                    help="default: cpu (the expert-parallel runs are always CPU/gloo)")
     args = p.parse_args(argv)
     tiny = args.preset == "tiny"
-    args.repeats = args.repeats or (5 if tiny else 40)
+    args.repeats = args.repeats if args.repeats is not None else (5 if tiny else 40)   # 0 is an error, not the default
     args.warmup = args.warmup if args.warmup is not None else (1 if tiny else 3)
-    if args.repeats < 1 or args.warmup < 0 or args.threads < 1:
-        p.error("--repeats and --threads must be >= 1, --warmup >= 0")
+    cpus = os.cpu_count() or 1
+    if not 1 <= args.repeats <= MAX_REPEATS or not 0 <= args.warmup <= MAX_REPEATS:
+        p.error(f"--repeats must be 1 to {MAX_REPEATS}, --warmup 0 to {MAX_REPEATS}")
+    if not 1 <= args.threads <= cpus:
+        p.error(f"--threads must be 1 to {cpus}, the CPUs of this machine (got {args.threads})")
+    if args.json:
+        # Checked now, not after minutes of measuring whose figures would be lost.
+        target, folder = Path(args.json), Path(args.json).parent
+        if target.is_dir() or not folder.is_dir() or not os.access(folder, os.W_OK):
+            p.error(f"--json {args.json}: {'is a folder' if target.is_dir() else f'{folder} is not a writable folder'}")
     return args
 
 
@@ -759,4 +770,4 @@ def run_grouped_vs_loop(report, args, t_start):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    plumbing.cli(main)

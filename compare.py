@@ -46,6 +46,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -251,7 +252,8 @@ def run_state(run_dir, argv):
     recorded = read_json(run_dir / "run.json") or {}
     if recorded.get("argv") != argv:
         return "new"
-    if "val_loss" in (read_json(run_dir / "summary.json") or {}) and recorded.get("finished"):
+    if "val_loss" in (read_json(run_dir / "summary.json") or {}) and recorded.get("finished") \
+            and (run_dir / "log.jsonl").is_file():          # the report reads the log too
         return "done"
     return "resume" if (run_dir / "ckpt.pt").exists() else "new"
 
@@ -285,6 +287,8 @@ def train_one(run_dir, argv, state, launcher):
                 except (ValueError, FloatingPointError) as e:
                     print(f"error: {e}", file=log)
                     code = 2
+            if code == 1:           # train.py stopped at a signal (Ctrl-C), checkpoint saved
+                return None
     if code != 0:
         return False
     extra = {}
@@ -316,22 +320,37 @@ def run_plan(plan, root, jobs, launcher, reuse=None):
           f"{f', {copied} copied from {reuse}' if copied else ''}; training {len(todo)} "
           f"with {jobs} at a time", flush=True)
     done, failed, t0 = 0, [], time.time()
+    stopped = threading.Event()
 
     def one(item):
         name, argv, state = item
+        if stopped.is_set():
+            return name, None
         ok = train_one(root / "runs" / name, argv, state, launcher)
         return name, ok
 
     # Subprocesses run `jobs` at a time; in-process runs (launcher None) one
     # by one in the main thread, where train.py may install its signal handlers.
+    # Ctrl-C stops the plan, whatever --jobs: the runs under way save a
+    # checkpoint (they got the signal too), the ones not started never start.
     with ThreadPoolExecutor(jobs) if launcher else contextlib.nullcontext() as pool:
-        for name, ok in (pool.map(one, todo) if launcher else map(one, todo)):
-            done += 1
-            if not ok:
-                failed.append(name)
-            left = (time.time() - t0) / done * (len(todo) - done) / 60
-            print(f"[{done}/{len(todo)}] {name}: {'ok' if ok else 'FAILED (see its train.txt)'}"
-                  f" | about {left:.0f} min left", flush=True)
+        try:
+            for name, ok in (pool.map(one, todo) if launcher else map(one, todo)):
+                if ok is None:
+                    stopped.set()
+                    break
+                done += 1
+                if not ok:
+                    failed.append(name)
+                left = (time.time() - t0) / done * (len(todo) - done) / 60
+                print(f"[{done}/{len(todo)}] {name}: {'ok' if ok else 'FAILED (see its train.txt)'}"
+                      f" | about {left:.0f} min left", flush=True)
+        except KeyboardInterrupt:
+            stopped.set()
+    if stopped.is_set():
+        print(f"stopped: {done} run(s) finished and kept, interrupted ones saved a checkpoint; run the same "
+              f"command again to continue", flush=True)
+        return None
     if failed:
         print(f"{len(failed)} run(s) did not finish, e.g. {root / 'runs' / failed[0] / 'train.txt'}; "
               f"run the same command again to continue")
@@ -1006,22 +1025,43 @@ def results_md(res):
             "\n".join(f"![{p}]({p})" for p in res["plots"]) + "\n")
 
 
+def checked_results(root):
+    """OUT's results.json, refused with one line unless it is whole: it parses,
+    its tables render, and every plot it lists is a file in OUT. Checked
+    before anything is copied, so a damaged run never replaces a good one."""
+    path = root / "results.json"
+    if not path.is_file():
+        raise ValueError(f"no {path} to publish: run python compare.py first")
+    try:
+        res = json.loads(path.read_bytes())
+        plots = res["plots"]
+        if not plots or not all(isinstance(p, str) and p and Path(p).name == p for p in plots):
+            raise ValueError("no plots")
+        pages = results_md(res), markdown(res)
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+        raise ValueError(f"{path} is damaged or incomplete ({type(e).__name__}: {plumbing.first_line(e)[:80]}); "
+                         f"run python compare.py again to rewrite it") from None
+    missing = [p for p in plots if not (root / p).is_file()]
+    if missing:
+        raise ValueError(f"{path} lists plots that are not in {root}: {', '.join(missing)}; "
+                         f"run python compare.py again to redraw them")
+    return res, pages
+
+
 def publish(root):
     """Copy results.json and the plots to results/, write results.md from
     results.json, and put it into the README between the markers."""
     dest = HERE / "results"
-    dest.mkdir(exist_ok=True)
-    res = read_json(root / "results.json")
-    if res is None:
-        raise ValueError(f"no {root / 'results.json'} to publish: run python compare.py first")
-    for name in ["results.json"] + res["plots"]:
-        shutil.copy(root / name, dest / name)
-    (dest / "results.md").write_text(results_md(res))
+    res, (page, table) = checked_results(root)
     readme = (HERE / "README.md").read_text()
     if README_BEGIN not in readme or README_END not in readme:
         raise ValueError("README.md has no results markers to write between")
+    dest.mkdir(exist_ok=True)
+    for name in ["results.json"] + res["plots"]:
+        shutil.copy(root / name, dest / name)
+    (dest / "results.md").write_text(page)
     head, rest = readme.split(README_BEGIN, 1)
-    body = markdown(res).replace("](", "](results/")
+    body = table.replace("](", "](results/")
     body += "\n" + "\n".join(f"![{p}](results/{p})" for p in res["plots"]) + "\n"
     readme = head + README_BEGIN + "\n" + body + README_END + rest.split(README_END, 1)[1]
     (HERE / "README.md").write_text(readme)
@@ -1107,6 +1147,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     args.size = "quick" if args.quick else "smoke" if args.smoke else "default"
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out} is a file, not a folder: choose another --out")
     if args.reuse is not None and not (args.reuse / "runs").is_dir():
         raise ValueError(f"--reuse {args.reuse}: no runs/ folder there to copy finished runs from")
     unknown = set(args.claims or []) - {c.key for c in claims("default")}

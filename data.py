@@ -26,6 +26,7 @@ import math
 import os
 import random
 import re
+import stat
 import sys
 import sysconfig
 import tempfile
@@ -205,45 +206,116 @@ def visible(path: Path) -> bool:
     return not any(part.startswith(".") for part in path.parts)
 
 
+def shown(name: str) -> str:
+    """A file name as it can always be printed and stored: bytes that are not
+    UTF-8 (kept by Python as surrogates) as \\xNN, control characters (a
+    newline in a name) escaped. A strict UTF-8 terminal would otherwise stop
+    the run with a codec error."""
+    text = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def memory_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def files_under(folder: Path) -> list[Path]:
+    """Every visible file under `folder`, in a fixed order. A folder that
+    cannot be listed stops the run (Path.rglob would skip it without a word,
+    and the domain would train on part of its text)."""
+    def refuse(e: OSError):
+        raise DataError(f"cannot read {shown(e.filename or str(folder))} ({e.strerror}) under the data "
+                        "folder; fix its permissions or move it out") from None
+    found = []
+    for here, subdirs, names in os.walk(folder, onerror=refuse, followlinks=True):   # as rglob did
+        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
+        found += [Path(here) / n for n in names if not n.startswith(".")]
+    return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
+
+
+def read_files(paths: list[Path], budget: list[int]) -> list[bytes]:
+    """The files' bytes. Unreadable files stop the run with one line; so does
+    more data than a quarter of this machine's memory (the corpus is held in
+    memory, several copies while it is built), found from the sizes before
+    anything is read: a huge (or sparse) file must not end in an out-of-memory kill."""
+    docs = []
+    for path in paths:
+        try:
+            budget[0] -= path.stat().st_size
+            if budget[0] < 0:
+                raise DataError(f"the data folder is too large to hold in memory (at {shown(str(path))}: "
+                                f"more than {human(memory_bytes() // 4)}, a quarter of this machine's "
+                                "memory); train on a part of it")
+            docs.append(path.read_bytes())
+        except OSError as e:
+            raise DataError(f"cannot read {shown(str(path))} ({e.strerror}); fix its permissions or move "
+                            "it out of the data folder") from None
+    return docs
+
+
 def user_documents(data_dir: str, log=print) -> dict[str, list[bytes]]:
     """Documents per domain from the user's folder. Two layouts:
     - subfolders: each subfolder is a domain, each file in it (recursively) a
       document; a subfolder holding a single file has that file cut into chunks;
     - flat: each file is a domain named after its stem, cut into chunks.
-    Files are read as raw bytes: any encoding, or none, is fine."""
+    Files are read as raw bytes: any encoding, or none, is fine. Empty files
+    in a domain folder are left out (and said so), so they do not turn a
+    one-file domain into one that is not chunked; a file or folder that
+    cannot be read stops the run."""
     root = Path(data_dir).expanduser()
     if not root.is_dir():
-        raise DataError(f"data folder {root} does not exist or is not a folder; "
+        raise DataError(f"data folder {shown(str(root))} does not exist or is not a folder; "
                         "pass an existing folder, or no data folder to use the built-in corpus")
-    entries = sorted(p for p in root.iterdir() if visible(p.relative_to(root)))
+    try:
+        entries = sorted(p for p in root.iterdir() if visible(p.relative_to(root)))
+    except OSError as e:
+        raise DataError(f"cannot read the data folder {shown(str(root))} ({e.strerror}); fix its "
+                        "permissions") from None
     folders = [p for p in entries if p.is_dir()]
     files = [p for p in entries if p.is_file()]
+    budget = [memory_bytes() // 4]
+
+    def size(path):
+        try:
+            st = path.stat()
+        except OSError as e:                       # a dangling link, a file removed meanwhile
+            raise DataError(f"cannot read {shown(str(path))} ({e.strerror}); fix it or move it out of "
+                            "the data folder") from None
+        if not stat.S_ISREG(st.st_mode):           # a named pipe or a device would block or never end
+            raise DataError(f"{shown(str(path))} is not a regular file (a pipe, socket or device); move it "
+                            "out of the data folder")
+        return st.st_size
+
+    def non_empty(paths):
+        empty = [p for p in paths if size(p) == 0]
+        if empty:
+            log(f"note: ignoring {len(empty)} empty file(s): {', '.join(shown(str(p.relative_to(root))) for p in empty[:3])}"
+                + (" ..." if len(empty) > 3 else ""))
+        return [p for p in paths if p not in empty]
 
     domains = {}
     if folders:
         if files:
-            log(f"note: ignoring {len(files)} file(s) next to the domain folders in {root}")
+            log(f"note: ignoring {len(files)} file(s) next to the domain folders in {shown(str(root))}")
         for folder in folders:
-            paths = sorted((p for p in folder.rglob("*") if p.is_file()
-                            and visible(p.relative_to(folder))),
-                           key=lambda p: p.relative_to(folder).as_posix())
-            docs = [p.read_bytes() for p in paths]
+            paths = files_under(folder)
+            docs = read_files(non_empty(paths), budget)
             if len(docs) == 1:
                 docs = file_as_documents(docs[0])
-            domains[folder.name] = docs
+            domains[shown(folder.name)] = docs
     else:
-        for path in files:
-            if path.stem in domains:
-                raise DataError(f"two files in {root} give the same domain name '{path.stem}'; "
-                                "rename one of them")
-            domains[path.stem] = file_as_documents(path.read_bytes())
+        for path in files:                         # a file is a domain here: an empty one is an error below
+            if shown(path.stem) in domains:
+                raise DataError(f"two files in {shown(str(root))} give the same domain name "
+                                f"'{shown(path.stem)}'; rename one of them")
+            domains[shown(path.stem)] = file_as_documents(read_files([path], budget)[0])
 
     if not domains:
-        raise DataError(f"data folder {root} contains no files; put one text file per domain "
+        raise DataError(f"data folder {shown(str(root))} contains no files; put one text file per domain "
                         "(or one subfolder of files per domain) in it")
     for name, docs in domains.items():
         if sum(len(d) for d in docs) == 0:
-            raise DataError(f"domain '{name}' in {root} has no bytes; add text to it or remove it")
+            raise DataError(f"domain '{name}' in {shown(str(root))} has no bytes; add text to it or remove it")
     return domains
 
 
@@ -307,6 +379,19 @@ class Corpus:
     train_docs: list[int]         # per domain, number of training documents
     val_docs: list[int]           # per domain, number of validation documents
     source: str                   # where it came from, for logs
+
+
+def fingerprint(corpus: Corpus) -> str:
+    """A short hash of exactly what is trained and validated on: the domain
+    names and every byte of both splits. Two corpora with the same
+    fingerprint give the same batches, so a run may resume on it (or be
+    spread over machines that each read their own copy)."""
+    h = hashlib.sha256()
+    for name, train, val in zip(corpus.domains, corpus.train, corpus.val):
+        h.update(f"{name!r} {len(train)} {len(val)}".encode())
+        h.update(train.numpy())
+        h.update(val.numpy())
+    return h.hexdigest()[:16]
 
 
 CACHE_FORMAT = 1  # bump when the corpus recipe changes, so old caches are not reused

@@ -10,10 +10,12 @@ loses work lives here, in the order a run meets it:
                   the only process
   2. RunDir       the output folder: a lock so two runs cannot share it, the
                   log (rewritten atomically on resume, strictly valid JSON),
-                  summary.json
+                  summary.json; a run id in all three, and a new run that
+                  replaces an old one only at its first checkpoint
   3. checkpoints  written atomically, only from a finite state, with every
                   expert gathered so any number of processes and any
-                  --ep-size can resume
+                  --ep-size can resume, and a checksum verified before
+                  anything is loaded
   4. StopFlag     SIGTERM or Ctrl-C: finish the step, save, exit (every rank
                   at the same step)
   5. cli / leave  the command line: --help's defaults, the memory check,
@@ -25,14 +27,17 @@ loses work lives here, in the order a run meets it:
 import argparse
 import errno
 import fcntl
+import hashlib
 import json
 import math
 import os
 import signal
 import socket
 import sys
+import shutil
 import tempfile
 import traceback
+import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -68,7 +73,15 @@ class Proc:
 
     @classmethod
     def from_env(cls, device="auto"):
-        world_size, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+        try:
+            world_size, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+        except ValueError:
+            world_size = rank = -1
+        if not 0 <= rank < world_size:
+            # A scheduler's or a hand-written environment; torchrun's is always right.
+            raise ValueError(f"WORLD_SIZE={os.environ.get('WORLD_SIZE')!r} and RANK={os.environ.get('RANK')!r} "
+                             f"are not a process of a run (need 0 <= RANK < WORLD_SIZE): start it with "
+                             f"torchrun, or unset both for one process")
         if device == "cuda" and not torch.cuda.is_available():
             raise ValueError("--device cuda: this PyTorch build sees no CUDA GPU; use --device cpu or auto")
         if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
@@ -84,7 +97,26 @@ class Proc:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         if self.world_size > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo", timeout=timedelta(minutes=5))
+            backend, timeout = "nccl" if self.device.type == "cuda" else "gloo", timedelta(minutes=5)
+            try:
+                if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+                    # torchrun --max-restarts starts the processes again on the
+                    # store of the failed attempt, whose keys (the dead
+                    # processes' addresses) would be read as this attempt's:
+                    # the new processes hang or fail to connect. A key prefix
+                    # per attempt keeps the attempts apart.
+                    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), self.world_size,
+                                          is_master=False, timeout=timeout)
+                    store = dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", store)
+                    dist.init_process_group(backend, store=store, rank=self.rank, world_size=self.world_size,
+                                            timeout=timeout)
+                else:
+                    dist.init_process_group(backend, timeout=timeout)
+            except dist.DistNetworkError as e:
+                where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+                raise ValueError(f"rank {self.rank} cannot join the process group at {where} "
+                                 f"({first_line(e)}): is that port in use? set another MASTER_PORT, "
+                                 f"or start with torchrun --standalone") from None
         if self.world_size > 1:
             self.mesh = self.form_mesh(ep_size or self.world_size)
         return self
@@ -118,6 +150,25 @@ class Proc:
         """True on every rank if it is true on any (stop signals, failures)."""
         return bool(self.all_reduce(torch.tensor(float(flag), device=self.device), "max").item())
 
+    def check_same_everywhere(self, settings):
+        """Every rank must train the same run: its flags and its data. Each
+        rank's settings (name -> value; the corpus as a fingerprint) are
+        gathered on every rank, so a flag given to one node only, or a data
+        folder that differs between machines, stops every rank with the same
+        line instead of letting the replicas silently diverge. (Collective.)"""
+        if self.world_size == 1:
+            return
+        every = [None] * self.world_size
+        dist.all_gather_object(every, settings)
+        for name in settings:
+            ranks_by_value = {}
+            for r, s in enumerate(every):
+                ranks_by_value.setdefault(repr(s.get(name)), []).append(r)
+            if len(ranks_by_value) > 1:
+                what = "; ".join(f"rank {', '.join(map(str, rs))}: {v}" for v, rs in ranks_by_value.items())
+                raise ValueError(f"the processes were started differently: {name} differs ({what}); "
+                                 f"give every node the same flags and the same data")
+
 
 # ----------------------------------------------------------------------------
 # 2. The output folder.
@@ -142,12 +193,40 @@ def finite_json(record, indent=None):
     return json.dumps(out, allow_nan=False, indent=indent)
 
 
+def first_line(e):
+    """An exception's message as one short line (PyTorch's span many)."""
+    lines = str(e).strip().splitlines()
+    return " ".join(lines[0].split())[:200] if lines else type(e).__name__
+
+
+def disk_is_full(folder, e):
+    """Did a write into `folder` fail for lack of space? An OSError says so
+    itself; torch.save writes through a C++ zip writer whose RuntimeError
+    only says that the write failed ("unexpected pos", "file write failed"),
+    so then the free space is asked as well."""
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    if not isinstance(e, RuntimeError):
+        return False
+    if any(s in str(e) for s in ("unexpected pos", "file write failed")):
+        return True
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < 2**20
+
+
 def write_atomic(path, write):
     """write(f) into a temporary file beside `path`, then rename it over path:
     a reader (or a crash) sees the old file or the new one, never half. A full
-    disk becomes one line and leaves no temporary file behind."""
+    disk, or a folder that may not be written, becomes one line and leaves no
+    temporary file behind."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise cannot_write(path, e) from None
     umask = os.umask(0)
     os.umask(umask)
     try:
@@ -158,12 +237,46 @@ def write_atomic(path, write):
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
+        full = disk_is_full(path.parent, e)    # asked before the temporary file frees its space
         if os.path.exists(tmp):
             os.unlink(tmp)
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise ValueError(f"the disk holding {path.parent} is full; free some space and run again with "
-                             f"--resume (the previous {path.name} is intact)") from None
+        if full or isinstance(e, OSError):
+            raise cannot_write(path, e, full) from None
         raise
+
+
+def cannot_write(path, e, full=None):
+    """The one line for a write that failed, with what to do about it."""
+    if full or (full is None and disk_is_full(path.parent, e)):
+        return ValueError(f"the disk holding {path.parent} is full; free some space and run again with "
+                          f"--resume (the previous {path.name} is intact)")
+    return ValueError(f"cannot write {path} ({getattr(e, 'strerror', None) or first_line(e)}); "
+                      f"check the folder's permissions and space, then run again with --resume")
+
+
+def share_failure(proc, write, what):
+    """Run write() on rank 0 only, and share how it went: if it failed, every
+    rank raises, so no rank is left waiting for rank 0 in the next collective
+    (where it would die of a lost connection, with a traceback of its own).
+    Only rank 0 knows the reason; the others say where to find it. (Collective.)"""
+    error = None
+    if proc.main:
+        try:
+            write()
+        except ValueError as e:
+            error = e
+    if proc.agree(error is not None):
+        raise error or ValueError(f"rank 0 could not write {what} (rank 0's line says why)")
+
+
+STAGE, SWAP = ".next", ".swap"                          # folders inside OUT, see RunDir
+RUN_FILES = ("summary.json", "log.jsonl", "ckpt.pt")     # in the order a swap replaces them
+
+
+def new_run_id():
+    """A run's name for its files: ckpt.pt, every log line and summary.json
+    carry it, so that files of two different runs are never taken for one."""
+    return uuid.uuid4().hex[:12]
 
 
 class RunDir:
@@ -172,15 +285,24 @@ class RunDir:
     The lock is an flock on OUT/.lock held for the whole run: a second run
     on the same folder fails at once with one line, and since the kernel
     drops an flock when its process dies, a killed run never leaves a stale
-    lock behind."""
+    lock behind.
+
+    The three files always belong to one run (they carry its run id). A run
+    started in a folder that holds another one (--overwrite) writes into
+    OUT/.next and replaces the old files only once its first checkpoint is
+    on disk: any failure or kill before that leaves the old run byte for
+    byte. The replacement is a rename of .next to .swap (the moment the new
+    run becomes the run) and then one rename per file; if a kill falls
+    between those, the next run in OUT finishes them before anything else."""
 
     def __init__(self, out, proc, resume, overwrite):
         self.out, self.proc = Path(out), proc
-        self.ckpt, self.log_path, self.summary = self.out / "ckpt.pt", self.out / "log.jsonl", self.out / "summary.json"
-        self.lock, self.logf = None, None
+        self.ckpt, self.log_path, self.summary = (self.out / name for name in ("ckpt.pt", "log.jsonl", "summary.json"))
+        self.lock = self.logf = self.stage = self.run_id = self.error = None
+        self.resume = resume is True
         if not proc.main:
             return
-        if resume and not self.ckpt.exists():
+        if resume is True and not self.ckpt.exists() and not (self.out / SWAP / "ckpt.pt").exists():
             # Before mkdir: a mistyped --out must not leave an empty folder behind.
             raise ValueError(f"--resume: no checkpoint at {self.ckpt}; run without --resume first")
         try:
@@ -193,23 +315,92 @@ class RunDir:
         except OSError:
             self.close()
             raise ValueError(f"another run is writing to {out} right now: wait for it, or choose another --out") from None
+        try:
+            self.finish_swap()
+            self.check(resume, overwrite)
+            self.remove_stale()
+            if not self.resume and any(p.exists() for p in (self.ckpt, self.log_path, self.summary)):
+                self.stage = self.out / STAGE
+                self.stage.mkdir()
+        except OSError as e:
+            self.close()
+            raise ValueError(f"--out {out} cannot be used ({e.strerror or first_line(e)}): check its "
+                             f"permissions, or choose another folder") from None
+        except ValueError:
+            self.close()
+            raise
+
+    def check(self, resume, overwrite):
+        """May this run use the folder, and does it continue the run there?"""
         for p in (self.ckpt, self.log_path, self.summary):
             if p.exists() and not p.is_file():
-                self.close()
                 raise ValueError(f"{p} is not a file: move it away or choose another --out")
+        if resume == "auto":
+            # Continue what is there, or start where nothing is; a finished
+            # run's results without their checkpoint are neither.
+            self.resume = self.ckpt.exists()
+            if not self.resume and self.summary.exists():
+                raise ValueError(f"--resume auto: {self.out} holds a finished run's summary.json but no "
+                                 f"ckpt.pt to continue from: choose another --out, or --overwrite")
+            return
         # summary.json counts as much as ckpt.pt: a finished run whose
         # checkpoint was deleted to save space (compare.py does) still has a
         # log and results that a fresh run here would replace.
         for p in (self.ckpt, self.summary):
             if p.exists() and not (resume or overwrite):
-                self.close()
                 raise ValueError(f"{p} already exists: add --resume to continue that run, --overwrite to "
                                  f"start over, or choose another --out")
 
-    def open_log(self, upto_step):
-        """Keep the log's records up to the checkpoint's step (those after it
-        were lost with the interruption and will be redone), rewritten
-        atomically: a kill during the rewrite leaves the old log whole."""
+    def remove_stale(self):
+        """What a killed run leaves: half-written temporary files and a new
+        run's folder that never reached its first checkpoint. The lock is
+        ours, so no live run is writing them."""
+        for name in RUN_FILES:
+            for tmp in self.out.glob(f".{name}.*.tmp"):
+                tmp.unlink()
+        stage = self.out / STAGE
+        if stage.is_dir() and not stage.is_symlink():
+            shutil.rmtree(stage)
+        elif stage.exists() or stage.is_symlink():
+            stage.unlink()
+
+    def finish_swap(self):
+        """Move a committed new run's files over the old ones (see the class)."""
+        swap = self.out / SWAP
+        if not swap.is_dir():
+            return
+        for name in RUN_FILES:
+            src, dst = swap / name, self.out / name
+            if src.exists():
+                os.replace(src, dst)
+            elif dst.is_file():
+                dst.unlink()                   # the old run's: the new one has none yet
+        shutil.rmtree(swap)
+
+    def target(self, name):
+        """Where this run writes `name` now: OUT, or OUT/.next until its first checkpoint."""
+        return (self.stage or self.out) / name
+
+    def commit(self):
+        """The new run's first checkpoint is on disk: it replaces the old run.
+        (Collective: a failure stops every rank.)"""
+        def swap():
+            if self.stage:
+                try:
+                    os.replace(self.stage, self.out / SWAP)    # from here on the new run is the run
+                    self.stage = None
+                    self.finish_swap()                         # the log's open file moves with it
+                except OSError as e:
+                    raise cannot_write(self.out / SWAP, e) from None
+        share_failure(self.proc, swap, f"into {self.out}")
+
+    def open_log(self, upto_step, run_id):
+        """Keep the log's records of this run up to the checkpoint's step
+        (those after it were lost with the interruption and will be redone),
+        rewritten atomically: a kill during the rewrite leaves the old log
+        whole. A record of another run means the folder mixes two runs: that
+        is refused rather than continued."""
+        self.run_id = run_id
         if not self.proc.main:
             return []
         records = []
@@ -224,33 +415,64 @@ class RunDir:
                 except ValueError:
                     continue
                 if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= upto_step:
+                    if record.get("run") != run_id:
+                        raise ValueError(f"--resume: {self.log_path} holds steps of another run (id "
+                                         f"{record.get('run')}) than {self.ckpt} (id {run_id}): move the folder "
+                                         f"away, or start over with --overwrite")
                     records.append(record)
-        write_atomic(self.log_path, lambda f: f.writelines((json.dumps(r) + "\n").encode() for r in records))
-        self.logf = open(self.log_path, "a")
+        path = self.target("log.jsonl")
+        write_atomic(path, lambda f: f.writelines((json.dumps(r) + "\n").encode() for r in records))
+        self.logf = open(path, "a")
         return records
 
     def append(self, record):
-        if self.logf:
+        """One log line. A failed write is kept, not raised: raise_if_failed
+        stops every rank with it at the end of the step."""
+        if self.logf and not self.error:
             try:
-                self.logf.write(finite_json(record) + "\n")
+                self.logf.write(finite_json({**record, "run": self.run_id}) + "\n")
                 self.logf.flush()
             except OSError as e:
-                raise ValueError(f"cannot write {self.log_path} ({e.strerror}); free space and use --resume") from None
+                self.error = ValueError(f"cannot write {self.log_path} ({e.strerror}); free space and use --resume")
+
+    def raise_if_failed(self):
+        """(Collective.) Raise, on every rank, a write that failed on rank 0."""
+        def fail():
+            if self.error:
+                raise self.error
+        share_failure(self.proc, fail, f"{self.log_path}")
+
+    def summary_run_id(self):
+        """The run id in summary.json, or None if it has none (or no summary)."""
+        try:
+            return json.loads(self.summary.read_bytes()).get("run")
+        except (OSError, ValueError, AttributeError):
+            return None
 
     def write_summary(self, summary):
-        if self.proc.main:
-            write_atomic(self.summary, lambda f: f.write(finite_json(summary).encode()))
+        """(Collective: a full disk stops every rank with one line.)"""
+        share_failure(self.proc, lambda: write_atomic(self.summary, lambda f: f.write(finite_json(summary).encode())),
+                      f"{self.summary}")
 
     def close(self):
-        for f in (self.logf, self.lock):
-            if f:
-                f.close()
-        self.logf = self.lock = None
+        """Release the folder. A new run that never reached its first
+        checkpoint is removed: the old run stays as it was."""
+        for f in (self.logf,):
+            try:
+                f and f.close()
+            except OSError:                    # a full disk: its line was printed already
+                pass
+        if self.stage and self.stage.exists():
+            shutil.rmtree(self.stage, ignore_errors=True)
+        if self.lock:
+            self.lock.close()
+        self.logf = self.lock = self.stage = None
 
 
 def open_run_dir(out, proc, resume, overwrite):
     """RunDir on rank 0, with its verdict shared: if rank 0 may not use the
-    folder, every rank stops at once instead of training without it."""
+    folder, every rank stops at once instead of training without it; and
+    with --resume auto, every rank learns whether there is a run to continue."""
     error, run = None, None
     try:
         run = RunDir(out, proc, resume, overwrite)
@@ -258,6 +480,7 @@ def open_run_dir(out, proc, resume, overwrite):
         error = e
     if proc.agree(error is not None):
         raise error or ValueError(f"--out {out} cannot be used (rank 0 says why)")
+    run.resume = proc.agree(run.resume)
     return run
 
 
@@ -319,10 +542,53 @@ def save_checkpoint(path, model, opt, step, meta, proc):
         if i in opt_state["state"]:
             opt_state["state"][i] = {k: gather_experts(v, mesh) if v.dim() else v
                                      for k, v in opt_state["state"][i].items()}
-    if proc.main:
-        ckpt = {"model": model_state, "optimizer": opt_state, "param_order": names, "step": step,
-                "rng": torch.get_rng_state(), **meta}
-        write_atomic(path, lambda f: torch.save(ckpt, f))
+    # Rank 0 alone holds every expert now (the others hold None), and writes.
+    ckpt = {"model": model_state, "optimizer": opt_state, "param_order": names, "step": step,
+            "rng": torch.get_rng_state(), **meta}
+    share_failure(proc, lambda: write_checkpoint(path, ckpt), str(path))
+
+
+def checksum(obj):
+    """sha256 over everything a checkpoint holds: every tensor's dtype, shape
+    and bytes, every other value's repr, in a fixed order. A flipped bit in
+    a weight changes it, though torch.load would read the file happily."""
+    h = hashlib.sha256()
+
+    def walk(v):
+        if torch.is_tensor(v):
+            t = v.detach().cpu().contiguous()
+            h.update(f"tensor {t.dtype} {tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+        elif isinstance(v, dict):
+            for k in sorted(v, key=repr):
+                h.update(f"key {k!r}".encode())
+                walk(v[k])
+        elif isinstance(v, (list, tuple)):
+            h.update(f"{type(v).__name__} {len(v)}".encode())
+            for x in v:
+                walk(x)
+        else:
+            h.update(f"value {v!r}".encode())
+    walk(obj)
+    return h.hexdigest()
+
+
+def write_checkpoint(path, ckpt):
+    """The one file, with the checksum of its contents inside it."""
+    whole = dict(ckpt, checksum=checksum(ckpt))
+    write_atomic(path, lambda f: torch.save(whole, f))
+
+
+def verify_checkpoint(ckpt, path):
+    """Refuse a checkpoint whose contents are not what was written."""
+    stored = ckpt.pop("checksum", None)
+    if stored is None:
+        raise ValueError(f"{path} has no checksum: it was written by an older train.py (or not by it) and "
+                         f"cannot be trusted; start over with --overwrite or point --out elsewhere")
+    if checksum(ckpt) != stored:
+        raise ValueError(f"{path} is damaged (its checksum does not match what was written): restore it "
+                         f"from a copy, or start over with --overwrite")
+    return ckpt
 
 
 def param_names(model, opt):
@@ -347,7 +613,10 @@ def read_checkpoint(path):
     if missing:
         raise ValueError(f"--resume: {path} is not a train.py checkpoint (missing {', '.join(missing)}); "
                          f"delete it or point --out elsewhere")
-    return ckpt
+    try:
+        return verify_checkpoint(ckpt, path)
+    except ValueError as e:
+        raise ValueError(f"--resume: {e}") from None
 
 
 def load_checkpoint(ckpt, model, opt, proc):
@@ -393,6 +662,8 @@ def load_model(path):
     except (TypeError, KeyError, ValueError, RuntimeError) as e:
         why = " ".join(str(e).split())[:160]           # load_state_dict explains over many lines
         raise ValueError(f"{path} does not fit this version of moe.py ({why})") from None
+    if "checksum" in ckpt:          # checkpoints of older versions have none; they still load
+        verify_checkpoint(ckpt, path)
     return model.eval(), ckpt
 
 
@@ -467,29 +738,69 @@ def check_memory(cfg, local_seqs, world_size, device=None):
 OUT_OF_MEMORY = ("out of memory", "can't allocate memory", "not enough memory")
 
 
+def lost_peer(e):
+    """Is this the error of a collective whose peer is gone (killed, crashed,
+    its machine lost)? gloo and NCCL raise a plain RuntimeError for it."""
+    text = str(e)
+    return dist.is_initialized() and (isinstance(e, dist.DistError) or any(
+        s in text for s in ("gloo", "NCCL", "Connection reset", "Connection closed", "Socket Timeout")))
+
+
+def lost_peer_line(e):
+    """The survivor's one line: who was lost, and how to go on."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    who = f"rank {1 - rank}" if world == 2 else "another rank"
+    return (f"rank {rank} of {world} lost contact with {who}, which stopped or was killed ({first_line(e)[:120]}); "
+            f"the last checkpoint is kept: run the same command again with --resume (under torchrun, "
+            f"--max-restarts N with --resume auto does that by itself)")
+
+
+def prints_errors():
+    """Does this process print the run's error line? Each machine's first
+    process (LOCAL_RANK 0) does; so does any process whose environment is
+    not a valid rank's, since that mistake is its own."""
+    try:
+        rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+        local = int(os.environ.get("LOCAL_RANK", rank))
+    except ValueError:
+        return True
+    return local == 0 or not 0 <= rank < world
+
+
 def cli(entry):
     """Run entry() as a program. User mistakes (ValueError) become one line on
     stderr and exit code 2; a run that diverged (FloatingPointError) one line
-    and exit 1; running out of memory one line naming what to lower."""
+    and exit 1; running out of memory one line naming what to lower; a peer
+    process that died one line from each survivor, exit 1."""
     code = 0
     try:
         code = entry()
         if dist.is_initialized():
             dist.barrier()          # tear down together, once every rank is done
     except (ValueError, FloatingPointError, MemoryError, RuntimeError) as e:
-        if isinstance(e, RuntimeError) and not any(s in str(e).lower() for s in OUT_OF_MEMORY):
-            raise
-        if isinstance(e, (MemoryError, RuntimeError)):
-            e = ValueError("out of memory: lower --batch-size (or raise --grad-accum), --n-experts, "
-                           "--d-model or --d-expert")
-        # Every rank sees the same flags and fails the same way: one line is enough.
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-        code = 2 if isinstance(e, ValueError) else 1
+        out_of_memory = any(s in str(e).lower() for s in OUT_OF_MEMORY)
+        if isinstance(e, RuntimeError) and not out_of_memory and lost_peer(e):
+            print(f"error: {lost_peer_line(e)}", file=sys.stderr, flush=True)
+            code = 1
+        else:
+            if isinstance(e, RuntimeError) and not out_of_memory:
+                raise
+            if isinstance(e, (MemoryError, RuntimeError)):
+                e = ValueError("out of memory: lower --batch-size (or raise --grad-accum), --n-experts, "
+                               "--d-model or --d-expert")
+            # Every rank sees the same flags and fails the same way: one line
+            # per machine is enough (its first process prints it; on several
+            # nodes each node's user sees it in their own log).
+            if prints_errors():
+                print(f"error: {e}", file=sys.stderr, flush=True)
+            code = 2 if isinstance(e, ValueError) else 1
     finally:
         distributed = dist.is_initialized()
         if distributed:
-            dist.destroy_process_group()
+            try:
+                dist.destroy_process_group()
+            except RuntimeError:            # a dead peer's group cannot always be torn down
+                pass
     if distributed:
         leave(code)
     sys.exit(code)

@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 import plumbing
 from balancers import BALANCERS, BalanceConfig
-from data import VOCAB_SIZE, get_batch, load_corpus, val_batches
+from data import VOCAB_SIZE, fingerprint, get_batch, load_corpus, val_batches
 from moe import GPT, GPTConfig, causal_logits, check_config, clip_grad_norm, sync_gradients
 
 # ----------------------------------------------------------------------------
@@ -116,7 +116,9 @@ def parse_args(argv=None):
     g = p.add_argument_group("output")
     g.add_argument("--out", metavar="DIR", help="log.jsonl, summary.json and ckpt.pt go here (default: runs/BALANCER)")
     either = g.add_mutually_exclusive_group()     # "continue" and "start over" cannot both be meant
-    either.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
+    either.add_argument("--resume", nargs="?", const=True, default=False, choices=["auto"],
+                        help="continue from OUT/ckpt.pt; --resume auto: continue if OUT holds a checkpoint, "
+                             "start if it holds nothing (for torchrun --max-restarts)")
     either.add_argument("--overwrite", action="store_true", help="start over even if OUT holds a run")
     g.add_argument("--stop-at", type=int, default=-1, metavar="N",
                    help="stop after step N with a checkpoint, as if interrupted (continue with --resume)")
@@ -150,9 +152,55 @@ def model_config(args):
                      balancer=args.balancer, balance=balance_config(args))
 
 
+# The flags that decide what is trained, beyond the model (whose settings
+# the checkpoint's config holds): a resume with any of them changed would
+# continue a run that matches neither set of flags. The others only decide
+# what is written and when (--log-every, --stop-at, --steps raised, --out).
+TRAJECTORY = ("batch_size", "seed", "lr", "warmup", "grad_accum", "domain_block", "weight_decay", "grad_clip")
+
+
+def flag(name):
+    return "--" + name.replace("_", "-")
+
+
+def trajectory(args, corpus):
+    """The trajectory flags, the data folder and the corpus's fingerprint."""
+    return {**{flag(k): getattr(args, k) for k in TRAJECTORY},
+            "--data": os.path.abspath(args.data) if args.data else None, "corpus": fingerprint(corpus)}
+
+
+def same_everywhere(args, corpus):
+    """What every process of one run must share: every flag (the data
+    folder by its contents, since machines may mount it at different paths)."""
+    return {**{flag(k): v for k, v in vars(args).items() if k != "data"},
+            "the data (corpus fingerprint)": fingerprint(corpus)}
+
+
+def check_resumable(ckpt, cfg, traj, path):
+    """--resume continues a run only under the flags that made it: the first
+    difference is named with its old and new value."""
+    if "run_id" not in ckpt or "trajectory" not in ckpt:
+        raise ValueError(f"--resume: {path} was written by an older train.py (no run id or trajectory flags); "
+                         f"start over with --overwrite or use another --out")
+    flat = lambda c: {**{flag(k): v for k, v in c.items() if k != "balance"},
+                      **{flag(k): v for k, v in c.get("balance", {}).items()}}
+    old, new = flat(ckpt["config"]), flat(asdict(cfg))
+    for name in sorted(set(old) | set(new)):
+        if old.get(name) != new.get(name):
+            raise ValueError(f"--resume: {path} was made with a different model or strategy ({name} was "
+                             f"{old.get(name)}, now {new.get(name)}); use the same flags or another --out")
+    for name, value in traj.items():
+        then = ckpt["trajectory"].get(name)
+        if then != value:
+            if name == "corpus":
+                raise ValueError(f"--resume: the training data changed since {path} was written (corpus "
+                                 f"fingerprint {then}, now {value}): restore it, or start over with --overwrite")
+            raise ValueError(f"--resume: {path} was trained with {name} {then}, this run has {value}: resume "
+                             f"with the same value, or start over with --overwrite or another --out")
+
+
 def check_args(args, world_size, device=None):
     """Every flag in one place: a message that names the flag and the fix."""
-    flag = lambda name: "--" + name.replace("_", "-")
     for name, low in AT_LEAST.items():
         value = getattr(args, name)
         if not math.isfinite(value) or value < low:
@@ -468,34 +516,44 @@ def main(argv=None):
     check_args(args, proc.world_size, proc.device)  # before the process group: bad flags stop every rank at once
     proc.start(args.ep_size)
     cfg = model_config(args)
+    # The data before the output folder: a mistake in it costs nothing there.
+    corpus = load_corpus(args.data, seq_len=args.seq_len, log=proc.log)
+    proc.check_same_everywhere(same_everywhere(args, corpus))
     run = plumbing.open_run_dir(args.out, proc, args.resume, args.overwrite)
     try:
-        return train(args, cfg, proc, run)
+        return train(args, cfg, proc, run, corpus)
     finally:
         run.close()
 
 
-def train(args, cfg, proc, run):
+def train(args, cfg, proc, run, corpus):
     model, opt = build(args, proc)
     step, wall = 0, 0.0
-    meta = {"config": asdict(cfg), "args": vars(args)}
-    if args.resume:
+    meta = {"config": asdict(cfg), "args": vars(args), "run_id": plumbing.new_run_id(),
+            "trajectory": trajectory(args, corpus)}
+    if run.resume:
         ckpt = plumbing.read_checkpoint(run.ckpt)
-        if ckpt.get("config") != meta["config"]:
-            raise ValueError(f"--resume: {run.ckpt} was made with a different model or strategy; "
-                             f"use the same flags or another --out")
-        # Finished means the summary was written too: a run that died between
-        # its final checkpoint and summary.json (a full disk) gets it now,
-        # from that checkpoint, without training.
-        if ckpt["step"] >= args.steps and (run.summary.exists() or ckpt["step"] > args.steps):
+        check_resumable(ckpt, cfg, meta["trajectory"], run.ckpt)
+        if ckpt["step"] > args.steps:
+            raise ValueError(f"--resume: {run.ckpt} is at step {ckpt['step']}, past --steps {args.steps}: "
+                             f"give --steps {ckpt['step']} or more")
+        if args.stop_at != -1 and args.stop_at <= ckpt["step"]:
+            raise ValueError(f"--stop-at {args.stop_at}: {run.ckpt} is at step {ckpt['step']} already; "
+                             f"give a later step")
+        meta["run_id"] = ckpt["run_id"]
+        # Finished means this run's summary was written too: a run that died
+        # between its final checkpoint and summary.json (a full disk) gets it
+        # now, from that checkpoint, without training. Rank 0 alone may see
+        # the folder (nodes without a shared disk), so it decides for all.
+        done = proc.main and ckpt["step"] == args.steps and run.summary_run_id() == ckpt["run_id"]
+        if proc.agree(done):
             proc.log(f"{args.out} finished all {ckpt['step']} steps already (see {run.summary}); nothing "
                      f"changed. To train further, raise --steps")
             return 0
         plumbing.load_checkpoint(ckpt, model, opt, proc)
         step, wall = ckpt["step"], ckpt.get("wall_time_s", 0.0)
-    corpus = load_corpus(args.data, seq_len=args.seq_len, log=proc.log)
     batches = val_batches(corpus, args.seq_len, args.batch_size // args.grad_accum, args.val_seqs)
-    history = run.open_log(step)
+    history = run.open_log(step, meta["run_id"])
     proc.log(f"{args.balancer} | {proc.world_size} process(es) on {proc.device} | {cfg.n_layers} layers, "
              f"{cfg.n_experts} experts top-{cfg.top_k}, {model.active_params() / 1e6:.2f}M active params | "
              f"unigram baseline val loss {unigram_loss(corpus):.3f}" + (f" | resuming at step {step}" if step else ""))
@@ -503,14 +561,19 @@ def train(args, cfg, proc, run):
     stop = plumbing.StopFlag()
     bar = tqdm(total=args.steps, initial=step, desc=args.balancer, dynamic_ncols=True, disable=not proc.main)
     ev, t_start = {}, time.time()
-    save = lambda: plumbing.save_checkpoint(run.ckpt, model, opt, step, dict(meta, wall_time_s=wall + time.time() - t_start), proc)
+
+    def save():
+        plumbing.save_checkpoint(run.target("ckpt.pt"), model, opt, step,
+                                 dict(meta, wall_time_s=wall + time.time() - t_start), proc)
+        run.commit()                              # a new run replaces an old one at its first checkpoint
     try:
         while step < args.steps:
             t0 = time.time()
             try:
                 rec = train_step(model, opt, corpus, step, args, proc)
             except FloatingPointError as e:
-                kept = f"{run.ckpt} keeps the last good state" if run.ckpt.exists() else "no checkpoint was written"
+                kept = f"{run.ckpt} keeps the last good state" if run.target("ckpt.pt").exists() else \
+                    "no checkpoint was written" + (f"; the run that was in {args.out} is untouched" if run.stage else "")
                 raise FloatingPointError(f"{e}; {kept}. Try a lower --lr") from None
             rec["tokens_per_s"] = args.batch_size * args.seq_len / (time.time() - t0)
             step += 1
@@ -529,6 +592,7 @@ def train(args, cfg, proc, run):
                 run.append(rec)
             bar.update(1)
             bar.set_postfix_str(f"train loss {rec['loss']:.3f} | MaxVio_batch {rec['maxvio_batch']:.2f}")
+            run.raise_if_failed()
             halt = proc.agree(stop.raised)
             if final or halt or step == args.stop_at or step % args.ckpt_every == 0 or "val_loss" in rec:
                 save()
@@ -541,7 +605,7 @@ def train(args, cfg, proc, run):
         stop.restore()
     if not ev:                                    # resumed after the last step, for the summary only
         ev = evaluate(model, corpus, batches, proc)
-    summary = summarize(args, cfg, model, corpus, history, ev, proc, wall + time.time() - t_start)
+    summary = {"run": meta["run_id"], **summarize(args, cfg, model, corpus, history, ev, proc, wall + time.time() - t_start)}
     run.write_summary(summary)
     proc.log(f"val loss {summary['val_loss']:.4f} (unigram {summary['unigram_loss']:.4f}) | "
              f"ppl {summary['val_ppl']:.3f} | MaxVio_global {summary['maxvio_global']:.3f} | "

@@ -14,9 +14,15 @@ the proof that none of them loses data.
    The fifth, "a NaN step never replaces the last good checkpoint", is
    test_a_nan_step_never_replaces_the_last_good_checkpoint in test_train.py.
 3. Under torchrun, a bad flag stops both ranks with one line.
+4. bench.py, compare.py and exercises.run: the same standard, as a table.
+5. The second round, named: an --overwrite killed at random moments, an
+   interrupted swap, stale files, output flags on resume, changed data, a
+   real full disk (tmpfs, as root), ranks or nodes started differently, and
+   torchrun --max-restarts with --resume auto after a killed rank.
 
 Everything runs the tiny preset for a few steps and in this process, except
-where a real process is the point (a lock held by a live run, torchrun).
+where a real process is the point (a lock held by a live run, signals,
+torchrun). docs/reliability.md lists the guarantees and the test of each.
 """
 
 import errno
@@ -25,16 +31,22 @@ import io
 import json
 import math
 import os
+import random
 import shutil
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
 import torch
 
+import bench
+import compare
 import data
 import plumbing
 import train
@@ -60,7 +72,10 @@ def snapshot(folder):
     state = {}
     for path in sorted(Path(folder).rglob("*")):
         key = str(path.relative_to(folder))
-        state[key] = "folder" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
+        if path.is_symlink():
+            state[key] = f"link to {os.readlink(path)}"
+        else:
+            state[key] = "folder" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
     return state
 
 
@@ -96,6 +111,33 @@ def data_dirs(tmp_path_factory):
     (root / "short" / "b").mkdir()
     (root / "short" / "b" / "y.txt").write_text("hello\n")
     (root / "file.txt").write_text("a file, not a folder\n")
+    text = "the quick brown fox jumps over the lazy dog\n" * 500
+    for name in ("dangling", "fifo", "sparse", "locked", "secret", "odd", "good"):
+        (root / name / "a").mkdir(parents=True)
+        (root / name / "a" / "x.txt").write_text(text)
+        (root / name / "b").mkdir()
+        (root / name / "b" / "y.txt").write_text(text.upper())
+    (root / "dangling" / "b" / "z.txt").symlink_to(root / "nowhere.txt")  # a link whose file was removed
+    os.mkfifo(root / "fifo" / "b" / "pipe")                                # reading it would wait forever
+    with open(root / "sparse" / "b" / "huge.txt", "wb") as f:              # 64 GB that take no disk
+        f.truncate(64 * 2**30)
+    (root / "locked" / "b" / "locked").mkdir()                             # a folder that cannot be listed
+    (root / "locked" / "b" / "locked" / "z.txt").write_text(text)
+    (root / "secret" / "b" / "secret.txt").write_text(text)                 # a file that cannot be read
+    (root / "hidden" / ".cache").mkdir(parents=True)                        # only hidden files
+    (root / "hidden" / ".cache" / "x.txt").write_text(text)
+    (root / "hidden" / ".notes.txt").write_text(text)
+    (root / "swapfiles" / "a").mkdir(parents=True)                          # a domain of editor swap files
+    (root / "swapfiles" / "a" / "x.txt").write_text(text)
+    (root / "swapfiles" / "b").mkdir()
+    (root / "swapfiles" / "b" / ".y.txt.swp").write_text(text)
+    (root / "stems").mkdir()                                                # notes.txt and notes.md: one name
+    (root / "stems" / "notes.txt").write_text(text)
+    (root / "stems" / "notes.md").write_text(text.upper())
+    odd = os.path.join(os.fsencode(str(root / "odd")), b"caf\xe9\n")      # Latin-1 and a newline in a name
+    os.mkdir(odd)
+    with open(os.path.join(odd, b"x.txt"), "wb") as f:
+        f.write(b"hi\n")
     return root
 
 
@@ -271,6 +313,190 @@ PROBES = [
     ("--overwrite --data {data}/short", None, 2, "too short"),
 ]
 
+
+# Second round: each of these failed (a traceback, a wrong exit code, a
+# silent wrong answer, or lost data) before the fix it names.
+
+def edit_checkpoint(out, change, reseal=False):
+    """Change a saved checkpoint; reseal: with a checksum that fits again
+    (what an older train.py, or someone else's tool, would have written)."""
+    ckpt = torch.load(out / "ckpt.pt", weights_only=False)
+    change(ckpt)
+    if reseal:
+        ckpt["checksum"] = plumbing.checksum({k: v for k, v in ckpt.items() if k != "checksum"})
+    torch.save(ckpt, out / "ckpt.pt")
+
+
+def flipped_byte_in_a_weight(out, monkeypatch):
+    """One bit of the largest tensor's bytes, inside the zip: torch.load
+    does not check the zip's CRC and reads the damaged weight happily."""
+    path = out / "ckpt.pt"
+    with zipfile.ZipFile(path) as z:
+        entry = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    raw = bytearray(path.read_bytes())
+    name_len, extra_len = struct.unpack("<HH", raw[entry.header_offset + 26:entry.header_offset + 30])
+    raw[entry.header_offset + 30 + name_len + extra_len + entry.file_size // 2] ^= 0x40
+    path.write_bytes(bytes(raw))
+
+
+def checkpoint_without_checksum(out, monkeypatch):
+    edit_checkpoint(out, lambda c: c.pop("checksum"))
+
+
+def step_edited_by_hand(out, monkeypatch):
+    edit_checkpoint(out, lambda c: c.update(step=1))
+
+
+def weight_edited_by_hand(out, monkeypatch):
+    edit_checkpoint(out, lambda c: next(iter(c["model"].values())).add_(1))
+
+
+def checkpoint_of_an_older_train_py(out, monkeypatch):
+    edit_checkpoint(out, lambda c: (c.pop("run_id"), c.pop("trajectory")), reseal=True)
+
+
+def classmates_checkpoint(out, monkeypatch):
+    """A whole, valid checkpoint of another seed copied over this one."""
+    edit_checkpoint(out, lambda c: c["trajectory"].update({"--seed": 1}), reseal=True)
+
+
+def log_of_another_run(out, monkeypatch):
+    lines = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    (out / "log.jsonl").write_text("".join(json.dumps({**r, "run": "0123456789ab"}) + "\n" for r in lines))
+
+
+def step_fails(error):
+    def setup(out, monkeypatch):
+        def fail(*a, **k):
+            raise error
+        monkeypatch.setattr(train, "train_step", fail)
+    setup.__name__ = f"step_raises_{type(error).__name__}"
+    return setup
+
+
+allocation_fails_in_a_step = step_fails(RuntimeError(
+    "[enforce fail at alloc_cpu.cpp:117] . DefaultCPUAllocator: can't allocate memory: you tried to allocate "
+    "68719476736 bytes. Error code 12 (Cannot allocate memory)"))
+exercise_stub_raises = step_fails(ValueError("exercise 1: write MultBias.route first (or train the reference "
+                                             "solution: EXERCISES_FROM=solutions)"))
+
+
+def environment(**env):
+    def setup(out, monkeypatch):
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+    setup.__name__ = "env_" + "_".join(f"{k}={v}" for k, v in env.items())
+    return setup
+
+
+LISTENING = []          # sockets kept open for the length of the tests
+
+
+def busy_master_port(out, monkeypatch):
+    """MASTER_PORT set by hand to a port another program listens on."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen()
+    LISTENING.append(s)
+    for k, v in dict(WORLD_SIZE="2", RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(s.getsockname()[1])).items():
+        monkeypatch.setenv(k, v)
+
+
+def locked_folder(out, monkeypatch):
+    """A subfolder that cannot be listed (chmod 000 by a non-root user; the
+    kernel's answer is faked, since root may list anything)."""
+    real = os.walk
+
+    def walk(top, onerror=None, **k):
+        for here, dirs, files in real(top, onerror=onerror, **k):
+            if Path(here).name == "locked":
+                onerror(PermissionError(errno.EACCES, os.strerror(errno.EACCES), here))
+                continue
+            yield here, dirs, files
+    monkeypatch.setattr(os, "walk", walk)
+
+
+def secret_file(out, monkeypatch):
+    """A file that cannot be read (chmod 000 by another user; faked for root)."""
+    real = Path.read_bytes
+
+    def read_bytes(self):
+        if self.name == "secret.txt":
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+        return real(self)
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+
+
+def checkpoint_link_to_nowhere(out, monkeypatch):
+    """ckpt.pt a symlink into a folder someone has since cleaned up."""
+    (out / "ckpt.pt").unlink()
+    (out / "ckpt.pt").symlink_to(out.parent / "cleaned-up" / "ckpt.pt")
+
+
+def out_is_a_link_to_a_file(out, monkeypatch):
+    (out.parent / "link").symlink_to(out.parent / "afile")
+
+
+SECOND_ROUND = [
+    # a failure of any kind after --overwrite leaves the old run byte for byte
+    ("--overwrite --steps 20 --lr 1e6", None, 1, "gradient norm"),
+    ("--overwrite --steps 20", allocation_fails_in_a_step, 2, "out of memory"),
+    ("--overwrite --steps 20", exercise_stub_raises, 2, "exercise 1"),
+    # every trajectory flag is compared on --resume, and named
+    ("--resume --steps 4 --batch-size 4", None, 2, "--batch-size 8, this run has 4"),
+    ("--resume --steps 4 --seed 1", None, 2, "--seed 0, this run has 1"),
+    ("--resume --steps 4 --lr 0.001", None, 2, "--lr 0.003, this run has 0.001"),
+    ("--resume --steps 4 --warmup 3", None, 2, "--warmup 5, this run has 3"),
+    ("--resume --steps 4 --grad-accum 2", None, 2, "--grad-accum 1, this run has 2"),
+    ("--resume --steps 4 --domain-block 2", None, 2, "--domain-block 1, this run has 2"),
+    ("--resume --steps 4 --weight-decay 0.2", None, 2, "--weight-decay 0.1, this run has 0.2"),
+    ("--resume --steps 4 --grad-clip 0.5", None, 2, "--grad-clip 1.0, this run has 0.5"),
+    ("--resume --steps 4 --data {data}/good", None, 2, "--data None"),
+    ("--resume --steps 4 --n-heads 2", None, 2, "--n-heads was 4, now 2"),
+    ("--resume --steps 1", None, 2, "past --steps 1"),
+    ("--resume --steps 4 --stop-at 2", None, 2, "--stop-at 2"),
+    # checkpoints that are not what was written
+    ("--resume --steps 4", flipped_byte_in_a_weight, 2, "damaged"),
+    ("--resume --steps 4", step_edited_by_hand, 2, "damaged"),
+    ("--resume --steps 4", weight_edited_by_hand, 2, "damaged"),
+    ("--resume --steps 4", checkpoint_without_checksum, 2, "no checksum"),
+    ("--resume --steps 4", checkpoint_of_an_older_train_py, 2, "older train.py"),
+    ("--resume --steps 4", classmates_checkpoint, 2, "--seed 1, this run has 0"),
+    ("--resume --steps 4", log_of_another_run, 2, "another run"),
+    # --resume auto: continue, start, or refuse
+    ("--resume auto --steps 4", checkpoint_deleted, 2, "--resume auto"),
+    ("--resume auto --steps 4 --seed 1", None, 2, "--seed 0, this run has 1"),
+    ("--resume auto --steps 4", flipped_byte_in_a_weight, 2, "damaged"),
+    ("--resume yes", None, 2, "--resume"),
+    # data that is read is reported
+    ("--overwrite --data {data}/dangling", None, 2, "z.txt"),
+    ("--overwrite --data {data}/fifo", None, 2, "not a regular file"),
+    ("--overwrite --data {data}/sparse", machine_with_16gib, 2, "too large"),
+    ("--overwrite --data {data}/locked", locked_folder, 2, "cannot read"),
+    ("--overwrite --data {data}/secret", secret_file, 2, "secret.txt"),
+    ("--overwrite --data {data}/odd", None, 2, "caf\\xe9\\n"),
+    # a scheduler's (or a hand-written) environment
+    ("", environment(WORLD_SIZE="0"), 2, "WORLD_SIZE"),
+    ("", environment(WORLD_SIZE="two"), 2, "WORLD_SIZE"),
+    ("", environment(WORLD_SIZE="2", RANK="2"), 2, "RANK"),
+    ("", environment(WORLD_SIZE="2", RANK="-1"), 2, "RANK"),
+    ("--overwrite", busy_master_port, 2, "MASTER_PORT"),
+    ("--out /dev/null", None, 2, "cannot be written"),
+    # accidents on a shared lab machine
+    ("--resume --steps 4", checkpoint_link_to_nowhere, 2, "no checkpoint"),
+    ("--out {root}/link", out_is_a_link_to_a_file, 2, "cannot be written"),
+    ("--resume --steps 4 --preset default", None, 2, "different model"),      # forgot --preset tiny
+    ("--overwrite --resume auto", None, 2, "not allowed with"),
+    ("--overwrite --data {data}/hidden", None, 2, "contains no files"),
+    ("--overwrite --data {data}/swapfiles", None, 2, "domain 'b'"),
+    ("--overwrite --data {data}/stems", None, 2, "same domain name"),
+    ("--resume auto --steps 1", None, 2, "past --steps 1"),
+    # what a scheduler's environment can hold
+    ("", environment(RANK="1"), 2, "RANK"),
+    ("", environment(WORLD_SIZE="2", RANK="0.5"), 2, "RANK"),
+]
+PROBES += SECOND_ROUND
+
 FAST = 10.0   # seconds; a probe that takes longer is building or hanging instead of refusing
 
 
@@ -284,6 +510,8 @@ def test_a_bad_input_is_one_line_with_its_exit_code_and_leaves_out_untouched(
     if setup:
         setup(out, monkeypatch)
     before = snapshot(tmp_path)
+    real_bar = train.tqdm
+    monkeypatch.setattr(train, "tqdm", lambda *a, **k: real_bar(*a, **{**k, "disable": True}))
     start = time.time()
     status, _, err = run_cli(monkeypatch, capsys, *TINY, "--steps", "2", "--out", out,
                              *flags.format(root=tmp_path, data=data_dirs).split())
@@ -616,3 +844,430 @@ def test_under_torchrun_a_bad_argument_stops_every_rank_with_one_line(tmp_path):
     assert res.stderr.count("error: --steps") == 1, res.stderr
     assert time.time() - start < 60
     assert not out.exists()                     # refused before anything was written
+
+
+# ----------------------------------------------------------------------------
+# 4. The other entry points: the same standard (one line, exit 2, nothing
+#    written: not in the probe's folder, not in results/ or the README).
+
+def torn_results(root):
+    (root / "pub").mkdir()
+    (root / "pub" / "results.json").write_text('{"plots": ["routing.png"')      # a kill mid-write
+
+
+def results_without_plots(root):
+    (root / "pub").mkdir()
+    (root / "pub" / "results.json").write_text('{"plots": []}')
+
+
+def results_with_a_missing_plot(root):
+    """The published results themselves, copied without their pictures."""
+    (root / "pub").mkdir()
+    shutil.copy(ROOT / "results" / "results.json", root / "pub" / "results.json")
+
+
+def nothing_to_publish(root):
+    (root / "pub").mkdir()
+
+
+def no_such_exercise_folder(root, monkeypatch):
+    monkeypatch.setenv("EXERCISES_FROM", str(root / "nonexistent"))
+
+
+OTHER_PROBES = [
+    ("bench", "--repeats 0", None, "--repeats"),
+    ("bench", "--repeats 1000000000", None, "--repeats"),
+    ("bench", "--warmup -1", None, "--warmup"),
+    ("bench", "--threads 0", None, "--threads"),
+    ("bench", "--threads 100000", None, "--threads"),
+    ("bench", "--json {root}/missing/figures.json", None, "--json"),
+    ("bench", "--json {root}", None, "is a folder"),
+    ("compare", "--publish --out {root}/pub", torn_results, "damaged"),
+    ("compare", "--publish --out {root}/pub", results_without_plots, "damaged"),
+    ("compare", "--publish --out {root}/pub", results_with_a_missing_plot, "results.json"),
+    ("compare", "--publish --out {root}/pub", nothing_to_publish, "to publish"),
+    ("compare", "--out {root}/afile", None, "is a file"),
+    ("exercises", "--preset tiny --steps 2 --out {root}/run", no_such_exercise_folder, "EXERCISES_FROM"),
+]
+
+
+@pytest.mark.parametrize("tool, flags, setup, words", OTHER_PROBES,
+                         ids=[f"{t} {f} [{s.__name__ if s else ''}]" for t, f, s, _ in OTHER_PROBES])
+def test_the_other_entry_points_refuse_in_one_line_and_write_nothing(tool, flags, setup, words, tmp_path,
+                                                                      monkeypatch, capsys):
+    (tmp_path / "afile").write_text("a file, not a folder\n")
+    if setup:
+        setup(tmp_path, monkeypatch) if setup is no_such_exercise_folder else setup(tmp_path)
+    argv = flags.format(root=tmp_path).split()
+    watched = [tmp_path, ROOT / "results"]
+    before = [snapshot(p) for p in watched], (ROOT / "README.md").read_bytes()
+    if tool == "exercises":
+        import exercises.run as entry
+        monkeypatch.setattr(sys, "argv", ["exercises/run.py", *argv])
+        main = entry.main
+    else:
+        main = lambda: {"bench": bench, "compare": compare}[tool].main(argv)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        plumbing.cli(main)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err and words in err, err
+    assert ([snapshot(p) for p in watched], (ROOT / "README.md").read_bytes()) == before
+
+
+def test_ctrl_c_stops_the_whole_comparison_whatever_jobs(tmp_path, monkeypatch):
+    """In-process (--jobs 1): train.py saves and returns at Ctrl-C, and no
+    further run starts. With subprocesses the interrupt reaches compare.py's
+    main thread: the runs not yet started never start."""
+    class Plan:
+        common, runs = [], {f"run{i}": (["--balancer", "aux"], 0) for i in range(4)}
+    started = []
+    monkeypatch.setattr(compare, "run_state", lambda run_dir, argv: "new")
+    monkeypatch.setattr(compare, "train_one", lambda run_dir, *a: started.append(run_dir.name))   # None: stopped
+    assert compare.run_plan(Plan(), tmp_path, 1, None) is None and started == ["run0"]
+
+    def interrupted(run_dir, *a):
+        started.append(run_dir.name)
+        raise KeyboardInterrupt
+    started.clear()
+    monkeypatch.setattr(compare, "train_one", interrupted)
+    assert compare.run_plan(Plan(), tmp_path, 1, [sys.executable]) is None and started == ["run0"]
+
+
+def test_reuse_does_not_take_a_run_without_its_log_for_finished(tmp_path):
+    argv = ["--preset", "tiny"]
+    (tmp_path / "run.json").write_text(json.dumps({"argv": argv, "finished": True}))
+    (tmp_path / "summary.json").write_text(json.dumps({"val_loss": 1.0}))
+    assert compare.run_state(tmp_path, argv) != "done"
+    (tmp_path / "log.jsonl").write_text('{"step": 1}\n')
+    assert compare.run_state(tmp_path, argv) == "done"
+
+
+# ----------------------------------------------------------------------------
+# 5. Second round, named: what one row of the table cannot show.
+
+def run_files(out):
+    """The three files of a run folder, by content (missing ones absent)."""
+    return {n: hashlib.sha256((out / n).read_bytes()).hexdigest() for n in plumbing.RUN_FILES if (out / n).exists()}
+
+
+def assert_one_run(out):
+    """ckpt.pt, every log line and summary.json (if any) carry one run id."""
+    ckpt = plumbing.read_checkpoint(out / "ckpt.pt")
+    ids = {json.loads(line)["run"] for line in (out / "log.jsonl").read_text().splitlines()}
+    assert ids == {ckpt["run_id"]}, (ids, ckpt["run_id"])
+    if (out / "summary.json").exists():
+        assert json.loads((out / "summary.json").read_text())["run"] == ckpt["run_id"]
+    return ckpt
+
+
+def test_overwrite_killed_at_any_moment_leaves_the_old_run_or_a_whole_new_one(finished, tmp_path):
+    """SIGKILL at random moments and a scheduler's SIGTERM, each against a copy
+    of a finished run being overwritten: afterwards the folder holds the old
+    run byte for byte, or the new run whole (checkpoint, log and summary of
+    one run id), never a mixture. Both outcomes occur."""
+    old = run_files(finished)
+    rng = random.Random(19)
+    # (signal, seconds after the new run logged its first step; None: at once, while Python starts)
+    kills = [(signal.SIGKILL, None)] + [(signal.SIGKILL, rng.uniform(0.0, 1.5)) for _ in range(2)] + \
+        [(signal.SIGTERM, 0.0)]
+    outs, procs = [tmp_path / f"run{i}" for i in range(len(kills))], []
+    for out in outs:                     # all at once: starting Python and torch is most of the time
+        shutil.copytree(finished, out)
+        procs.append(subprocess.Popen([sys.executable, "train.py", *TINY, "--steps", "100000", "--ckpt-every", "20",
+                                       "--overwrite", "--out", str(out)], cwd=ROOT,
+                                      env=dict(os.environ, OMP_NUM_THREADS="1"),
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    outcomes = []
+    for (sig, delay), out, proc in zip(kills, outs, procs):
+        if delay is not None:
+            deadline = time.time() + 120
+            logs = [out / d / "log.jsonl" for d in (plumbing.STAGE, plumbing.SWAP)]
+            while not any(p.exists() and p.stat().st_size for p in logs) and run_files(out) == old:
+                assert time.time() < deadline and proc.poll() is None
+                time.sleep(0.01)
+            time.sleep(delay)
+        proc.send_signal(sig)
+        proc.wait(60)
+        files = run_files(out)
+        if files == old:
+            outcomes.append("old")
+        else:
+            assert set(files) == {"ckpt.pt", "log.jsonl"}, files      # interrupted: no summary yet
+            assert_one_run(out)
+            outcomes.append("new")
+    assert outcomes[0] == "old" and outcomes[-1] == "new", outcomes
+
+
+def test_an_interrupted_swap_is_finished_by_the_next_run(finished, tmp_path, monkeypatch):
+    """A kill between the renames that replace an old run's files: the next
+    run in the folder completes the swap before anything else."""
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    old_id = json.loads((out / "summary.json").read_text())["run"]
+    real_replace = os.replace
+
+    def killed_midway(src, dst):
+        if Path(src).parent.name == plumbing.SWAP and Path(src).name == "log.jsonl":
+            raise KeyboardInterrupt
+        return real_replace(src, dst)
+    monkeypatch.setattr(os, "replace", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        train.main([*TINY, "--steps", "4", "--ckpt-every", "2", "--overwrite", "--out", str(out)])
+    monkeypatch.undo()
+    assert (out / plumbing.SWAP / "ckpt.pt").exists() and not (out / "summary.json").exists()
+    assert train.main([*TINY, "--steps", "4", "--out", str(out), "--resume"]) == 0
+    ckpt = assert_one_run(out)
+    assert ckpt["run_id"] != old_id and log_steps(out) == [1, 2, 3, 4] and not (out / plumbing.SWAP).exists()
+
+
+def test_stale_temporary_files_and_an_unfinished_new_run_are_removed(finished, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    for name in (".ckpt.pt.k9x1.tmp", ".log.jsonl.a8b2.tmp", ".summary.json.zz.tmp"):
+        (out / name).write_bytes(b"\0" * 100)
+    (out / plumbing.STAGE).mkdir()
+    (out / plumbing.STAGE / "log.jsonl").write_text("{}\n")
+    (out / "notes.tmp").write_text("mine")                 # not a file of ours: kept
+    assert train.main([*TINY, "--steps", "3", "--out", str(out), "--resume"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "ckpt.pt", "log.jsonl", "notes.tmp", "summary.json"]
+
+
+def test_output_flags_take_effect_on_resume(tmp_path):
+    """--stop-at and --log-every are not trajectory flags: given with
+    --resume they apply; so does a raised --steps."""
+    out = str(tmp_path / "run")
+    assert train.main([*TINY, "--steps", "6", "--out", out, "--stop-at", "2"]) == 0
+    assert train.main([*TINY, "--steps", "6", "--out", out, "--resume", "--stop-at", "4", "--log-every", "2"]) == 0
+    assert torch.load(Path(out) / "ckpt.pt", weights_only=False)["step"] == 4 and log_steps(out) == [1, 2, 4]
+    assert train.main([*TINY, "--steps", "8", "--out", out, "--resume"]) == 0
+    assert log_steps(out) == [1, 2, 4, 5, 6, 7, 8]
+    assert json.loads((Path(out) / "summary.json").read_text())["steps"] == 8
+
+
+def test_resume_after_the_data_folder_changed_is_refused(tmp_path, monkeypatch, capsys):
+    """A domain added to --data, or one file edited: the batches would no
+    longer be the run's, so the resume stops and says why."""
+    folder = tmp_path / "text"
+    for name, letter in (("a", "x"), ("b", "y")):
+        (folder / name).mkdir(parents=True)
+        (folder / name / "doc.txt").write_text((letter * 50 + "\n\n") * 400)
+    out = tmp_path / "run"
+    flags = [*TINY, "--steps", "3", "--out", out, "--data", folder]
+    assert run_cli(monkeypatch, capsys, *flags, "--stop-at", "1")[0] == 0
+    (folder / "c").mkdir()
+    (folder / "c" / "doc.txt").write_text(("z" * 50 + "\n\n") * 400)
+    status, _, err = run_cli(monkeypatch, capsys, *flags, "--resume")
+    assert status == 2 and "training data changed" in err and len(error_lines(err)) == 1
+    shutil.rmtree(folder / "c")
+    (folder / "a" / "doc.txt").write_text((("x" * 50 + "\n\n") * 400).replace("x", "w", 1))
+    status, _, err = run_cli(monkeypatch, capsys, *flags, "--resume")
+    assert status == 2 and "training data changed" in err
+    (folder / "a" / "doc.txt").write_text(("x" * 50 + "\n\n") * 400)
+    assert run_cli(monkeypatch, capsys, *flags, "--resume")[0] == 0                 # restored: it goes on
+
+
+def test_an_empty_file_beside_one_file_keeps_the_domain_chunked(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "big.txt").write_text(("one paragraph of text\n" * 20 + "\n") * 250)     # ~100 KB
+    (tmp_path / "a" / "empty.txt").write_text("")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "other.txt").write_text(("another kind of text\n" * 20 + "\n") * 250)
+    lines = []
+    corpus = data.load_corpus(str(tmp_path), seq_len=64, log=lines.append)
+    assert corpus.val_docs[0] > 0 and len(corpus.val[0]) > 0
+    assert any("ignoring 1 empty file" in line and "empty.txt" in line for line in lines)
+
+
+def test_odd_file_names_are_printed_escaped_under_a_strict_utf8_terminal(tmp_path):
+    for name in (b"caf\xe9", b"tab\there"):
+        os.makedirs(os.path.join(os.fsencode(str(tmp_path)), name))
+        with open(os.path.join(os.fsencode(str(tmp_path)), name, b"doc.txt"), "wb") as f:
+            f.write(b"some text to read\n\n" * 2000)
+    res = subprocess.run([sys.executable, "-c", f"import data; data.load_corpus({str(tmp_path)!r}, seq_len=16)"],
+                         cwd=ROOT, env=dict(os.environ, PYTHONIOENCODING="utf-8:strict"), capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "caf\\xe9" in res.stdout and "tab\\there" in res.stdout
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")
+def test_unreadable_data_is_one_line_for_a_real_user(tmp_path, monkeypatch, capsys):
+    for name in ("a", "b"):
+        (tmp_path / "text" / name).mkdir(parents=True)
+        (tmp_path / "text" / name / "doc.txt").write_text("text " * 5000)
+    for target in (tmp_path / "text" / "b" / "doc.txt", tmp_path / "text" / "b"):
+        target.chmod(0)
+        try:
+            status, _, err = run_cli(monkeypatch, capsys, *TINY, "--out", tmp_path / "run", "--data", tmp_path / "text")
+        finally:
+            target.chmod(0o755)
+        assert status == 2 and len(error_lines(err)) == 1 and "Permission denied" in err
+
+
+def test_a_full_disk_in_torch_saves_own_words_is_one_line(tmp_path, monkeypatch, capsys):
+    """A real full disk reaches torch.save as a RuntimeError of its C++ zip
+    writer, not as an OSError."""
+    def disk_full(obj, f, *a, **k):
+        f.write(b"\0" * 1024)
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 1152 vs 1046")
+    monkeypatch.setattr(torch, "save", disk_full)
+    status, _, err = run_cli(monkeypatch, capsys, *TINY, "--steps", "2", "--out", tmp_path / "run")
+    assert status == 2 and "Traceback" not in err and "full" in error_lines(err)[-1]
+    assert not [p for p in (tmp_path / "run").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_log_that_cannot_be_written_is_one_line_without_a_second_error_at_close(tmp_path, monkeypatch, capsys):
+    class FullDisk:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, text):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        flush = write
+
+        def close(self):
+            self.f.close()
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    real_open_log = plumbing.RunDir.open_log
+
+    def open_log(self, *a):
+        records = real_open_log(self, *a)
+        self.logf = FullDisk(self.logf)
+        return records
+    monkeypatch.setattr(plumbing.RunDir, "open_log", open_log)
+    status, _, err = run_cli(monkeypatch, capsys, *TINY, "--steps", "2", "--out", tmp_path / "run")
+    assert status == 2 and "Traceback" not in err and error_lines(err) == [err.strip().splitlines()[-1]], err
+    assert "cannot write" in err and "log.jsonl" in err
+
+
+def disagreeing_ranks(rank, world_size):
+    """A flag given to one node only, and data that differ by node."""
+    proc = plumbing.Proc(rank, world_size)
+    try:
+        proc.check_same_everywhere({"--seed": 0, "--lr": 0.003 if rank == 0 else 0.001, "data": "same"})
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def test_ranks_started_differently_all_stop_with_one_line_naming_the_flag_and_the_ranks():
+    messages = plumbing.spawn(disagreeing_ranks, 2)
+    assert messages[0] == messages[1] and messages[0] is not None
+    assert "--lr differs (rank 0: 0.003; rank 1: 0.001)" in messages[0]
+
+
+def tmpfs(folder, size):
+    """Mount a tmpfs of `size` at folder (root only); False where that is not possible."""
+    folder.mkdir()
+    if os.geteuid() != 0:
+        return False
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                          capture_output=True).returncode == 0
+
+
+def test_a_real_full_disk_is_one_line_in_one_process_and_under_torchrun(tmp_path, monkeypatch, capsys):
+    """A 300 KB filesystem (a tiny checkpoint is 3 MB): the first checkpoint
+    cannot be written. One process: one line, exit 2, no temporary file.
+    Two processes: one line from rank 0, and no traceback of this project's
+    code from either rank (torchrun's own failure report aside)."""
+    disk = tmp_path / "disk"
+    if not tmpfs(disk, "300k"):
+        pytest.skip("needs root and permission to mount a tmpfs")
+    try:
+        status, _, err = run_cli(monkeypatch, capsys, *TINY, "--steps", "2", "--out", disk / "run")
+        assert status == 2 and "Traceback" not in err and "full" in error_lines(err)[-1], err
+        assert not [p for p in (disk / "run").iterdir() if p.name.endswith(".tmp")]
+        res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                              "train.py", *TINY, "--steps", "2", "--out", str(disk / "run2")],
+                             cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                             timeout=180)
+        assert res.returncode != 0
+        ours = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+        assert len(ours) == 1 and "full" in ours[0], res.stderr
+        assert not any(f"{name}\", line" in res.stderr for name in ("train.py", "plumbing.py", "moe.py")), res.stderr
+    finally:
+        subprocess.run(["umount", str(disk)])
+
+
+def rank_process(out, rank):
+    """The pid of train.py's process of `rank` writing to `out` (from /proc)."""
+    for entry in Path("/proc").iterdir():
+        try:
+            env = (entry / "environ").read_bytes().split(b"\0")
+            cmd = (entry / "cmdline").read_bytes()
+        except (OSError, ValueError):
+            continue
+        if f"RANK={rank}".encode() in env and b"train.py" in cmd and str(out).encode() in cmd \
+                and b"torch.distributed.run" not in cmd:
+            return int(entry.name)
+    return None
+
+
+def test_torchrun_restarts_with_resume_auto_continue_the_same_loss_after_a_killed_rank(tmp_path):
+    """torchrun --max-restarts=1 ... --resume auto: rank 1 is SIGKILLed after
+    the first checkpoint; the survivor says in one line whom it lost; torchrun
+    starts both again, they resume, and the run ends exactly as an
+    uninterrupted two-process run does."""
+    def launch(out, *extra):
+        return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                 "--max-restarts=1", "train.py", *TINY, "--steps", "40", "--ckpt-every", "10",
+                                 "--resume", "auto", "--out", str(out), *extra], cwd=ROOT,
+                                env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    whole = launch(tmp_path / "whole")
+    killed = launch(tmp_path / "killed")
+    deadline = time.time() + 120
+    while not (tmp_path / "killed" / "ckpt.pt").exists():
+        assert time.time() < deadline and killed.poll() is None, killed.communicate()
+        time.sleep(0.05)
+    victim = rank_process(tmp_path / "killed", 1)
+    assert victim is not None
+    os.kill(victim, signal.SIGKILL)
+    _, err = killed.communicate(timeout=240)
+    assert killed.returncode == 0, err
+    assert whole.wait(240) == 0
+    assert "rank 0 of 2 lost contact with rank 1" in err, err
+    final = [json.loads((tmp_path / run / "summary.json").read_text())["val_loss"] for run in ("whole", "killed")]
+    assert final[0] == final[1]
+    assert log_steps(tmp_path / "killed") == list(range(1, 41))
+
+
+def test_a_flag_given_to_one_node_only_stops_both_nodes_with_one_line_each(tmp_path):
+    """Two torchrun launchers on this machine stand for two nodes of one
+    process each; the second is given another --lr. Each node prints the
+    same line naming the flag and the ranks (its LOCAL_RANK 0 prints), and
+    both exit with an error before anything is written."""
+    port = plumbing.free_port()
+
+    def node(rank, *extra):
+        return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={rank}",
+                                 "--nproc_per_node=1", "--master-addr=127.0.0.1", f"--master-port={port}",
+                                 "train.py", *TINY, "--steps", "2", "--out", str(tmp_path / "run"), *extra],
+                                cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+    nodes = [node(0), node(1, "--lr", "0.001")]
+    errs = [n.communicate(timeout=180)[1] for n in nodes]
+    for n, err in zip(nodes, errs):
+        ours = [line for line in err.splitlines() if line.startswith("error:")]
+        assert n.returncode != 0 and len(ours) == 1, err
+        assert "--lr differs (rank 0: 0.003; rank 1: 0.001)" in ours[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_auto_starts_where_there_is_nothing_and_continues_where_there_is_a_run(tmp_path, monkeypatch, capsys):
+    """Nothing in OUT (or only the log of a run killed before its first
+    checkpoint): a fresh run. A checkpoint of this run: continued. A
+    finished run: left alone, exit 0."""
+    out = tmp_path / "run"
+    assert run_cli(monkeypatch, capsys, *TINY, "--steps", "3", "--stop-at", "2", "--out", out, "--resume", "auto")[0] == 0
+    assert run_cli(monkeypatch, capsys, *TINY, "--steps", "3", "--out", out, "--resume", "auto")[0] == 0
+    first = assert_one_run(out)
+    assert log_steps(out) == [1, 2, 3]
+    status, stdout, _ = run_cli(monkeypatch, capsys, *TINY, "--steps", "3", "--out", out, "--resume", "auto")
+    assert status == 0 and "finished all 3 steps already" in stdout
+    for name in ("ckpt.pt", "summary.json"):
+        (out / name).unlink()                        # what a kill before the first checkpoint leaves
+    assert run_cli(monkeypatch, capsys, *TINY, "--steps", "3", "--out", out, "--resume", "auto")[0] == 0
+    assert assert_one_run(out)["run_id"] != first["run_id"] and log_steps(out) == [1, 2, 3]

@@ -259,15 +259,17 @@ def test_bad_data_folder_and_resume_give_one_line(tmp_path, capsys, monkeypatch)
     assert code == 2 and "different model" in err
 
 
-def test_a_nan_step_never_replaces_the_last_good_checkpoint(tmp_path):
-    """--lr 1e6 makes the weights explode: the run stops with a message naming
-    the last good checkpoint, and that checkpoint -- parameters, optimizer
-    moments and strategy state -- is finite. (The loss stays finite for a
-    step after the gradients turn NaN: checking the loss is not enough.)"""
+def test_a_nan_step_never_replaces_the_last_good_checkpoint(tmp_path, monkeypatch):
+    """A learning rate of 1e6 from step 4 on makes the weights explode: the
+    run stops with a message naming the last good checkpoint, and that
+    checkpoint -- parameters, optimizer moments and strategy state -- is
+    finite. (The loss stays finite for a step after the gradients turn NaN:
+    checking the loss is not enough.) The schedule is patched rather than
+    --lr changed, since --resume refuses a changed --lr."""
     run_inprocess(tmp_path, "--steps", "60", "--stop-at", "4")
+    monkeypatch.setattr(train, "lr_at", lambda step, args: 1e6)
     with pytest.raises(FloatingPointError, match="last good state"):
-        train.main(["--preset", "tiny", "--out", str(tmp_path), "--steps", "60", "--eval-every", "2", "--lr", "1e6",
-                    "--resume"])
+        train.main(["--preset", "tiny", "--out", str(tmp_path), "--steps", "60", "--eval-every", "2", "--resume"])
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
     assert ckpt["step"] >= 4
     tensors = list(ckpt["model"].values()) + [v for s in ckpt["optimizer"]["state"].values() for v in s.values()]
