@@ -6,7 +6,7 @@ papers measured them.
     python compare.py              # the confirmatory run: at most 90 min on 2 CPU cores
     python compare.py --quick      # a few minutes: 2 seeds, short runs
     python compare.py --smoke      # seconds: does everything run?
-    python compare.py --publish    # copy the results to results/ and the README
+    python compare.py --publish    # copy the results to results/, docs/results.md and the README
 
 It teaches how to compare training recipes honestly:
   - each claim is tested with arms that differ only in what the paper
@@ -1048,24 +1048,38 @@ def checked_results(root):
     return res, pages
 
 
+def verdict_table(res):
+    """The README's short form: one row per claim, its verdict before and
+    after Holm, and where the whole evidence is."""
+    rows = ["| claim (paper) | seeds | verdict | after Holm |", "|---|---|---|---|"]
+    for c in (c for c in res["claims"] if c["verdict"]):
+        rows.append(f"| {c['claim']} ({c['source']}) | {len(c['seeds'])} | {c['verdict']} | {c['verdict_holm']} |")
+    return "\n".join(rows) + "\n"
+
+
 def publish(root):
-    """Copy results.json and the plots to results/, write results.md from
-    results.json, and put it into the README between the markers."""
-    dest = HERE / "results"
+    """Copy results.json and the plots to results/, write results.md there
+    and docs/results.md (the whole page) from results.json, and the verdict
+    table into the README between its markers. Everything is rendered and
+    checked before the first file is written."""
+    dest, docs = HERE / "results", HERE / "docs"
     res, (page, table) = checked_results(root)
     readme = (HERE / "README.md").read_text()
     if README_BEGIN not in readme or README_END not in readme:
         raise ValueError("README.md has no results markers to write between")
+    head, rest = readme.split(README_BEGIN, 1)
+    readme = (head + README_BEGIN + "\n" + verdict_table(res) + "\n" + f"![{res['plots'][0]}](results/{res['plots'][0]})\n"
+              + README_END + rest.split(README_END, 1)[1])
+    docs_page = ("# Results: the papers' claims, measured\n\n" + table.replace("](", "](../results/") + "\n"
+                 + "\n".join(f"![{p}](../results/{p})" for p in res["plots"]) + "\n")
     dest.mkdir(exist_ok=True)
+    docs.mkdir(exist_ok=True)
     for name in ["results.json"] + res["plots"]:
         shutil.copy(root / name, dest / name)
     (dest / "results.md").write_text(page)
-    head, rest = readme.split(README_BEGIN, 1)
-    body = table.replace("](", "](results/")
-    body += "\n" + "\n".join(f"![{p}](results/{p})" for p in res["plots"]) + "\n"
-    readme = head + README_BEGIN + "\n" + body + README_END + rest.split(README_END, 1)[1]
+    (docs / "results.md").write_text(docs_page)
     (HERE / "README.md").write_text(readme)
-    print(f"copied the results to {dest}/ and updated README.md")
+    print(f"copied the results to {dest}/, wrote docs/results.md and the README's verdict table")
 
 
 def pilot_plan(args, common):
@@ -1143,7 +1157,7 @@ def parse_args(argv=None):
                    help="processes per run (torchrun, expert parallel; default: 1)")
     p.add_argument("--train-args", default="", metavar="'FLAGS'", help="extra train.py flags for every run, "
                                                                       "e.g. '--data mytext/' or '--device cuda'")
-    p.add_argument("--publish", action="store_true", help="copy OUT's results to results/ and the README, then stop")
+    p.add_argument("--publish", action="store_true", help="copy OUT's results to results/, docs/results.md and the README's verdict table, then stop")
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     args.size = "quick" if args.quick else "smoke" if args.smoke else "default"
@@ -1209,7 +1223,7 @@ def main(argv=None):
         if c["verdict"]:
             print(f"{c['key']}: {c['verdict']} -- {c['claim']}")
     print(f"wall time {wall / 60:.1f} min; wrote {root / 'results.json'}, {root / 'results.md'} and "
-          f"{len(res['plots'])} plots (python compare.py --publish copies them to results/ and the README)")
+          f"{len(res['plots'])} plots (python compare.py --publish copies them to results/, docs/results.md and the README)")
     return 0
 
 

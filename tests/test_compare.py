@@ -348,3 +348,26 @@ def test_a_plan_over_the_time_budget_gives_up_seeds_before_it_runs(tmp_path):
     plan = compare.Plan("default", ["--preset", "tiny"], keys=["softmax", "bias_rate"],
                         seed_lists={k: range(n) for k, n in wanted.items()})
     assert plan.estimate_minutes(2, slow) <= compare.BUDGET_MINUTES or set(wanted.values()) == {compare.MIN_SEEDS}
+
+
+def test_publish_writes_results_docs_page_and_the_readme_verdict_table_only_between_markers(smoke, tmp_path,
+                                                                                             monkeypatch):
+    """--publish on a copy of the project: results/ gets results.json and
+    every plot, docs/results.md the whole page, and the README changes only
+    between its markers, where every judged claim gets one verdict row."""
+    out, _ = smoke
+    readme = (Path(compare.HERE) / "README.md").read_text()
+    (tmp_path / "README.md").write_text(readme)
+    monkeypatch.setattr(compare, "HERE", tmp_path)
+    compare.publish(out)
+    res = json.loads((tmp_path / "results" / "results.json").read_text())
+    assert all((tmp_path / "results" / p).is_file() for p in res["plots"])
+    page = (tmp_path / "docs" / "results.md").read_text()
+    assert all(f"](../results/{p})" in page for p in res["plots"])
+    new = (tmp_path / "README.md").read_text()
+    before, after = readme.split(compare.README_BEGIN)[0], readme.split(compare.README_END)[1]
+    assert new.startswith(before) and new.endswith(after)
+    table = new.split(compare.README_BEGIN)[1].split(compare.README_END)[0]
+    judged = [c for c in res["claims"] if c["verdict"]]
+    assert judged and all(f"| {c['verdict']} | {c['verdict_holm']} |" in table for c in judged)
+    assert table.count("\n|") == len(judged) + 2            # header, rule, one row per claim
