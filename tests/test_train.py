@@ -409,3 +409,29 @@ def test_causal_evaluation_differs_from_teacher_forcing_for_expert_choice(route_
     corpus = type("Corpus", (), {"domains": ["a", "b"]})()
     full = train.evaluate(model, corpus, batches, plumbing.Proc())
     assert full["val_loss_causal"] == ev["val_loss_causal"]
+
+
+def test_two_torchrun_nodes_of_two_processes_equal_one_node_of_four(tmp_path):
+    """Multi-node as docs/scaling.md launches it: two torchrun launchers on
+    this machine stand for two nodes (--nnodes 2, a fixed node rank each, one
+    rendezvous address), 2 processes each. The run is the same as 4
+    processes on one node: the same losses and validation figures, bit for
+    bit, since the ranks, the global batches and the sums are the same."""
+    one = torchrun(tmp_path / "one", "--steps", "3", "--n-experts", "8", nproc=4)
+    assert one.returncode == 0, one.stderr[-2000:]
+    port = plumbing.free_port()
+
+    def node(rank):
+        return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={rank}",
+                                 "--nproc_per_node=2", "--master-addr=127.0.0.1", f"--master-port={port}",
+                                 "train.py", "--preset", "tiny", "--steps", "3", "--n-experts", "8",
+                                 "--out", str(tmp_path / "two")],
+                                cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    nodes = [node(0), node(1)]
+    errs = [n.communicate(timeout=240)[1] for n in nodes]
+    assert all(n.returncode == 0 for n in nodes), errs[0][-2000:] + errs[1][-2000:]
+    assert [r["loss"] for r in read_log(tmp_path / "one")] == [r["loss"] for r in read_log(tmp_path / "two")]
+    a, b = (json.load(open(tmp_path / run / "summary.json")) for run in ("one", "two"))
+    assert a["world_size"] == b["world_size"] == 4
+    assert (a["val_loss"], a["maxvio_global"]) == (b["val_loss"], b["maxvio_global"])
