@@ -1049,11 +1049,20 @@ def checked_results(root):
 
 
 def verdict_table(res):
-    """The README's short form: one row per claim, its verdict before and
-    after Holm, and where the whole evidence is."""
-    rows = ["| claim (paper) | seeds | verdict | after Holm |", "|---|---|---|---|"]
+    """The README's short form: one row per part of every judged claim, its
+    difference with the 95% interval, and its verdict before and after Holm.
+    The whole evidence (arms, margins, the papers' own effects) is in
+    docs/results.md."""
+    rows = ["| claim (paper) | part | difference [95% interval] | seeds | verdict | after Holm |",
+            "|---|---|---|---|---|---|"]
     for c in (c for c in res["claims"] if c["verdict"]):
-        rows.append(f"| {c['claim']} ({c['source']}) | {len(c['seeds'])} | {c['verdict']} | {c['verdict_holm']} |")
+        for i, p in enumerate(c["parts"]):
+            what = f"{c['key']} ({c['source'].split(':')[0]})" if i == 0 else ""
+            diff = (f"{fmt(p.get('diff'), '+.4f')} {p['unit']} [{fmt(p.get('ci_low'), '+.4f')}, "
+                    f"{fmt(p.get('ci_high'), '+.4f')}]" if "diff" in p else "exact")
+            sup = p.get("superiority")
+            verdict = p["verdict"] + (f"; superiority: {sup['verdict']}" if sup else "")
+            rows.append(f"| {what} | {p['part']} | {diff} | {p['seeds']} | {verdict} | {p['verdict_holm']} |")
     return "\n".join(rows) + "\n"
 
 

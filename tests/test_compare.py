@@ -368,6 +368,6 @@ def test_publish_writes_results_docs_page_and_the_readme_verdict_table_only_betw
     before, after = readme.split(compare.README_BEGIN)[0], readme.split(compare.README_END)[1]
     assert new.startswith(before) and new.endswith(after)
     table = new.split(compare.README_BEGIN)[1].split(compare.README_END)[0]
-    judged = [c for c in res["claims"] if c["verdict"]]
-    assert judged and all(f"| {c['verdict']} | {c['verdict_holm']} |" in table for c in judged)
-    assert table.count("\n|") == len(judged) + 2            # header, rule, one row per claim
+    parts = [p for c in res["claims"] if c["verdict"] for p in c["parts"]]
+    assert parts and all(f"| {p['part']} |" in table and f"| {p['verdict_holm']} |" in table for p in parts)
+    assert table.count("\n|") == len(parts) + 2            # header, rule, one row per part of a judged claim
