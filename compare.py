@@ -1058,7 +1058,7 @@ def verdict_table(res):
     for c in (c for c in res["claims"] if c["verdict"]):
         for i, p in enumerate(c["parts"]):
             what = f"{c['key']} ({c['source'].split(':')[0]})" if i == 0 else ""
-            diff = (f"{fmt(p.get('diff'), '+.4f')} {p['unit']} [{fmt(p.get('ci_low'), '+.4f')}, "
+            diff = (f"{fmt(p.get('diff'), '+.4f')} {p['unit']}".strip() + f" [{fmt(p.get('ci_low'), '+.4f')}, "
                     f"{fmt(p.get('ci_high'), '+.4f')}]" if "diff" in p else "exact")
             sup = p.get("superiority")
             verdict = p["verdict"] + (f"; superiority: {sup['verdict']}" if sup else "")
