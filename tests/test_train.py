@@ -378,7 +378,7 @@ def test_computation_batch_maxvio_falls_on_a_hand_worked_load():
     assert three["sizes"] == [1, 2, 3] and three["maxvio"][2] == pytest.approx(1 / 3)
 
 
-@pytest.mark.parametrize("balancer", ["aux", "lossfree", "expert_choice"])
+@pytest.mark.parametrize("balancer", list(BALANCERS))
 def test_computation_batch_maxvio_at_the_whole_set_equals_maxvio_global(balancer):
     model, batches = toy_model_and_batches(balancer)
     corpus = type("Corpus", (), {"domains": ["a", "b"]})()
