@@ -6,6 +6,7 @@ bench.py -- how fast is the MoE, and where does the time go?
     python bench.py --json out.json  # also write the figures to a file
     python bench.py --peers          # only the comparison with other MoE layers (2 to 3 minutes)
     python bench.py --grouped-vs-loop  # only the measurements behind moe.py's CPU rule (about a minute)
+    python bench.py --checkpoint-memory  # only each rank's memory while saving and resuming (about a minute)
 
 It prints a table and measures, all in one run:
 
@@ -35,6 +36,15 @@ With --peers it measures only:
                    large one. transformers is optional: without it only the
                    mask loop is compared.
 
+With --checkpoint-memory it measures only:
+
+  checkpoint memory  how far each rank's resident memory rises while it
+                   saves a checkpoint of 4 processes (ep 4, and 2 x 2) and
+                   while it resumes from one on 4, 2 and 1 processes, next to
+                   the bytes of its own experts' state (weights and both AdamW
+                   moments) and of all experts' state. A design that gathers
+                   the experts onto one rank rises by the latter there.
+
 Timing: every figure is a median over repeats after warm-up, and whatever is
 compared (MoE vs dense, step vs matmul) is measured interleaved in the same
 process, so a burst of load from other programs hits both sides. The load
@@ -43,6 +53,7 @@ average before and after is printed: on a busy machine, run it again.
 
 import argparse
 import functools
+import gc
 import json
 import os
 import platform
@@ -50,6 +61,8 @@ import resource
 import shlex
 import statistics
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -60,7 +73,7 @@ import plumbing
 import train
 from balancers import BALANCERS
 from data import Corpus
-from moe import GPT, GPTConfig, MoELayer, grouped_experts_cpu, grouped_is_faster_on_cpu, grouped_mm_on_cpu, swiglu
+from moe import GPT, GPTConfig, MoELayer, is_expert_param, grouped_experts_cpu, grouped_is_faster_on_cpu, grouped_mm_on_cpu, swiglu
 
 STRATEGIES = list(BALANCERS)
 TOKEN_CHOICE = [s for s in STRATEGIES if BALANCERS[s].token_choice]
@@ -619,6 +632,111 @@ def print_peers(r):
 MAX_REPEATS = 100_000     # a bound on typos: 1e9 repeats would run for years
 
 
+# ----------------------------------------------------------------------------
+# 7. Checkpoint memory: does any rank ever hold more than its own experts?
+
+# Experts big enough to stand out of the process's own noise: 16 experts of
+# 1.6 MB in each of 2 layers, 151 MB of expert state with AdamW's moments.
+CKPT_MODEL = ["--preset", "tiny", "--n-layers", "2", "--d-model", "256", "--n-experts", "16", "--d-expert", "512"]
+
+
+def rss_bytes():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakRSS:
+    """The highest resident set size while the block runs, above where it
+    started, sampled every millisecond by a thread (ru_maxrss would also
+    count whatever the process did before)."""
+
+    def __enter__(self):
+        self.start = self.peak = rss_bytes()
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self.watch, daemon=True)
+        self.thread.start()
+        return self
+
+    def watch(self):
+        while not self.done.wait(0.001):
+            self.peak = max(self.peak, rss_bytes())
+
+    def __exit__(self, *exc):
+        self.done.set()
+        self.thread.join()
+        self.end = rss_bytes()
+        self.peak = max(self.peak, self.end)
+
+
+def expert_state_bytes(model):
+    """This rank's expert weights and their two AdamW moments, in bytes."""
+    return 3 * sum(p.numel() * p.element_size() for n, p in model.named_parameters() if is_expert_param(n))
+
+
+def ckpt_worker(rank, world_size, ep_size, folder, load):
+    """One rank: a checkpoint of a model whose AdamW moments exist (one step
+    of zero gradients makes them), or a resume from it, measured."""
+    args = train.parse_args([*CKPT_MODEL, "--ep-size", str(ep_size)])
+    proc = plumbing.Proc(rank, world_size, torch.device("cpu")).start(ep_size)
+    model, opt = train.build(args, proc)
+    index = Path(folder) / "ckpt.pt"
+    if load:
+        ckpt = plumbing.read_checkpoint(index)
+        gc.collect()
+        with PeakRSS() as m:
+            plumbing.load_checkpoint(ckpt, model, opt, proc)
+    else:
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        gc.collect()
+        with PeakRSS() as m:
+            plumbing.save_checkpoint(index, model, opt, 1, {"config": train.asdict(train.model_config(args))}, proc)
+    return {"rise_mb": (m.peak - m.start) / 2**20, "kept_mb": (m.end - m.start) / 2**20,
+            "own_expert_state_mb": expert_state_bytes(model) / 2**20}
+
+
+# (name, processes, ep size, resume?, folder): save on 4 processes at ep 4
+# and at 2 x 2; resume the first on 4, 2 and 1.
+CKPT_CASES = (("save 4 ranks ep 4", 4, 4, False, "a"), ("save 4 ranks 2x2", 4, 2, False, "b"),
+              ("resume 4 ranks ep 4", 4, 4, True, "a"), ("resume 2 ranks ep 2", 2, 2, True, "a"),
+              ("resume 1 process", 1, 1, True, "a"))
+
+
+def bench_checkpoint_memory(cases=CKPT_CASES):
+    whole = expert_state_bytes(GPT(train.model_config(train.parse_args(CKPT_MODEL)))) / 2**20
+    report = {"all_expert_state_mb": whole, "model_flags": " ".join(CKPT_MODEL), "runs": {}}
+    print(f"how far each rank's resident memory rises while it saves or resumes; all experts' state "
+          f"(weights and AdamW moments) is {whole:.0f} MB\n  (train.py {' '.join(CKPT_MODEL)})")
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, world, ep, load, folder in cases:
+            if world == 1:
+                ranks = [ckpt_worker(0, 1, 1, Path(tmp) / folder, load)]
+            else:
+                ranks = plumbing.spawn(ckpt_worker, world, ep, str(Path(tmp) / folder), load, timeout=300)
+            report["runs"][name] = ranks
+            print(f"  {name:20s} " + " | ".join(f"rank {r}: +{x['rise_mb']:.0f} MB (own experts {x['own_expert_state_mb']:.0f})"
+                                               for r, x in enumerate(ranks)), flush=True)
+    distributed = [x for name, ranks in report["runs"].items() if "1 process" not in name for x in ranks]
+    report["headline"] = {"worst_rise_over_own_expert_state": max(x["rise_mb"] / x["own_expert_state_mb"] for x in distributed),
+                          "worst_rise_over_all_expert_state": max(x["rise_mb"] for x in distributed) / whole}
+    return report
+
+
+def run_checkpoint_memory(report, args, t_start):
+    """`--checkpoint-memory`: each rank's memory while saving and resuming."""
+    report["checkpoint_memory"] = r = bench_checkpoint_memory()
+    report["load_after"] = load_average()
+    report["wall_time_s"] = time.time() - t_start
+    report["headline"] = r["headline"]
+    print("\nheadline: " + ", ".join(f"{k} {v:.3f}" for k, v in report["headline"].items()))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
 def parse_args(argv=None):
     p = plumbing.OneLineParser(description=__doc__.split("\n\n")[0].strip(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -629,6 +747,9 @@ def parse_args(argv=None):
     p.add_argument("--grouped-vs-loop", action="store_true",
                    help="only the experts on CPU by the loop and by the grouped way over 12 shapes, and which "
                         "one moe.py's rule picks (about a minute)")
+    p.add_argument("--checkpoint-memory", action="store_true",
+                   help="only each rank's memory while saving a 4-process checkpoint and resuming it on 4, 2 "
+                        "and 1 processes (about a minute)")
     p.add_argument("--json", metavar="FILE", help="write every figure to FILE")
     p.add_argument("--preset", default="default", choices=list(train.PRESETS),
                    help="model and batch sizes (default: default; tiny: a smoke run in seconds)")
@@ -679,6 +800,8 @@ def main(argv=None):
         return run_peers(report, args, device, t_start)
     if args.grouped_vs_loop:
         return run_grouped_vs_loop(report, args, t_start)
+    if args.checkpoint_memory:
+        return run_checkpoint_memory(report, args, t_start)
     # Training steps are slower than a layer, so they get fewer repeats: a
     # quarter as many timed steps, in rounds of 3 steps of which 2 are timed.
     steps, rounds = max(1, args.repeats // 4), max(1, args.repeats // 8)

@@ -272,6 +272,7 @@ def train_one(run_dir, argv, state, launcher):
     if state == "new":
         for stale in ("summary.json", "extra.json", "ckpt.pt", "log.jsonl"):
             (run_dir / stale).unlink(missing_ok=True)
+        shutil.rmtree(run_dir / "ckpt", ignore_errors=True)
     (run_dir / "run.json").write_text(json.dumps({"argv": argv}))
     flags = argv + ["--out", str(run_dir)] + (["--resume"] if state == "resume" else [])
     start = time.time()
@@ -296,6 +297,7 @@ def train_one(run_dir, argv, state, launcher):
         extra = shuffled_routing_eval(run_dir)
     (run_dir / "extra.json").write_text(json.dumps(extra))
     (run_dir / "ckpt.pt").unlink(missing_ok=True)         # the report needs only the logs
+    shutil.rmtree(run_dir / "ckpt", ignore_errors=True)   # (the index first: then no index names a lost folder)
     (run_dir / "run.json").write_text(json.dumps({"argv": argv, "finished": True, "elapsed_s": time.time() - start}))
     return True
 

@@ -132,6 +132,7 @@ class Mesh:
     ep_size: int = 1
     ep_group: object = None       # my row: the all-to-all and the expert-norm sum run here
     dp_group: object = None       # my column: expert gradients are summed here
+    grid: object = None           # the whole grid as PyTorch's DeviceMesh (checkpoints name shards by it)
 
     @property
     def layout(self):

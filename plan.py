@@ -18,10 +18,11 @@ Per step and per GPU it prints:
   all-reduce   the fp32 gradients, ring all-reduce (each rank sends
                2 (n-1)/n of the buffer): replicated ones over all GPUs,
                expert ones over the dp replicas of the same experts
-  checkpoint   plumbing.save_checkpoint's single file: the first
-               expert-parallel group gathers its experts on rank 0, which
-               writes weights and AdamW moments of the whole model; on
-               resume every rank reads all of it
+  checkpoint   plumbing.save_checkpoint's step folder
+               (torch.distributed.checkpoint): weights and AdamW moments,
+               each expert shard written once by a rank that holds it, the
+               replicated tensors once; on resume every rank reads its own
+               experts and the replicated tensors, nothing else
   memory       fp32 weights, gradients and the two AdamW moments of one
                GPU's share (activations not included)
 and the seconds those bytes take. The links are stated, not measured:
@@ -121,12 +122,10 @@ def plan(cfg, batch_size, grad_accum, nodes, gpus_per_node, ep_size):
         param_bytes_per_gpu=PARAM_BYTES * (replicated + local_experts),
         grad_bytes_per_gpu=GRAD_BYTES * (replicated + local_experts),
         adam_bytes_per_gpu=ADAM_BYTES * (replicated + local_experts),
-        ckpt_file_bytes=(PARAM_BYTES + ADAM_BYTES) * (replicated + all_experts) + buffers,
-        ckpt_sent_per_gpu=(PARAM_BYTES + ADAM_BYTES) * local_experts if ep_size > 1 else 0,
-        ckpt_received_rank0=(PARAM_BYTES + ADAM_BYTES) * (all_experts - local_experts),
-        ckpt_gather_crosses_nodes=len(nodes_of(row, gpus_per_node)) > 1,
-        ckpt_shard_bytes=(PARAM_BYTES + ADAM_BYTES) * local_experts,   # what each rank would write, sharded
-        ckpt_resume_read_bytes=W * ((PARAM_BYTES + ADAM_BYTES) * (replicated + all_experts) + buffers),
+        ckpt_bytes=(PARAM_BYTES + ADAM_BYTES) * (replicated + all_experts) + buffers,    # the whole folder
+        ckpt_shard_bytes=(PARAM_BYTES + ADAM_BYTES) * local_experts,   # one ep rank's experts
+        ckpt_replicated_bytes=(PARAM_BYTES + ADAM_BYTES) * replicated + buffers,
+        ckpt_resume_read_bytes=W * ((PARAM_BYTES + ADAM_BYTES) * (replicated + local_experts) + buffers),
         flops_per_gpu=tokens * grad_accum * (6 * model.active_params() + 6 * cfg.n_layers * cfg.seq_len * cfg.d_model),
     )
 
@@ -142,8 +141,7 @@ def times(p, links):
         allreduce=p["allreduce_replicated_bytes"] / rate(p["allreduce_replicated_crosses_nodes"])
         + p["allreduce_expert_bytes"] / rate(p["allreduce_expert_crosses_nodes"]),
         compute=p["flops_per_gpu"] / (links.tflops * 1e12 * links.mfu),
-        ckpt_gather=p["ckpt_received_rank0"] / rate(p["ckpt_gather_crosses_nodes"]),
-        ckpt_write=p["ckpt_file_bytes"] / (links.fs_GBps * 1e9),
+        ckpt_write=p["ckpt_bytes"] / (links.fs_GBps * 1e9),
         ckpt_resume=p["ckpt_resume_read_bytes"] / (links.fs_GBps * 1e9),
     )
 
@@ -184,18 +182,17 @@ def report(p, t, cfg, args, links):
            f"{size(p['allreduce_expert_bytes'])} ({where(p['allreduce_expert_crosses_nodes'])})" if dp > 1 else
            f"expert gradients {size(p['allreduce_expert_buffer'])}: no replica to average with")
         + f"; loads {size(p['allreduce_load_bytes'])}",
-        f"  checkpoint   one file of {size(p['ckpt_file_bytes'])} written by rank 0, which receives "
-        f"{size(p['ckpt_received_rank0'])} of experts ({where(p['ckpt_gather_crosses_nodes'])}); each other GPU "
-        f"of the first group sends {size(p['ckpt_sent_per_gpu'])} (a sharded format would write "
-        f"{size(p['ckpt_shard_bytes'])} of experts per GPU); on resume every GPU reads the whole file, "
+        f"  checkpoint   a folder of {size(p['ckpt_bytes'])}: {ep} expert shards of {size(p['ckpt_shard_bytes'])}, "
+        f"each written by one of its {dp} holder(s), and {size(p['ckpt_replicated_bytes'])} of replicated "
+        f"state written once; on resume each GPU reads its own experts and the replicated state, "
         f"{size(p['ckpt_resume_read_bytes'])} in all",
         f"  memory       weights {size(p['param_bytes_per_gpu'])}, gradients {size(p['grad_bytes_per_gpu'])}, "
-        f"AdamW moments {size(p['adam_bytes_per_gpu'])} (while saving, rank 0 holds the whole "
-        f"{size(p['ckpt_file_bytes'])} state besides)",
+        f"AdamW moments {size(p['adam_bytes_per_gpu'])} (saving gathers no copy: "
+        f"bench.py --checkpoint-memory)",
         f"time per step at NVLink {links.nvlink_GBps:g} GB/s, InfiniBand {links.ib_Gbps:g} Gb/s per GPU, "
         f"{links.tflops:g} TFLOP/s at {links.mfu:.0%} MFU:",
         f"  compute {ms(t['compute'])} | all-to-all {ms(t['a2a'])} | all-reduce {ms(t['allreduce'])} | "
-        f"checkpoint: gather {ms(t['ckpt_gather'])}, write {ms(t['ckpt_write'])} and resume "
+        f"checkpoint: write {ms(t['ckpt_write'])} and resume "
         f"{t['ckpt_resume']:.1f} s at {links.fs_GBps:g} GB/s",
     ]
     step = {"compute": t["compute"], "all-to-all": t["a2a"], "all-reduce": t["allreduce"]}

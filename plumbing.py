@@ -12,10 +12,11 @@ loses work lives here, in the order a run meets it:
                   log (rewritten atomically on resume, strictly valid JSON),
                   summary.json; a run id in all three, and a new run that
                   replaces an old one only at its first checkpoint
-  3. checkpoints  written atomically, only from a finite state, with every
-                  expert gathered so any number of processes and any
-                  --ep-size can resume, and a checksum verified before
-                  anything is loaded
+  3. checkpoints  torch.distributed.checkpoint's per-rank shards (each rank
+                  writes and reads only its own experts), resharded so any
+                  number of processes and any --ep-size can resume; only
+                  from a finite state, kill-safe, and checksums verified
+                  before anything is loaded
   4. StopFlag     SIGTERM or Ctrl-C: finish the step, save, exit (every rank
                   at the same step)
   5. cli / leave  the command line: --help's defaults, the memory check,
@@ -38,6 +39,7 @@ import shutil
 import tempfile
 import traceback
 import uuid
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -45,7 +47,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from balancers import BALANCERS, all_reduce
 from moe import Mesh, MeshLayout, is_expert_param
@@ -133,7 +139,7 @@ class Proc:
         assert [dist.get_process_group_ranks(ep_group), dist.get_process_group_ranks(dp_group)] == mine, \
             "init_device_mesh laid the ranks out differently from moe.MeshLayout"
         assert grid.get_local_rank("ep") == layout.ep_rank(self.rank)
-        return Mesh(self.rank, self.world_size, ep_size, ep_group, dp_group)
+        return Mesh(self.rank, self.world_size, ep_size, ep_group, dp_group, grid)
 
     @property
     def main(self):
@@ -149,6 +155,14 @@ class Proc:
     def agree(self, flag):
         """True on every rank if it is true on any (stop signals, failures)."""
         return bool(self.all_reduce(torch.tensor(float(flag), device=self.device), "max").item())
+
+    def share(self, value):
+        """Rank 0's `value` on every rank (any picklable object). (Collective.)"""
+        if self.world_size == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
     def check_same_everywhere(self, settings):
         """Every rank must train the same run: its flags and its data. Each
@@ -270,7 +284,7 @@ def share_failure(proc, write, what):
 
 
 STAGE, SWAP = ".next", ".swap"                          # folders inside OUT, see RunDir
-RUN_FILES = ("summary.json", "log.jsonl", "ckpt.pt")     # in the order a swap replaces them
+RUN_FILES = ("summary.json", "log.jsonl", "ckpt", "ckpt.pt")   # in the order a swap replaces them
 
 
 def new_run_id():
@@ -280,24 +294,25 @@ def new_run_id():
 
 
 class RunDir:
-    """--out: ckpt.pt, log.jsonl, summary.json, and a lock.
+    """--out: ckpt.pt and ckpt/ (the checkpoint), log.jsonl, summary.json, and a lock.
 
     The lock is an flock on OUT/.lock held for the whole run: a second run
     on the same folder fails at once with one line, and since the kernel
     drops an flock when its process dies, a killed run never leaves a stale
     lock behind.
 
-    The three files always belong to one run (they carry its run id). A run
+    These always belong to one run (they carry its run id). A run
     started in a folder that holds another one (--overwrite) writes into
     OUT/.next and replaces the old files only once its first checkpoint is
     on disk: any failure or kill before that leaves the old run byte for
     byte. The replacement is a rename of .next to .swap (the moment the new
-    run becomes the run) and then one rename per file; if a kill falls
+    run becomes the run) and then one rename per file or folder; if a kill falls
     between those, the next run in OUT finishes them before anything else."""
 
     def __init__(self, out, proc, resume, overwrite):
         self.out, self.proc = Path(out), proc
         self.ckpt, self.log_path, self.summary = (self.out / name for name in ("ckpt.pt", "log.jsonl", "summary.json"))
+        self.shards = shard_root(self.ckpt)
         self.lock = self.logf = self.stage = self.run_id = self.error = None
         self.resume = resume is True
         if not proc.main:
@@ -335,6 +350,8 @@ class RunDir:
         for p in (self.ckpt, self.log_path, self.summary):
             if p.exists() and not p.is_file():
                 raise ValueError(f"{p} is not a file: move it away or choose another --out")
+        if self.shards.exists() and (self.shards.is_symlink() or not self.shards.is_dir()):
+            raise ValueError(f"{self.shards} is not the checkpoint's folder: move it away or choose another --out")
         if resume == "auto":
             # Continue what is there, or start where nothing is; a finished
             # run's results without their checkpoint are neither.
@@ -353,11 +370,20 @@ class RunDir:
 
     def remove_stale(self):
         """What a killed run leaves: half-written temporary files and a new
-        run's folder that never reached its first checkpoint. The lock is
-        ours, so no live run is writing them."""
+        run's folder that never reached its first checkpoint, step folders
+        that the index does not name (written before a kill stopped their
+        index, or not yet removed after it). The lock is ours, so no live
+        run is writing them."""
         for name in RUN_FILES:
             for tmp in self.out.glob(f".{name}.*.tmp"):
                 tmp.unlink()
+        if self.shards.is_dir():
+            try:
+                keep = open_checkpoint(self.ckpt)["folder"]
+            except ValueError:
+                keep = None                    # no index to go by: leave the folders alone
+            if keep is not None and keep.parent == self.shards:
+                remove_folders_but(self.shards, keep.name)
         stage = self.out / STAGE
         if stage.is_dir() and not stage.is_symlink():
             shutil.rmtree(stage)
@@ -372,6 +398,8 @@ class RunDir:
         for name in RUN_FILES:
             src, dst = swap / name, self.out / name
             if src.exists():
+                if dst.is_dir() and not dst.is_symlink():
+                    shutil.rmtree(dst)         # the old ckpt/: a folder cannot be renamed over a folder
                 os.replace(src, dst)
             elif dst.is_file():
                 dst.unlink()                   # the old run's: the new one has none yet
@@ -487,31 +515,58 @@ def open_run_dir(out, proc, resume, overwrite):
 # ----------------------------------------------------------------------------
 # 3. Checkpoints.
 #
-# A checkpoint holds every expert (gathered from the ranks that own them) so
-# a run can resume on any number of processes and any mesh; each rank then
-# keeps its own slice. Only a finite state is ever written: NaN weights would
-# replace the last good checkpoint, and every resume from it would fail again.
+# A checkpoint is a folder written by torch.distributed.checkpoint and a
+# small index beside it:
+#
+#   OUT/ckpt/step_00000100/  every rank writes the experts it holds and their
+#                            AdamW moments; what every rank holds (the
+#                            replicated tensors) is written once
+#   OUT/ckpt.pt              the index: step, config, run id, RNG, the
+#                            optimizer's settings, the folder's name, a sha256
+#                            of each file in it, and a checksum of itself
+#
+# No rank holds more than its own experts, saving or loading. An expert
+# tensor is handed over as a DTensor (this rank's rows of the whole tensor,
+# sharded over ep, replicated over dp), so the files record which rows they
+# hold, and a resume reshards: each rank reads just the rows of the experts
+# it holds in its own mesh, whatever mesh wrote them.
+#
+# The order makes it kill-safe: the folder is complete before the index names
+# it, and the previous folder is removed only after that, so a kill at any
+# moment leaves an index naming a whole folder. And only a finite state is
+# ever written: NaN weights would replace the last good checkpoint, and every
+# resume from it would fail again.
 
-def gather_experts(tensor, mesh):
-    """Every expert's slice of `tensor` stacked on dim 0, on rank 0; None on
-    the other ranks. Only the first row of the mesh takes part: its ep ranks
-    hold one copy of every expert, and the other rows hold the same again.
-    A gather to rank 0, not an all-gather: no other rank needs the whole."""
-    if mesh.ep_size == 1:                                   # every rank holds all experts
-        return tensor if mesh.rank == 0 else None
-    if mesh.layout.dp_rank(mesh.rank) != 0:
-        return None
-    parts = [torch.empty_like(tensor) for _ in range(mesh.ep_size)] if mesh.rank == 0 else None
-    dist.gather(tensor.contiguous(), parts, group_dst=0, group=mesh.ep_group)
-    return torch.cat(parts) if mesh.rank == 0 else None
+STEP_FOLDER = "step_{:08d}"
 
 
-def shard_experts(tensor, mesh):
-    """This rank's experts out of all of them (moe.MeshLayout.experts_of).
-    A copy, not a view: a view would keep the whole loaded tensor alive, so
-    every rank would hold every expert's weights and moments after a resume."""
-    mine = mesh.layout.experts_of(mesh.rank, tensor.shape[0])
-    return tensor[mine.start:mine.stop].clone()
+def shard_root(index):
+    """Where the step folders of the index .../ckpt.pt live: .../ckpt/."""
+    return Path(index).with_suffix("")
+
+
+def as_global(name, t, mesh):
+    """This rank's rows of an expert tensor as the whole tensor they belong to
+    (a DTensor: Shard(0) over ep, Replicate over dp). Everything else, and
+    everything on one process, stays a plain tensor, which the checkpoint
+    takes to be held whole by every rank."""
+    if mesh.grid is None or not is_expert_param(name) or not torch.is_tensor(t) or t.dim() == 0:
+        return t
+    return DTensor.from_local(t, mesh.grid, [Replicate(), Shard(0)], run_check=False)
+
+
+def as_local(t):
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def checkpoint_state(model, opt, mesh):
+    """What the folder holds: the model's state_dict, and the optimizer's
+    state keyed by parameter name (its own numbering is by position: fine
+    within one run, opaque in a file)."""
+    names = param_names(model, opt)
+    return {"model": {k: as_global(k, v, mesh) for k, v in model.state_dict().items()},
+            "optimizer": {names[i]: {k: as_global(names[i], v, mesh) for k, v in s.items()}
+                          for i, s in opt.state_dict()["state"].items()}}
 
 
 def is_finite_state(model, opt, proc):
@@ -523,35 +578,118 @@ def is_finite_state(model, opt, proc):
     return not proc.agree(not ok)
 
 
-def expert_slots(names):
-    """Positions, in the optimizer's numbering, of the expert parameters."""
-    return [i for i, n in enumerate(names) if is_expert_param(n)]
-
-
 def save_checkpoint(path, model, opt, step, meta, proc):
-    """Gather, check, write atomically (collective: every rank calls it).
-    Raises FloatingPointError, and writes nothing, if the state is not finite."""
+    """Check; write the step folder (every rank its part); write the index
+    `path` naming it (rank 0); remove the previous folder. Collective: every
+    rank calls it. Raises FloatingPointError, and writes nothing, if the
+    state is not finite."""
     if not is_finite_state(model, opt, proc):
         raise FloatingPointError(f"the weights or optimizer state became NaN or infinite by step {step}; "
                                  f"{path} keeps the last good state. Try a lower --lr")
-    mesh = proc.mesh
-    model_state = {k: gather_experts(v, mesh) if is_expert_param(k) else v for k, v in model.state_dict().items()}
-    names = param_names(model, opt)
-    opt_state = opt.state_dict()
-    for i in expert_slots(names):
-        if i in opt_state["state"]:
-            opt_state["state"][i] = {k: gather_experts(v, mesh) if v.dim() else v
-                                     for k, v in opt_state["state"][i].items()}
-    # Rank 0 alone holds every expert now (the others hold None), and writes.
-    ckpt = {"model": model_state, "optimizer": opt_state, "param_order": names, "step": step,
-            "rng": torch.get_rng_state(), **meta}
-    share_failure(proc, lambda: write_checkpoint(path, ckpt), str(path))
+    path = Path(proc.share(str(path)))        # rank 0's: a new run writes into OUT/.next at first
+    folder = shard_root(path) / STEP_FOLDER.format(step)
+    share_failure(proc, lambda: empty_folder(folder, path), str(folder))
+    write_shards(checkpoint_state(model, opt, proc.mesh), folder, path, proc)
+    index = {"shards": f"{folder.parent.name}/{folder.name}", "files": hash_files(folder, shard_files(folder), proc),
+             "param_order": param_names(model, opt), "param_groups": opt.state_dict()["param_groups"],
+             "step": step, "rng": torch.get_rng_state(), **meta}
+    share_failure(proc, lambda: write_checkpoint(path, index), str(path))
+    if proc.main:
+        remove_folders_but(folder.parent, folder.name)
+
+
+def empty_folder(folder, index):
+    """A step folder to write into: a run that was killed after writing this
+    step's folder, before its index, left one behind."""
+    try:
+        if folder.exists():
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True)
+    except OSError as e:
+        raise cannot_write(index, e) from None
+
+
+def remove_folders_but(root, keep):
+    """Everything in `root` but `keep`: older step folders, and those of
+    checkpoints that a kill stopped before their index was written."""
+    for p in root.iterdir():
+        if p.name != keep:
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+
+
+def write_shards(state, folder, index, proc):
+    """dcp.save: every rank writes its part of `state` into `folder` (and a
+    tensor that several ranks hold, only one of them). A write that fails on
+    any rank fails on all of them (dcp gathers the errors), as one line."""
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.save(state, storage_writer=dcp.FileSystemWriter(folder), no_dist=proc.world_size == 1)
+    except CheckpointException as e:
+        rank, (error, _) = min(e.failures.items())
+        if proc.main:
+            shutil.rmtree(folder, ignore_errors=True)    # a half-written folder is of no use
+        why = cannot_write(index, error)
+        raise ValueError(f"rank {rank}: {why}" if proc.world_size > 1 else str(why)) from None
+
+
+def shard_files(folder):
+    """The files a step folder consists of, from its own metadata."""
+    meta = dcp.FileSystemReader(folder).read_metadata()
+    return sorted({s.relative_path for s in meta.storage_data.values()}) + [".metadata"]
+
+
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def hash_files(folder, names, proc):
+    """{name: sha256} of the files `names` in `folder`, on every rank. The
+    reading is shared out (rank r hashes every W-th file), so no rank reads
+    the whole checkpoint. A file that cannot be read is named, on every rank.
+    (Collective.)"""
+    mine, error = {}, None
+    for name in names[proc.rank::proc.world_size]:
+        try:
+            mine[name] = file_sha256(folder / name)
+        except OSError as e:
+            error = f"{folder / name} cannot be read ({e.strerror})"
+            break
+    every = [(mine, error)]
+    if proc.world_size > 1:
+        every = [None] * proc.world_size
+        dist.all_gather_object(every, (mine, error))
+    errors = [e for _, e in every if e]
+    if errors:
+        raise ValueError(errors[0])
+    return {name: h for m, _ in every for name, h in m.items()}
+
+
+def verify_shards(ckpt, proc):
+    """Refuse a step folder whose files are not those the index names, byte
+    for byte (a flipped bit in a weight loads without complaint otherwise).
+    (Collective.)"""
+    folder, stored = ckpt["folder"], ckpt["files"]
+    if not folder.is_dir():
+        raise ValueError(f"{folder}, the folder its index names, is missing: restore it, or start over "
+                         f"with --overwrite")
+    found = hash_files(folder, sorted(stored), proc)
+    bad = [name for name in sorted(stored) if found[name] != stored[name]]
+    if bad:
+        raise ValueError(f"{folder / bad[0]} is damaged (its sha256 does not match what was written): restore "
+                         f"it from a copy, or start over with --overwrite")
 
 
 def checksum(obj):
-    """sha256 over everything a checkpoint holds: every tensor's dtype, shape
-    and bytes, every other value's repr, in a fixed order. A flipped bit in
-    a weight changes it, though torch.load would read the file happily."""
+    """sha256 over everything an index holds: every tensor's dtype, shape and
+    bytes, every other value's repr, in a fixed order."""
     h = hashlib.sha256()
 
     def walk(v):
@@ -573,14 +711,14 @@ def checksum(obj):
     return h.hexdigest()
 
 
-def write_checkpoint(path, ckpt):
-    """The one file, with the checksum of its contents inside it."""
-    whole = dict(ckpt, checksum=checksum(ckpt))
+def write_checkpoint(path, index):
+    """The index, with the checksum of its contents inside it."""
+    whole = dict(index, checksum=checksum(index))
     write_atomic(path, lambda f: torch.save(whole, f))
 
 
 def verify_checkpoint(ckpt, path):
-    """Refuse a checkpoint whose contents are not what was written."""
+    """Refuse an index whose contents are not what was written."""
     stored = ckpt.pop("checksum", None)
     if stored is None:
         raise ValueError(f"{path} has no checksum: it was written by an older train.py (or not by it) and "
@@ -596,74 +734,131 @@ def param_names(model, opt):
     return [name_of[id(p)] for group in opt.param_groups for p in group["params"]]
 
 
-CHECKPOINT_KEYS = ("model", "optimizer", "param_order", "step", "rng", "config")
+CHECKPOINT_KEYS = ("shards", "files", "param_order", "param_groups", "step", "rng", "config")
+
+
+def open_checkpoint(path):
+    """The index at `path` (a ckpt.pt, or a run folder holding one), checked
+    to be one train.py wrote and whole; "folder" is added: where its step
+    folder is. One line for anything else."""
+    path = Path(path) / "ckpt.pt" if os.path.isdir(path) else Path(path)
+    if not path.is_file():
+        raise ValueError(f"no checkpoint at {path}; run without --resume first, or pass a ckpt.pt written "
+                         f"by train.py")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)   # our own files: they hold args
+    except Exception as e:  # a truncated or foreign file
+        raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}); delete it or point "
+                         f"--out elsewhere") from None
+    # torch.load reads any pickle: a saved tensor, someone else's state_dict,
+    # or the single-file checkpoint of an older train.py loads fine and would
+    # fail later with a KeyError far from the cause.
+    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt] if isinstance(ckpt, dict) else ["all"]
+    if missing:
+        raise ValueError(f"{path} is not a train.py checkpoint of this version (missing {', '.join(missing)}); "
+                         f"delete it or point --out elsewhere")
+    ckpt = verify_checkpoint(ckpt, path)
+    ckpt["folder"] = path.parent / ckpt["shards"]
+    return ckpt
 
 
 def read_checkpoint(path):
-    if not os.path.exists(path):
-        raise ValueError(f"--resume: no checkpoint at {path}; run without --resume first")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # a truncated or foreign file
-        raise ValueError(f"--resume: {path} is not a readable checkpoint ({type(e).__name__}); "
-                         f"delete it or point --out elsewhere") from None
-    # torch.load reads any pickle: a saved tensor or someone else's state_dict
-    # loads fine and would fail later with a KeyError far from the cause.
-    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt] if isinstance(ckpt, dict) else ["all"]
-    if missing:
-        raise ValueError(f"--resume: {path} is not a train.py checkpoint (missing {', '.join(missing)}); "
-                         f"delete it or point --out elsewhere")
-    try:
-        return verify_checkpoint(ckpt, path)
+        return open_checkpoint(path)
     except ValueError as e:
         raise ValueError(f"--resume: {e}") from None
 
 
+def check_fits(folder, state, what):
+    """The step folder holds exactly the tensors `state` has, of the same
+    whole shapes: dcp would skip a tensor the model does not have, without
+    a word."""
+    meta = dcp.FileSystemReader(folder).read_metadata().state_dict_metadata
+    saved = {k: tuple(m.size) for k, m in meta.items() if k.startswith("model.")}
+    wanted = {f"model.{k}": tuple(v.shape) for k, v in state.items()}
+    for k in sorted(set(saved) | set(wanted)):
+        if saved.get(k) != wanted.get(k):
+            raise ValueError(f"{what} does not fit this model ({k[len('model.'):]}: "
+                             f"{saved.get(k, 'absent')} in the checkpoint, {wanted.get(k, 'absent')} here)")
+    return meta
+
+
+def optimizer_targets(model, opt, meta, mesh):
+    """Empty tensors, of this rank's shapes, for the optimizer state the
+    folder holds (a fresh AdamW has none yet to load into)."""
+    params = dict(model.named_parameters())
+    targets = {}
+    for name in param_names(model, opt):
+        head, p = f"optimizer.{name}.", params[name]
+        for key, m in meta.items():
+            if key.startswith(head) and "." not in key[len(head):]:
+                whole = tuple(m.size) == tuple(as_global(name, p.detach(), mesh).shape)
+                t = torch.empty_like(p, dtype=m.properties.dtype) if whole else torch.empty(m.size, dtype=m.properties.dtype)
+                targets.setdefault(name, {})[key[len(head):]] = as_global(name, t, mesh) if whole else t
+    return targets
+
+
+def read_shards(state, folder, proc):
+    """dcp.load into `state`, in place: each rank reads the rows it holds."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, storage_reader=dcp.FileSystemReader(folder), no_dist=proc.world_size == 1)
+
+
 def load_checkpoint(ckpt, model, opt, proc):
-    """Restore model (strict: a renamed or missing key is an error, never a
-    silently fresh tensor), optimizer and RNG from a read checkpoint."""
-    mesh = proc.mesh
+    """Restore model (strict: a renamed or missing tensor is an error, never
+    a silently fresh one), optimizer and RNG from a read index. (Collective.)"""
+    mesh, folder = proc.mesh, ckpt["folder"]
     try:
-        model.load_state_dict({k: shard_experts(v, mesh) if is_expert_param(k) else v
-                               for k, v in ckpt["model"].items()})
-    except RuntimeError as e:
-        raise ValueError(f"--resume: the checkpoint does not fit this model ({str(e).splitlines()[0]})") from None
-    opt_state = ckpt["optimizer"]
-    for i in expert_slots(ckpt["param_order"]):
-        if i in opt_state["state"]:
-            opt_state["state"][i] = {k: shard_experts(v, mesh) if v.dim() else v
-                                     for k, v in opt_state["state"][i].items()}
-    opt.load_state_dict(opt_state)
+        verify_shards(ckpt, proc)
+        if ckpt["param_order"] != param_names(model, opt):
+            raise ValueError(f"{folder} does not fit this model (its parameters differ)")
+        state = {"model": {k: as_global(k, v, mesh) for k, v in model.state_dict().items()}}
+        meta = check_fits(folder, state["model"], str(folder))
+        state["optimizer"] = optimizer_targets(model, opt, meta, mesh)
+        read_shards(state, folder, proc)              # the model's own tensors are filled in place
+    except ValueError as e:
+        raise ValueError(f"--resume: {e}") from None
+    index = {n: i for i, n in enumerate(ckpt["param_order"])}
+    opt.load_state_dict({"state": {index[n]: {k: as_local(v) for k, v in s.items()}
+                                   for n, s in state["optimizer"].items()},
+                         "param_groups": ckpt["param_groups"]})
     torch.set_rng_state(ckpt["rng"])
+
+
+def checkpoint_tensors(path):
+    """Every tensor of a checkpoint, whole, on one process: {"model": ...,
+    "optimizer": {name: {"exp_avg": ...}}}, for looking inside one. (PyTorch's
+    own converter, which also runs from the shell: python -m
+    torch.distributed.checkpoint.format_utils dcp_to_torch_save FOLDER FILE.)"""
+    folder = open_checkpoint(path)["folder"]
+    with tempfile.TemporaryDirectory() as tmp:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp_to_torch_save(folder, Path(tmp) / "whole.pt")
+        return torch.load(Path(tmp) / "whole.pt", weights_only=False)
 
 
 def load_model(path):
     """The model of a checkpoint, whole (every expert) on one CPU process, in
-    evaluation mode, and the checkpoint itself. `path` may be a ckpt.pt or a
+    evaluation mode, and the checkpoint's index. `path` may be a ckpt.pt or a
     run folder. A checkpoint that does not fit this code exactly -- a config
     field it does not know, a missing or misshapen tensor -- is refused with
-    one line rather than loaded by guess."""
+    one line rather than loaded by guess. Reads the model's tensors only,
+    not the optimizer's moments."""
     from balancers import BalanceConfig
     from moe import GPT, GPTConfig
-    path = os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
-    if not os.path.isfile(path):
-        raise ValueError(f"checkpoint {path} does not exist; pass a ckpt.pt written by train.py")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)   # our own files: they hold args
-    except Exception as e:
-        raise ValueError(f"{path} cannot be read as a checkpoint ({type(e).__name__}): "
-                         f"truncated, or not a file train.py wrote?") from None
-    if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
-        raise ValueError(f"{path} is not a train.py checkpoint (it has no 'config' and 'model')")
+    ckpt, proc = open_checkpoint(path), Proc()
+    verify_shards(ckpt, proc)
     try:
         c = ckpt["config"]
         model = GPT(GPTConfig(**{**c, "balance": BalanceConfig(**c["balance"])}))
-        model.load_state_dict(ckpt["model"])
-    except (TypeError, KeyError, ValueError, RuntimeError) as e:
-        why = " ".join(str(e).split())[:160]           # load_state_dict explains over many lines
-        raise ValueError(f"{path} does not fit this version of moe.py ({why})") from None
-    if "checksum" in ckpt:          # checkpoints of older versions have none; they still load
-        verify_checkpoint(ckpt, path)
+    except (TypeError, KeyError, ValueError) as e:
+        why = " ".join(str(e).split())[:160]
+        raise ValueError(f"{ckpt['folder']} does not fit this version of moe.py ({why})") from None
+    state = {"model": model.state_dict()}
+    check_fits(ckpt["folder"], state["model"], f"{ckpt['folder']} (this version of moe.py)")
+    read_shards(state, ckpt["folder"], proc)
     return model.eval(), ckpt
 
 

@@ -114,7 +114,8 @@ def parse_args(argv=None):
                         "the world size / N such groups hold copies of the experts (data parallel). Must "
                         "divide the number of processes and --n-experts (default: all processes)")
     g = p.add_argument_group("output")
-    g.add_argument("--out", metavar="DIR", help="log.jsonl, summary.json and ckpt.pt go here (default: runs/BALANCER)")
+    g.add_argument("--out", metavar="DIR", help="log.jsonl, summary.json and the checkpoint (ckpt.pt, an index, and its folder ckpt/) go here "
+                        "(default: runs/BALANCER)")
     either = g.add_mutually_exclusive_group()     # "continue" and "start over" cannot both be meant
     either.add_argument("--resume", nargs="?", const=True, default=False, choices=["auto"],
                         help="continue from OUT/ckpt.pt; --resume auto: continue if OUT holds a checkpoint, "

@@ -93,3 +93,21 @@ def test_grouped_vs_loop_times_both_ways_and_reports_the_rules_pick():
     assert positive(x["loop_ms"]) and positive(x["grouped_ms"]) and positive(x["loop_over_grouped"])
     assert x["rule_picks"] == "grouped"          # 256 values per block: far under one thread's share
     assert x["rule_over_best"] >= 1.0
+
+
+def test_no_rank_holds_more_than_its_own_experts_while_saving_or_resuming():
+    """4 processes at ep 4, each holding a quarter of 144 MB of expert state
+    (weights and AdamW moments): while saving and while resuming, no rank's
+    resident memory rises by half of all experts' state. Gathering the
+    experts onto rank 0 to write one file would raise rank 0's by all of it."""
+    sys.path.insert(0, str(ROOT))
+    import bench
+    cases = [c for c in bench.CKPT_CASES if c[0] in ("save 4 ranks ep 4", "resume 4 ranks ep 4")]
+    r = bench.bench_checkpoint_memory(cases)
+    whole = r["all_expert_state_mb"]
+    assert whole > 100
+    for name, ranks in r["runs"].items():
+        assert len(ranks) == 4
+        for x in ranks:
+            assert x["own_expert_state_mb"] == pytest.approx(whole / 4)
+            assert 0 <= x["rise_mb"] < whole / 2, (name, x)

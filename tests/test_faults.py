@@ -39,11 +39,13 @@ import struct
 import subprocess
 import sys
 import time
+import warnings
 import zipfile
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed.checkpoint
 
 import bench
 import compare
@@ -189,10 +191,34 @@ def tensor_checkpoint(out, monkeypatch):
     torch.save(torch.zeros(3), out / "ckpt.pt")
 
 
-def checkpoint_without_optimizer(out, monkeypatch):
+def index_without_file_list(out, monkeypatch):
     ckpt = torch.load(out / "ckpt.pt", weights_only=False)
-    del ckpt["optimizer"]
+    del ckpt["files"]
     torch.save(ckpt, out / "ckpt.pt")
+
+
+def old_single_file_checkpoint(out, monkeypatch):
+    """What train.py wrote before checkpoints were sharded: one file with every tensor inside."""
+    ckpt = torch.load(out / "ckpt.pt", weights_only=False)
+    for key in ("shards", "files", "param_groups"):
+        del ckpt[key]
+    ckpt.update(plumbing.checkpoint_tensors(out))
+    ckpt["checksum"] = plumbing.checksum({k: v for k, v in ckpt.items() if k != "checksum"})
+    shutil.rmtree(out / "ckpt")
+    torch.save(ckpt, out / "ckpt.pt")
+
+
+def step_folder_deleted(out, monkeypatch):
+    shutil.rmtree(out / "ckpt")
+
+
+def shard_file_deleted(out, monkeypatch):
+    next((out / "ckpt").glob("*/__0_*.distcp")).unlink()
+
+
+def shard_folder_is_a_file(out, monkeypatch):
+    shutil.rmtree(out / "ckpt")
+    (out / "ckpt").write_text("not a folder\n")
 
 
 def no_cuda(out, monkeypatch):
@@ -301,7 +327,12 @@ PROBES = [
     ("--resume --steps 4", truncated_checkpoint, 2, "not a readable checkpoint"),
     ("--resume --steps 4", empty_checkpoint, 2, "not a readable checkpoint"),
     ("--resume --steps 4", tensor_checkpoint, 2, "not a train.py checkpoint"),
-    ("--resume --steps 4", checkpoint_without_optimizer, 2, "not a train.py checkpoint"),
+    ("--resume --steps 4", index_without_file_list, 2, "not a train.py checkpoint"),
+    ("--resume --steps 4", old_single_file_checkpoint, 2, "not a train.py checkpoint of this version"),
+    ("--resume --steps 4", step_folder_deleted, 2, "is missing"),
+    ("--resume --steps 4", shard_file_deleted, 2, "cannot be read"),
+    ("--resume --steps 4", shard_folder_is_a_file, 2, "is not the checkpoint's folder"),
+    ("--overwrite", shard_folder_is_a_file, 2, "is not the checkpoint's folder"),
     ("--resume --steps 4 --d-model 32", None, 2, "different model"),
     ("--resume --steps 4 --balancer aux", None, 2, "different model"),
     ("--resume --steps 4 --bias-rate 0.01", None, 2, "different model"),
@@ -328,8 +359,17 @@ def edit_checkpoint(out, change, reseal=False):
 
 
 def flipped_byte_in_a_weight(out, monkeypatch):
-    """One bit of the largest tensor's bytes, inside the zip: torch.load
-    does not check the zip's CRC and reads the damaged weight happily."""
+    """One bit in the middle of the step folder's largest file, a weight's
+    bytes: dcp.load would read the damaged weight happily."""
+    path = max((out / "ckpt").glob("*/*.distcp"), key=lambda p: p.stat().st_size)
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0x40
+    path.write_bytes(bytes(raw))
+
+
+def flipped_byte_in_the_index(out, monkeypatch):
+    """One bit of the index's largest tensor (the RNG state), inside the zip:
+    torch.load does not check the zip's CRC and reads it happily."""
     path = out / "ckpt.pt"
     with zipfile.ZipFile(path) as z:
         entry = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
@@ -348,7 +388,15 @@ def step_edited_by_hand(out, monkeypatch):
 
 
 def weight_edited_by_hand(out, monkeypatch):
-    edit_checkpoint(out, lambda c: next(iter(c["model"].values())).add_(1))
+    """The step folder rewritten by another tool, with one weight changed:
+    a whole, readable checkpoint, but not the one the index names."""
+    whole = plumbing.checkpoint_tensors(out)
+    next(iter(whole["model"].values())).add_(1)
+    folder = plumbing.read_checkpoint(out / "ckpt.pt")["folder"]
+    shutil.rmtree(folder)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        torch.distributed.checkpoint.save(whole, checkpoint_id=folder, no_dist=True)
 
 
 def checkpoint_of_an_older_train_py(out, monkeypatch):
@@ -457,6 +505,7 @@ SECOND_ROUND = [
     ("--resume --steps 4 --stop-at 2", None, 2, "--stop-at 2"),
     # checkpoints that are not what was written
     ("--resume --steps 4", flipped_byte_in_a_weight, 2, "damaged"),
+    ("--resume --steps 4", flipped_byte_in_the_index, 2, "damaged"),
     ("--resume --steps 4", step_edited_by_hand, 2, "damaged"),
     ("--resume --steps 4", weight_edited_by_hand, 2, "damaged"),
     ("--resume --steps 4", checkpoint_without_checksum, 2, "no checksum"),
@@ -947,9 +996,17 @@ def test_reuse_does_not_take_a_run_without_its_log_for_finished(tmp_path):
 # ----------------------------------------------------------------------------
 # 5. Second round, named: what one row of the table cannot show.
 
+def content(path):
+    """A file's sha256, or a folder's: of its files' names and contents."""
+    if path.is_file():
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    return hashlib.sha256(repr([(str(p.relative_to(path)), content(p)) for p in sorted(path.rglob("*"))
+                                if p.is_file()]).encode()).hexdigest()
+
+
 def run_files(out):
-    """The three files of a run folder, by content (missing ones absent)."""
-    return {n: hashlib.sha256((out / n).read_bytes()).hexdigest() for n in plumbing.RUN_FILES if (out / n).exists()}
+    """What a run folder holds (ckpt.pt, ckpt/, log.jsonl, summary.json), by content (missing ones absent)."""
+    return {n: content(out / n) for n in plumbing.RUN_FILES if (out / n).exists()}
 
 
 def assert_one_run(out):
@@ -994,8 +1051,9 @@ def test_overwrite_killed_at_any_moment_leaves_the_old_run_or_a_whole_new_one(fi
         if files == old:
             outcomes.append("old")
         else:
-            assert set(files) == {"ckpt.pt", "log.jsonl"}, files      # interrupted: no summary yet
+            assert set(files) == {"ckpt", "ckpt.pt", "log.jsonl"}, files      # interrupted: no summary yet
             assert_one_run(out)
+            plumbing.load_model(out)                                         # its checkpoint is whole
             outcomes.append("new")
     assert outcomes[0] == "old" and outcomes[-1] == "new", outcomes
 
@@ -1027,11 +1085,16 @@ def test_stale_temporary_files_and_an_unfinished_new_run_are_removed(finished, t
     shutil.copytree(finished, out)
     for name in (".ckpt.pt.k9x1.tmp", ".log.jsonl.a8b2.tmp", ".summary.json.zz.tmp"):
         (out / name).write_bytes(b"\0" * 100)
+    kept = plumbing.read_checkpoint(out / "ckpt.pt")["folder"].name
+    (out / "ckpt" / "step_00000099").mkdir()                # written before a kill stopped its index
+    (out / "ckpt" / "step_00000099" / "__0_0.distcp").write_bytes(b"\0" * 100)
     (out / plumbing.STAGE).mkdir()
     (out / plumbing.STAGE / "log.jsonl").write_text("{}\n")
     (out / "notes.tmp").write_text("mine")                 # not a file of ours: kept
     assert train.main([*TINY, "--steps", "3", "--out", str(out), "--resume"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == [".lock", "ckpt.pt", "log.jsonl", "notes.tmp", "summary.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "ckpt", "ckpt.pt", "log.jsonl", "notes.tmp",
+                                                     "summary.json"]
+    assert [p.name for p in (out / "ckpt").iterdir()] == ["step_00000003"] and kept == "step_00000002"
 
 
 def test_output_flags_take_effect_on_resume(tmp_path):

@@ -19,6 +19,7 @@ import sys
 
 import pytest
 import torch
+import torch.distributed.checkpoint
 
 import plumbing
 import train
@@ -385,16 +386,13 @@ def resume_run(rank, world_size, ep_size, path, load):
     recs = [train.train_step(model, opt, tiny_corpus(), step, args, proc) for step in steps]
     if not load:
         plumbing.save_checkpoint(path, model, opt, RESUME_AT, {"config": vars(args)}, proc)
-    # What gathering one expert tensor hands each rank: all experts on rank 0, nothing elsewhere.
-    gathered = plumbing.gather_experts(model.blocks[0].moe.experts.w13.detach(), proc.mesh)
     # The memory behind each expert tensor's AdamW moments: this rank's share, or the whole loaded tensor?
     moments = [(v.untyped_storage().nbytes(), v.numel() * v.element_size())
                for n, p in model.named_parameters() if is_expert_param(n)
                for k, v in opt.state[p].items() if k.startswith("exp_avg")]
     return {"loss": torch.tensor([r["loss"] for r in recs], dtype=torch.float64),
             "params": {n: p.detach().clone() for n, p in model.named_parameters()},
-            "state": model.strategy_state(),
-            "gathered": None if gathered is None else gathered.shape, "moments": moments}
+            "state": model.strategy_state(), "moments": moments}
 
 
 def wire_run(rank, world_size):
@@ -605,14 +603,42 @@ def test_checkpoint_of_4_ranks_ep_2_resumes_on_1_process(mesh_spawned, mesh_ckpt
     assert_resumed_like_uninterrupted([resume_run(0, 1, None, mesh_ckpt, load=True)], 1, "4 ranks ep 2 -> 1")
 
 
-def test_checkpoint_gathers_experts_on_rank_0_only(mesh_spawned, mesh_ckpt):
-    """Saving gathers within the first expert-parallel group, to rank 0: no
-    other rank ever holds all experts, and the file holds each expert once."""
-    shapes = [r["saved"]["gathered"] for r in mesh_spawned]
-    E = tiny_args("lossfree").n_experts
-    assert shapes[0][0] == E and shapes[1:] == [None] * (MESH_WORLD - 1)
-    ckpt = plumbing.read_checkpoint(mesh_ckpt)
-    assert ckpt["model"]["blocks.0.moe.experts.w13"].shape[0] == E
+@pytest.fixture(scope="module")
+def four_rank_resumed(mesh_spawned, mesh_ckpt):
+    return run_distributed(resume_worker, 4, mesh_ckpt, 4)
+
+
+def test_checkpoint_of_4_ranks_ep_2_resumes_on_4_ranks_ep_4(four_rank_resumed):
+    """Another mesh on the same number of processes: each rank now holds 2
+    experts, rows that two different ranks wrote."""
+    assert_resumed_like_uninterrupted(four_rank_resumed, 4, "4 ranks ep 2 -> 4 ranks ep 4")
+
+
+def test_checkpoint_of_4_ranks_is_per_rank_shards_of_each_writers_own_experts(mesh_spawned, mesh_ckpt):
+    """torch.distributed.checkpoint's metadata says which rows of which
+    tensor each file holds. Every expert tensor (weights and both AdamW
+    moments) is stored as E/ep-row shards, each in the file of a rank that
+    holds those experts, each row once; no file holds all experts; and a
+    replicated tensor is stored once, not once per rank."""
+    E, layout = tiny_args("lossfree").n_experts, MeshLayout(MESH_WORLD, MESH_EP)
+    folder = plumbing.read_checkpoint(mesh_ckpt)["folder"]
+    meta = torch.distributed.checkpoint.FileSystemReader(folder).read_metadata()
+    chunks = {}
+    for where, info in meta.storage_data.items():
+        chunks.setdefault(where.fqn, []).append((where.offset, info.relative_path))
+    expert_keys = [k for k in chunks if is_expert_param(k) and len(chunks[k][0][0])]   # not AdamW's step count
+    assert any(k.startswith("optimizer.") and k.endswith("exp_avg_sq") for k in expert_keys)
+    files = {}
+    for key in expert_keys:
+        rows = sorted(offset[0] for offset, _ in chunks[key])
+        assert rows == list(range(0, E, E // MESH_EP)), (key, rows)       # each shard once
+        for offset, file in chunks[key]:
+            writer = int(file.split("_")[2])                               # __<rank>_<n>.distcp
+            assert offset[0] == layout.experts_of(writer, E).start, (key, offset, file)
+            files.setdefault(file, set()).add(offset[0])
+    assert all(len(rows) < MESH_EP for rows in files.values()), files      # no file holds every expert
+    for key in (k for k in chunks if k not in expert_keys):
+        assert len(chunks[key]) == 1, (key, chunks[key])
 
 
 def test_dispatched_rows_travel_in_the_autocast_dtype(mesh_spawned):

@@ -46,12 +46,14 @@ def test_plan_counts_the_bytes_of_a_hand_computed_mesh():
     # fp32 weights, gradients and two AdamW moments of this GPU's share.
     assert p["param_bytes_per_gpu"] == p["grad_bytes_per_gpu"] == 4 * (REPLICATED + 98304) == 677120
     assert p["adam_bytes_per_gpu"] == 2 * 677120
-    # The file: weights and moments (12 bytes) of everything, plus lossfree's
-    # bias (2 layers x 8 fp32). Rank 1 sends its 4 experts' 12 bytes each.
-    assert p["ckpt_file_bytes"] == 12 * (REPLICATED + 196608) + 2 * 8 * 4 == 3211072
-    assert p["ckpt_sent_per_gpu"] == p["ckpt_received_rank0"] == 12 * 98304
-    assert not p["ckpt_gather_crosses_nodes"]
-    assert p["ckpt_resume_read_bytes"] == 4 * 3211072          # every rank reads the whole file
+    # The folder: weights and moments (12 bytes) of everything, plus lossfree's
+    # bias (2 layers x 8 fp32): 2 expert shards of one rank's 4 experts, and
+    # the replicated state. A resuming rank reads its shard and the replicated state.
+    assert p["ckpt_bytes"] == 12 * (REPLICATED + 196608) + 2 * 8 * 4 == 3211072
+    assert p["ckpt_shard_bytes"] == 12 * 98304
+    assert p["ckpt_replicated_bytes"] == 12 * REPLICATED + 64
+    assert 2 * p["ckpt_shard_bytes"] + p["ckpt_replicated_bytes"] == p["ckpt_bytes"]
+    assert p["ckpt_resume_read_bytes"] == 4 * (12 * 98304 + 12 * REPLICATED + 64)
 
 
 def test_plan_sends_the_exchange_over_infiniband_when_a_row_spans_nodes():
@@ -61,7 +63,6 @@ def test_plan_sends_the_exchange_over_infiniband_when_a_row_spans_nodes():
     assert p["tokens_per_micro_step"] == 256
     assert (p["a2a_bytes_per_layer_nvlink"], p["a2a_bytes_per_layer_ib"]) == (0, 4 * 512 * 64 * 2 // 2)
     assert p["allreduce_expert_bytes"] == 0 and p["dp_size"] == 1
-    assert p["ckpt_gather_crosses_nodes"]
 
 
 def test_plan_times_are_bytes_over_the_one_way_rate():

@@ -224,17 +224,24 @@ def test_out_names_where_the_page_goes(runs, tmp_path):
     assert (tmp_path / "mine.html").is_file()
 
 
-def two_process_run(rank, world_size, out):
-    return train.main(["--preset", "tiny", "--steps", "2", "--val-seqs", "1", "--out", out])
+def mesh_run(rank, world_size, out):
+    return train.main(["--preset", "tiny", "--steps", "2", "--val-seqs", "1", "--ep-size", "2", "--out", out])
 
 
-def test_a_checkpoint_of_a_two_process_run_samples_on_one_process(tmp_path, capsys):
-    assert run_distributed(two_process_run, 2, str(tmp_path / "two")) == [0, 0]
+def test_a_checkpoint_of_a_four_process_mesh_samples_and_shows_routing_on_one_process(tmp_path, capsys):
+    """4 processes as 2 x 2 write per-rank shards; one process reads them
+    all back into the whole model, for sample.py and show_routing.py."""
+    run = tmp_path / "mesh"
+    assert run_distributed(mesh_run, 4, str(run)) == [0, 0, 0, 0]
     capsys.readouterr()
-    assert plumbing.load_model(tmp_path / "two")[1]["args"]["balancer"] == "lossfree"
-    assert sample.main([str(tmp_path / "two"), "--tokens", "50"]) == 0
+    model, ckpt = plumbing.load_model(run)
+    assert ckpt["args"]["balancer"] == "lossfree" and ckpt["args"]["ep_size"] == 2
+    assert model.blocks[0].moe.experts.w13.shape[0] == model.cfg.n_experts
+    assert sample.main([str(run), "--tokens", "50"]) == 0
     out = capsys.readouterr()
     assert "50 bytes from" in out.err and out.out
+    assert show_routing.main([str(run / "ckpt.pt"), "--out", str(tmp_path / "page")]) == 0
+    assert (tmp_path / "page.html").is_file()
 
 
 # ----------------------------------------------------------------------------
