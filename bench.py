@@ -697,18 +697,27 @@ def ckpt_worker(rank, world_size, ep_size, folder, load):
             "own_expert_state_mb": expert_state_bytes(model) / 2**20}
 
 
-# (name, processes, ep size, resume?, folder): save on 4 processes at ep 4
-# and at 2 x 2; resume the first on 4, 2 and 1.
+# (name, processes, ep size, resume?, folder): save on 4 processes at ep 4,
+# at 2 x 2 and on 1 process; resume the first on 4, 2 and 1, and the others
+# on 4 at ep 4. dcp reads each stored shard whole before it keeps the rows a
+# rank needs, so resuming from fewer, larger shards costs a rank, for a
+# moment, a stored shard of one tensor (from 1 process: one whole tensor).
 CKPT_CASES = (("save 4 ranks ep 4", 4, 4, False, "a"), ("save 4 ranks 2x2", 4, 2, False, "b"),
+              ("save 1 process", 1, 1, False, "c"),
               ("resume 4 ranks ep 4", 4, 4, True, "a"), ("resume 2 ranks ep 2", 2, 2, True, "a"),
-              ("resume 1 process", 1, 1, True, "a"))
+              ("resume 1 process", 1, 1, True, "a"),
+              ("resume 4 ranks ep 4 from 2x2", 4, 4, True, "b"), ("resume 4 ranks ep 4 from 1", 4, 4, True, "c"))
 
 
 def bench_checkpoint_memory(cases=CKPT_CASES):
-    whole = expert_state_bytes(GPT(train.model_config(train.parse_args(CKPT_MODEL)))) / 2**20
-    report = {"all_expert_state_mb": whole, "model_flags": " ".join(CKPT_MODEL), "runs": {}}
+    model = GPT(train.model_config(train.parse_args(CKPT_MODEL)))
+    whole = expert_state_bytes(model) / 2**20
+    largest = max(p.numel() * p.element_size() for n, p in model.named_parameters() if is_expert_param(n)) / 2**20
+    report = {"all_expert_state_mb": whole, "largest_expert_tensor_mb": largest, "model_flags": " ".join(CKPT_MODEL),
+              "runs": {}}
     print(f"how far each rank's resident memory rises while it saves or resumes; all experts' state "
-          f"(weights and AdamW moments) is {whole:.0f} MB\n  (train.py {' '.join(CKPT_MODEL)})")
+          f"(weights and AdamW moments) is {whole:.0f} MB, the largest expert tensor {largest:.0f} MB\n"
+          f"  (train.py {' '.join(CKPT_MODEL)})")
     with tempfile.TemporaryDirectory() as tmp:
         for name, world, ep, load, folder in cases:
             if world == 1:
@@ -716,9 +725,9 @@ def bench_checkpoint_memory(cases=CKPT_CASES):
             else:
                 ranks = plumbing.spawn(ckpt_worker, world, ep, str(Path(tmp) / folder), load, timeout=300)
             report["runs"][name] = ranks
-            print(f"  {name:20s} " + " | ".join(f"rank {r}: +{x['rise_mb']:.0f} MB (own experts {x['own_expert_state_mb']:.0f})"
+            print(f"  {name:28s} " + " | ".join(f"rank {r}: +{x['rise_mb']:.0f} MB (own experts {x['own_expert_state_mb']:.0f})"
                                                for r, x in enumerate(ranks)), flush=True)
-    distributed = [x for name, ranks in report["runs"].items() if "1 process" not in name for x in ranks]
+    distributed = [x for name, ranks in report["runs"].items() if len(ranks) > 1 for x in ranks]
     report["headline"] = {"worst_rise_over_own_expert_state": max(x["rise_mb"] / x["own_expert_state_mb"] for x in distributed),
                           "worst_rise_over_all_expert_state": max(x["rise_mb"] for x in distributed) / whole}
     return report

@@ -272,7 +272,8 @@ def train_one(run_dir, argv, state, launcher):
     if state == "new":
         for stale in ("summary.json", "extra.json", "ckpt.pt", "log.jsonl"):
             (run_dir / stale).unlink(missing_ok=True)
-        shutil.rmtree(run_dir / "ckpt", ignore_errors=True)
+        for folder in ("ckpt", plumbing.STAGE, plumbing.SWAP):   # a swap left half done would bring an old run back
+            shutil.rmtree(run_dir / folder, ignore_errors=True)
     (run_dir / "run.json").write_text(json.dumps({"argv": argv}))
     flags = argv + ["--out", str(run_dir)] + (["--resume"] if state == "resume" else [])
     start = time.time()

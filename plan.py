@@ -22,7 +22,8 @@ Per step and per GPU it prints:
                (torch.distributed.checkpoint): weights and AdamW moments,
                each expert shard written once by a rank that holds it, the
                replicated tensors once; on resume every rank reads its own
-               experts and the replicated tensors, nothing else
+               experts and the replicated tensors. Both times the folder is
+               read once more, shared out among the ranks, for its sha256s
   memory       fp32 weights, gradients and the two AdamW moments of one
                GPU's share (activations not included)
 and the seconds those bytes take. The links are stated, not measured:
@@ -126,6 +127,7 @@ def plan(cfg, batch_size, grad_accum, nodes, gpus_per_node, ep_size):
         ckpt_shard_bytes=(PARAM_BYTES + ADAM_BYTES) * local_experts,   # one ep rank's experts
         ckpt_replicated_bytes=(PARAM_BYTES + ADAM_BYTES) * replicated + buffers,
         ckpt_resume_read_bytes=W * ((PARAM_BYTES + ADAM_BYTES) * (replicated + local_experts) + buffers),
+        ckpt_hash_read_bytes=(PARAM_BYTES + ADAM_BYTES) * (replicated + all_experts) + buffers,   # save and resume
         flops_per_gpu=tokens * grad_accum * (6 * model.active_params() + 6 * cfg.n_layers * cfg.seq_len * cfg.d_model),
     )
 
@@ -141,8 +143,8 @@ def times(p, links):
         allreduce=p["allreduce_replicated_bytes"] / rate(p["allreduce_replicated_crosses_nodes"])
         + p["allreduce_expert_bytes"] / rate(p["allreduce_expert_crosses_nodes"]),
         compute=p["flops_per_gpu"] / (links.tflops * 1e12 * links.mfu),
-        ckpt_write=p["ckpt_bytes"] / (links.fs_GBps * 1e9),
-        ckpt_resume=p["ckpt_resume_read_bytes"] / (links.fs_GBps * 1e9),
+        ckpt_write=(p["ckpt_bytes"] + p["ckpt_hash_read_bytes"]) / (links.fs_GBps * 1e9),
+        ckpt_resume=(p["ckpt_resume_read_bytes"] + p["ckpt_hash_read_bytes"]) / (links.fs_GBps * 1e9),
     )
 
 
@@ -185,7 +187,7 @@ def report(p, t, cfg, args, links):
         f"  checkpoint   a folder of {size(p['ckpt_bytes'])}: {ep} expert shards of {size(p['ckpt_shard_bytes'])}, "
         f"each written by one of its {dp} holder(s), and {size(p['ckpt_replicated_bytes'])} of replicated "
         f"state written once; on resume each GPU reads its own experts and the replicated state, "
-        f"{size(p['ckpt_resume_read_bytes'])} in all",
+        f"{size(p['ckpt_resume_read_bytes'])} in all; the sha256s read the folder once more on each",
         f"  memory       weights {size(p['param_bytes_per_gpu'])}, gradients {size(p['grad_bytes_per_gpu'])}, "
         f"AdamW moments {size(p['adam_bytes_per_gpu'])} (saving gathers no copy: "
         f"bench.py --checkpoint-memory)",

@@ -13,8 +13,9 @@ loses work lives here, in the order a run meets it:
                   summary.json; a run id in all three, and a new run that
                   replaces an old one only at its first checkpoint
   3. checkpoints  torch.distributed.checkpoint's per-rank shards (each rank
-                  writes and reads only its own experts), resharded so any
-                  number of processes and any --ep-size can resume; only
+                  writes only its own experts, and keeps only their rows
+                  when it reads), resharded so any number of processes and
+                  any --ep-size can resume; only
                   from a finite state, kill-safe, and checksums verified
                   before anything is loaded
   4. StopFlag     SIGTERM or Ctrl-C: finish the step, save, exit (every rank
@@ -254,7 +255,7 @@ def write_atomic(path, write):
         full = disk_is_full(path.parent, e)    # asked before the temporary file frees its space
         if os.path.exists(tmp):
             os.unlink(tmp)
-        if full or isinstance(e, OSError):
+        if full or isinstance(e, (OSError, RuntimeError)):      # RuntimeError: torch.save's C++ writer
             raise cannot_write(path, e, full) from None
         raise
 
@@ -283,7 +284,7 @@ def share_failure(proc, write, what):
         raise error or ValueError(f"rank 0 could not write {what} (rank 0's line says why)")
 
 
-STAGE, SWAP = ".next", ".swap"                          # folders inside OUT, see RunDir
+STAGE, SWAP, MOVES = ".next", ".swap", "MOVES"          # folders inside OUT, and the swap's list; see RunDir
 RUN_FILES = ("summary.json", "log.jsonl", "ckpt", "ckpt.pt")   # in the order a swap replaces them
 
 
@@ -377,13 +378,7 @@ class RunDir:
         for name in RUN_FILES:
             for tmp in self.out.glob(f".{name}.*.tmp"):
                 tmp.unlink()
-        if self.shards.is_dir():
-            try:
-                keep = open_checkpoint(self.ckpt)["folder"]
-            except ValueError:
-                keep = None                    # no index to go by: leave the folders alone
-            if keep is not None and keep.parent == self.shards:
-                remove_folders_but(self.shards, keep.name)
+        self.prune_step_folders()
         stage = self.out / STAGE
         if stage.is_dir() and not stage.is_symlink():
             shutil.rmtree(stage)
@@ -391,19 +386,45 @@ class RunDir:
             stage.unlink()
 
     def finish_swap(self):
-        """Move a committed new run's files over the old ones (see the class)."""
+        """Move a committed new run's files over the old ones (see the class).
+        Safe to repeat after a kill at any point: .swap/MOVES names what the
+        new run brought, so a name missing from .swap was moved already (and
+        is kept), while an old file the new run has no counterpart for yet
+        (summary.json) is removed. The new step folder joins the old ones in
+        ckpt/ (the names never collide), so until the new index replaces the
+        old one, the old index still names a whole folder."""
         swap = self.out / SWAP
         if not swap.is_dir():
             return
+        try:
+            brought = json.loads((swap / MOVES).read_text())
+        except (OSError, ValueError):
+            brought = [n for n in RUN_FILES if (swap / n).exists()]   # a swap written by an older train.py
         for name in RUN_FILES:
             src, dst = swap / name, self.out / name
-            if src.exists():
-                if dst.is_dir() and not dst.is_symlink():
-                    shutil.rmtree(dst)         # the old ckpt/: a folder cannot be renamed over a folder
+            if name == "ckpt" and src.is_dir():
+                dst.mkdir(exist_ok=True)
+                for folder in sorted(src.iterdir()):
+                    os.replace(folder, dst / folder.name)
+            elif src.exists():
                 os.replace(src, dst)
-            elif dst.is_file():
+            elif name not in brought and dst.is_file():
                 dst.unlink()                   # the old run's: the new one has none yet
+        self.prune_step_folders()
         shutil.rmtree(swap)
+
+    def prune_step_folders(self):
+        """Remove the step folders in ckpt/ that the index does not name:
+        written before a kill stopped their index, or a replaced run's. With
+        no readable index, nothing is removed."""
+        if not self.shards.is_dir() or self.shards.is_symlink():
+            return
+        try:
+            keep = open_checkpoint(self.ckpt)["folder"]
+        except ValueError:
+            return
+        if keep.parent == self.shards:
+            remove_folders_but(self.shards, keep.name)
 
     def target(self, name):
         """Where this run writes `name` now: OUT, or OUT/.next until its first checkpoint."""
@@ -415,6 +436,8 @@ class RunDir:
         def swap():
             if self.stage:
                 try:
+                    brought = [n for n in RUN_FILES if (self.stage / n).exists()]
+                    write_atomic(self.stage / MOVES, lambda f: f.write(json.dumps(brought).encode()))
                     os.replace(self.stage, self.out / SWAP)    # from here on the new run is the run
                     self.stage = None
                     self.finish_swap()                         # the log's open file moves with it
@@ -525,19 +548,26 @@ def open_run_dir(out, proc, resume, overwrite):
 #                            optimizer's settings, the folder's name, a sha256
 #                            of each file in it, and a checksum of itself
 #
-# No rank holds more than its own experts, saving or loading. An expert
-# tensor is handed over as a DTensor (this rank's rows of the whole tensor,
-# sharded over ep, replicated over dp), so the files record which rows they
-# hold, and a resume reshards: each rank reads just the rows of the experts
-# it holds in its own mesh, whatever mesh wrote them.
+# No rank ever gathers another rank's experts. An expert tensor is handed
+# over as a DTensor (this rank's rows of the whole tensor, sharded over ep,
+# replicated over dp), so the files record which rows they hold, and a resume
+# reshards: each rank keeps just the rows of the experts it holds in its own
+# mesh, whatever mesh wrote them. (dcp reads a stored shard whole before it
+# keeps the rows, so resuming from a checkpoint of fewer ranks costs, for a
+# moment, one stored shard of one tensor more.)
 #
-# The order makes it kill-safe: the folder is complete before the index names
-# it, and the previous folder is removed only after that, so a kill at any
-# moment leaves an index naming a whole folder. And only a finite state is
+# The order makes it kill-safe: the folder (under a name no other save uses)
+# is complete before the index names it, and the previous folder is removed
+# only after that, so a kill at any moment leaves an index naming a whole
+# folder; RunDir's swap keeps that true when a new run replaces an old one. And only a finite state is
 # ever written: NaN weights would replace the last good checkpoint, and every
 # resume from it would fail again.
 
-STEP_FOLDER = "step_{:08d}"
+def step_folder(step):
+    """A new step folder's name: the step, and a random tag, so that no two
+    saves ever write into the same folder (a resumed run saving a step again,
+    two runs swapping one folder for the other)."""
+    return f"step_{step:08d}.{uuid.uuid4().hex[:8]}"
 
 
 def shard_root(index):
@@ -586,11 +616,12 @@ def save_checkpoint(path, model, opt, step, meta, proc):
     if not is_finite_state(model, opt, proc):
         raise FloatingPointError(f"the weights or optimizer state became NaN or infinite by step {step}; "
                                  f"{path} keeps the last good state. Try a lower --lr")
-    path = Path(proc.share(str(path)))        # rank 0's: a new run writes into OUT/.next at first
-    folder = shard_root(path) / STEP_FOLDER.format(step)
-    share_failure(proc, lambda: empty_folder(folder, path), str(folder))
-    write_shards(checkpoint_state(model, opt, proc.mesh), folder, path, proc)
-    index = {"shards": f"{folder.parent.name}/{folder.name}", "files": hash_files(folder, shard_files(folder), proc),
+    # Rank 0's path (a new run writes into OUT/.next at first) and folder name.
+    path, name = proc.share((Path(path), step_folder(step)))
+    folder = shard_root(path) / name
+    share_failure(proc, lambda: new_folder(folder, path), str(folder))
+    written = write_shards(checkpoint_state(model, opt, proc.mesh), folder, path, proc)
+    index = {"shards": f"{folder.parent.name}/{folder.name}", "files": hash_files(folder, shard_files(written), proc),
              "param_order": param_names(model, opt), "param_groups": opt.state_dict()["param_groups"],
              "step": step, "rng": torch.get_rng_state(), **meta}
     share_failure(proc, lambda: write_checkpoint(path, index), str(path))
@@ -598,12 +629,8 @@ def save_checkpoint(path, model, opt, step, meta, proc):
         remove_folders_but(folder.parent, folder.name)
 
 
-def empty_folder(folder, index):
-    """A step folder to write into: a run that was killed after writing this
-    step's folder, before its index, left one behind."""
+def new_folder(folder, index):
     try:
-        if folder.exists():
-            shutil.rmtree(folder)
         folder.mkdir(parents=True)
     except OSError as e:
         raise cannot_write(index, e) from None
@@ -611,34 +638,48 @@ def empty_folder(folder, index):
 
 def remove_folders_but(root, keep):
     """Everything in `root` but `keep`: older step folders, and those of
-    checkpoints that a kill stopped before their index was written."""
-    for p in root.iterdir():
-        if p.name != keep:
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p, ignore_errors=True)
-            else:
-                p.unlink(missing_ok=True)
+    checkpoints that a kill stopped before their index was written. Best
+    effort: what cannot be removed now, the next run's start removes."""
+    try:
+        for p in root.iterdir():
+            if p.name != keep:
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
+def first_failure(e, proc):
+    """The error of the lowest failing rank in a CheckpointException (dcp
+    gathers every rank's, and raises the same on all of them), and which
+    rank it was, as words to put before a message. Out of memory stays
+    itself, for cli's line."""
+    rank, (error, _) = min(e.failures.items())
+    if isinstance(error, MemoryError) or "out of memory" in str(error).lower():
+        raise MemoryError(f"out of memory on rank {rank} while reading or writing a checkpoint") from None
+    return error, (f"rank {rank}: " if proc.world_size > 1 else "")
 
 
 def write_shards(state, folder, index, proc):
     """dcp.save: every rank writes its part of `state` into `folder` (and a
     tensor that several ranks hold, only one of them). A write that fails on
-    any rank fails on all of them (dcp gathers the errors), as one line."""
+    any rank fails on all of them, as one line. Returns the metadata of the
+    whole folder, on every rank."""
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.save(state, storage_writer=dcp.FileSystemWriter(folder), no_dist=proc.world_size == 1)
+            return dcp.save(state, storage_writer=dcp.FileSystemWriter(folder), no_dist=proc.world_size == 1)
     except CheckpointException as e:
-        rank, (error, _) = min(e.failures.items())
         if proc.main:
             shutil.rmtree(folder, ignore_errors=True)    # a half-written folder is of no use
-        why = cannot_write(index, error)
-        raise ValueError(f"rank {rank}: {why}" if proc.world_size > 1 else str(why)) from None
+        error, who = first_failure(e, proc)
+        raise ValueError(f"{who}{cannot_write(index, error)}") from None
 
 
-def shard_files(folder):
-    """The files a step folder consists of, from its own metadata."""
-    meta = dcp.FileSystemReader(folder).read_metadata()
+def shard_files(meta):
+    """The files a step folder consists of, from its metadata."""
     return sorted({s.relative_path for s in meta.storage_data.values()}) + [".metadata"]
 
 
@@ -677,9 +718,6 @@ def verify_shards(ckpt, proc):
     for byte (a flipped bit in a weight loads without complaint otherwise).
     (Collective.)"""
     folder, stored = ckpt["folder"], ckpt["files"]
-    if not folder.is_dir():
-        raise ValueError(f"{folder}, the folder its index names, is missing: restore it, or start over "
-                         f"with --overwrite")
     found = hash_files(folder, sorted(stored), proc)
     bad = [name for name in sorted(stored) if found[name] != stored[name]]
     if bad:
@@ -769,18 +807,36 @@ def read_checkpoint(path):
         raise ValueError(f"--resume: {e}") from None
 
 
-def check_fits(folder, state, what):
+def read_metadata(folder, proc):
+    """The step folder's metadata (every tensor's whole shape, and which rows
+    each file holds), read by rank 0 and shared, so that every rank decides
+    alike. (Collective.)"""
+    meta = error = None
+    if proc.main:
+        if not folder.is_dir():
+            error = f"{folder}, the folder its index names, is missing: restore it, or start over with --overwrite"
+        else:
+            try:
+                meta = dcp.FileSystemReader(folder).read_metadata()
+            except Exception as e:  # a missing, truncated or foreign .metadata
+                error = (f"{folder} has no readable metadata ({type(e).__name__}): restore it, or start over "
+                         f"with --overwrite")
+    meta, error = proc.share((meta, error))
+    if error:
+        raise ValueError(error)
+    return meta.state_dict_metadata
+
+
+def check_fits(meta, state, what):
     """The step folder holds exactly the tensors `state` has, of the same
     whole shapes: dcp would skip a tensor the model does not have, without
     a word."""
-    meta = dcp.FileSystemReader(folder).read_metadata().state_dict_metadata
     saved = {k: tuple(m.size) for k, m in meta.items() if k.startswith("model.")}
     wanted = {f"model.{k}": tuple(v.shape) for k, v in state.items()}
     for k in sorted(set(saved) | set(wanted)):
         if saved.get(k) != wanted.get(k):
             raise ValueError(f"{what} does not fit this model ({k[len('model.'):]}: "
                              f"{saved.get(k, 'absent')} in the checkpoint, {wanted.get(k, 'absent')} here)")
-    return meta
 
 
 def optimizer_targets(model, opt, meta, mesh):
@@ -799,10 +855,16 @@ def optimizer_targets(model, opt, meta, mesh):
 
 
 def read_shards(state, folder, proc):
-    """dcp.load into `state`, in place: each rank reads the rows it holds."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, storage_reader=dcp.FileSystemReader(folder), no_dist=proc.world_size == 1)
+    """dcp.load into `state`, in place: each rank reads the rows it holds.
+    A read that fails on any rank fails on all of them, as one line."""
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, storage_reader=dcp.FileSystemReader(folder), no_dist=proc.world_size == 1)
+    except CheckpointException as e:
+        error, who = first_failure(e, proc)
+        raise ValueError(f"{who}{folder} cannot be read ({getattr(error, 'strerror', None) or first_line(error)}): "
+                         f"restore it, or start over with --overwrite") from None
 
 
 def load_checkpoint(ckpt, model, opt, proc):
@@ -810,11 +872,12 @@ def load_checkpoint(ckpt, model, opt, proc):
     a silently fresh one), optimizer and RNG from a read index. (Collective.)"""
     mesh, folder = proc.mesh, ckpt["folder"]
     try:
+        meta = read_metadata(folder, proc)
         verify_shards(ckpt, proc)
         if ckpt["param_order"] != param_names(model, opt):
             raise ValueError(f"{folder} does not fit this model (its parameters differ)")
         state = {"model": {k: as_global(k, v, mesh) for k, v in model.state_dict().items()}}
-        meta = check_fits(folder, state["model"], str(folder))
+        check_fits(meta, state["model"], str(folder))
         state["optimizer"] = optimizer_targets(model, opt, meta, mesh)
         read_shards(state, folder, proc)              # the model's own tensors are filled in place
     except ValueError as e:
@@ -830,12 +893,17 @@ def checkpoint_tensors(path):
     """Every tensor of a checkpoint, whole, on one process: {"model": ...,
     "optimizer": {name: {"exp_avg": ...}}}, for looking inside one. (PyTorch's
     own converter, which also runs from the shell: python -m
-    torch.distributed.checkpoint.format_utils dcp_to_torch_save FOLDER FILE.)"""
-    folder = open_checkpoint(path)["folder"]
+    torch.distributed.checkpoint.format_utils dcp_to_torch FOLDER FILE.)"""
+    ckpt, proc = open_checkpoint(path), Proc()
+    read_metadata(ckpt["folder"], proc)
+    verify_shards(ckpt, proc)
     with tempfile.TemporaryDirectory() as tmp:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp_to_torch_save(folder, Path(tmp) / "whole.pt")
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+                dcp_to_torch_save(ckpt["folder"], Path(tmp) / "whole.pt")
+        except (CheckpointException, OSError) as e:
+            raise ValueError(f"{ckpt['folder']} cannot be read whole here ({type(e).__name__})") from None
         return torch.load(Path(tmp) / "whole.pt", weights_only=False)
 
 
@@ -849,6 +917,7 @@ def load_model(path):
     from balancers import BalanceConfig
     from moe import GPT, GPTConfig
     ckpt, proc = open_checkpoint(path), Proc()
+    meta = read_metadata(ckpt["folder"], proc)
     verify_shards(ckpt, proc)
     try:
         c = ckpt["config"]
@@ -857,7 +926,7 @@ def load_model(path):
         why = " ".join(str(e).split())[:160]
         raise ValueError(f"{ckpt['folder']} does not fit this version of moe.py ({why})") from None
     state = {"model": model.state_dict()}
-    check_fits(ckpt["folder"], state["model"], f"{ckpt['folder']} (this version of moe.py)")
+    check_fits(meta, state["model"], f"{ckpt['folder']} (this version of moe.py)")
     read_shards(state, ckpt["folder"], proc)
     return model.eval(), ckpt
 

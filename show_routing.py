@@ -39,9 +39,9 @@ Choices worth knowing:
     data.val_batches tops up its last batch). Token choice does not notice;
     under expert choice a byte's experts depend on the other tokens of its
     group, so the page shows the routing this particular batch gets.
-  - Checkpoints hold every expert (train.py gathers them before saving), so
-    the model is rebuilt with world_size=1 whatever world size trained it,
-    and everything runs on the CPU in seconds.
+  - plumbing.load_model reads every rank's shard of a checkpoint, so the
+    model is rebuilt with world_size=1 whatever world size trained it, and
+    everything runs on the CPU in seconds.
 """
 
 import argparse

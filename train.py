@@ -125,7 +125,7 @@ def parse_args(argv=None):
                    help="stop after step N with a checkpoint, as if interrupted (continue with --resume)")
     preset_flag(g, "eval_every", int, "evaluate every N steps (0: only at the end)")
     preset_flag(g, "log_every", int, "write a log.jsonl line every N steps")
-    preset_flag(g, "ckpt_every", int, "write ckpt.pt every N steps (and at every evaluation and the end)")
+    preset_flag(g, "ckpt_every", int, "write a checkpoint every N steps (and at every evaluation and the end)")
     preset_flag(g, "val_seqs", int, "validation windows per domain (the whole split if it has fewer)")
     g = p.add_argument_group("strategy knobs (each strategy reads only its own; balancers.py)")
     for f in fields(BalanceConfig):
@@ -544,8 +544,8 @@ def train(args, cfg, proc, run, corpus):
         meta["run_id"] = ckpt["run_id"]
         # Finished means this run's summary was written too: a run that died
         # between its final checkpoint and summary.json (a full disk) gets it
-        # now, from that checkpoint, without training. Rank 0 alone may see
-        # the folder (nodes without a shared disk), so it decides for all.
+        # now, from that checkpoint, without training. Rank 0 alone reads
+        # summary.json, so it decides for all.
         done = proc.main and ckpt["step"] == args.steps and run.summary_run_id() == ckpt["run_id"]
         if proc.agree(done):
             proc.log(f"{args.out} finished all {ckpt['step']} steps already (see {run.summary}); nothing "
@@ -612,7 +612,8 @@ def train(args, cfg, proc, run, corpus):
              f"ppl {summary['val_ppl']:.3f} | MaxVio_global {summary['maxvio_global']:.3f} | "
              f"specialisation {summary['specialization']:.3f} | causal leak {summary['causal_leak']:.2e}")
     proc.log(against_unigram(summary["val_loss"], summary["unigram_loss"], args.steps))
-    proc.log(f"results in {args.out}/: summary.json, log.jsonl, ckpt.pt (raise --steps and add --resume to go on)")
+    proc.log(f"results in {args.out}/: summary.json, log.jsonl, the checkpoint ckpt.pt + ckpt/ "
+             f"(raise --steps and add --resume to go on)")
     return 0
 
 

@@ -216,6 +216,11 @@ def shard_file_deleted(out, monkeypatch):
     next((out / "ckpt").glob("*/__0_*.distcp")).unlink()
 
 
+def metadata_garbled(out, monkeypatch):
+    """The step folder's .metadata (which rows of which tensor each file holds) overwritten."""
+    next((out / "ckpt").glob("*/.metadata")).write_bytes(b"garbage")
+
+
 def shard_folder_is_a_file(out, monkeypatch):
     shutil.rmtree(out / "ckpt")
     (out / "ckpt").write_text("not a folder\n")
@@ -331,6 +336,7 @@ PROBES = [
     ("--resume --steps 4", old_single_file_checkpoint, 2, "not a train.py checkpoint of this version"),
     ("--resume --steps 4", step_folder_deleted, 2, "is missing"),
     ("--resume --steps 4", shard_file_deleted, 2, "cannot be read"),
+    ("--resume --steps 4", metadata_garbled, 2, "no readable metadata"),
     ("--resume --steps 4", shard_folder_is_a_file, 2, "is not the checkpoint's folder"),
     ("--overwrite", shard_folder_is_a_file, 2, "is not the checkpoint's folder"),
     ("--resume --steps 4 --d-model 32", None, 2, "different model"),
@@ -718,7 +724,11 @@ def test_a_full_disk_is_one_line_leaves_no_tmp_and_keeps_the_previous_checkpoint
     assert "disk" in err and "full" in err and "--resume" in err
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
     assert (out / "ckpt.pt").read_bytes() == ckpt_before
-    monkeypatch.setattr(torch, "save", real_save)   # space freed: the run goes on
+    names = [p.name for p in (out / "ckpt").iterdir()]
+    assert len(names) == 1 and names[0].startswith("step_00000002.")         # the half-written step 3 is gone
+    monkeypatch.setattr(torch, "save", real_save)
+    assert plumbing.load_model(out)[1]["step"] == 2                           # and step 2 is whole
+    # space freed: the run goes on
     assert run_cli(monkeypatch, capsys, *TINY, "--steps", "4", "--out", out, "--resume")[0] == 0
     assert log_steps(out) == [1, 2, 3, 4]
 
@@ -895,6 +905,40 @@ def test_under_torchrun_a_bad_argument_stops_every_rank_with_one_line(tmp_path):
     assert not out.exists()                     # refused before anything was written
 
 
+def test_a_shard_that_fails_to_read_is_one_line(tmp_path, monkeypatch, capsys):
+    """An I/O error inside torch.distributed.checkpoint's reader (after the
+    sha256s passed: a disk going bad, a network filesystem dropping out)
+    reaches the user as one line, not as dcp's CheckpointException."""
+    out = tmp_path / "run"
+    assert train.main([*TINY, "--steps", "4", "--out", str(out), "--stop-at", "2"]) == 0
+
+    def failing(self, plan, planner):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+    monkeypatch.setattr(torch.distributed.checkpoint.FileSystemReader, "read_data", failing)
+    status, _, err = run_cli(monkeypatch, capsys, *TINY, "--steps", "4", "--out", out, "--resume")
+    assert status == 2 and "Traceback" not in err
+    assert error_lines(err) == [err.strip().splitlines()[-1]] and "cannot be read" in err, err
+
+
+def test_under_torchrun_a_missing_shard_of_another_rank_stops_every_rank_with_one_line(tmp_path):
+    """Rank 1's file of a 2-process checkpoint is gone: the sha256 pass is
+    shared out among the ranks, and a file one rank cannot read stops both
+    with the same line, instead of leaving the other waiting in a collective."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *TINY,
+           "--steps", "4", "--out", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    assert subprocess.run(cmd + ["--stop-at", "2"], cwd=ROOT, env=env, capture_output=True, timeout=180).returncode == 0
+    next((out / "ckpt").glob("*/__1_*.distcp")).unlink()
+    start = time.time()
+    res = subprocess.run(cmd + ["--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert res.returncode != 0 and time.time() - start < 60
+    assert res.stderr.count("error: --resume:") == 1 and "cannot be read" in res.stderr, res.stderr[-2000:]
+    # torchrun's launcher adds a traceback of its own (ChildFailedError); a
+    # worker's would pass through plumbing.py.
+    assert "plumbing.py" not in res.stderr, res.stderr[-2000:]
+
+
 # ----------------------------------------------------------------------------
 # 4. The other entry points: the same standard (one line, exit 2, nothing
 #    written: not in the probe's folder, not in results/ or the README).
@@ -1058,26 +1102,49 @@ def test_overwrite_killed_at_any_moment_leaves_the_old_run_or_a_whole_new_one(fi
     assert outcomes[0] == "old" and outcomes[-1] == "new", outcomes
 
 
-def test_an_interrupted_swap_is_finished_by_the_next_run(finished, tmp_path, monkeypatch):
-    """A kill between the renames that replace an old run's files: the next
-    run in the folder completes the swap before anything else."""
+def swap_interrupted_at(moment):
+    """os.replace and shutil.rmtree that stop (as a kill would) at one moment
+    of RunDir.finish_swap: before it moves the log, the new step folder, the
+    index, or before it removes the emptied .swap."""
+    real_replace, real_rmtree = os.replace, shutil.rmtree
+
+    def replace(src, dst):
+        src = Path(src)
+        if {"log": src.name == "log.jsonl" and src.parent.name == plumbing.SWAP,
+                "step folder": src.parent.name == "ckpt" and src.parent.parent.name == plumbing.SWAP,
+                "index": src.name == "ckpt.pt" and src.parent.name == plumbing.SWAP}.get(moment):
+            raise KeyboardInterrupt
+        return real_replace(src, dst)
+
+    def rmtree(path, *a, **k):
+        if moment == "cleanup" and Path(path).name == plumbing.SWAP:
+            raise KeyboardInterrupt
+        return real_rmtree(path, *a, **k)
+    return replace, rmtree
+
+
+@pytest.mark.parametrize("moment", ["log", "step folder", "index", "cleanup"])
+def test_a_swap_interrupted_at_any_moment_is_finished_by_the_next_run(finished, tmp_path, monkeypatch, moment):
+    """A kill between the renames that replace an old run's files, at each of
+    them: meanwhile the folder's index names a whole checkpoint (the old one
+    or the new one: a reader such as sample.py can load it), and the next run
+    in the folder completes the swap before anything else, losing nothing of
+    the new run (its whole log, its checkpoint)."""
     out = tmp_path / "run"
     shutil.copytree(finished, out)
     old_id = json.loads((out / "summary.json").read_text())["run"]
-    real_replace = os.replace
-
-    def killed_midway(src, dst):
-        if Path(src).parent.name == plumbing.SWAP and Path(src).name == "log.jsonl":
-            raise KeyboardInterrupt
-        return real_replace(src, dst)
-    monkeypatch.setattr(os, "replace", killed_midway)
+    replace, rmtree = swap_interrupted_at(moment)
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
     with pytest.raises(KeyboardInterrupt):
         train.main([*TINY, "--steps", "4", "--ckpt-every", "2", "--overwrite", "--out", str(out)])
     monkeypatch.undo()
-    assert (out / plumbing.SWAP / "ckpt.pt").exists() and not (out / "summary.json").exists()
+    assert (out / plumbing.SWAP).is_dir() and not (out / "summary.json").exists()
+    assert plumbing.load_model(out)[1]["step"] == 2                     # whole, old or new
     assert train.main([*TINY, "--steps", "4", "--out", str(out), "--resume"]) == 0
     ckpt = assert_one_run(out)
     assert ckpt["run_id"] != old_id and log_steps(out) == [1, 2, 3, 4] and not (out / plumbing.SWAP).exists()
+    assert [p.name for p in (out / "ckpt").iterdir()] == [ckpt["folder"].name]
 
 
 def test_stale_temporary_files_and_an_unfinished_new_run_are_removed(finished, tmp_path):
@@ -1086,15 +1153,16 @@ def test_stale_temporary_files_and_an_unfinished_new_run_are_removed(finished, t
     for name in (".ckpt.pt.k9x1.tmp", ".log.jsonl.a8b2.tmp", ".summary.json.zz.tmp"):
         (out / name).write_bytes(b"\0" * 100)
     kept = plumbing.read_checkpoint(out / "ckpt.pt")["folder"].name
-    (out / "ckpt" / "step_00000099").mkdir()                # written before a kill stopped its index
-    (out / "ckpt" / "step_00000099" / "__0_0.distcp").write_bytes(b"\0" * 100)
+    (out / "ckpt" / "step_00000099.0a1b2c3d").mkdir()       # written before a kill stopped its index
+    (out / "ckpt" / "step_00000099.0a1b2c3d" / "__0_0.distcp").write_bytes(b"\0" * 100)
     (out / plumbing.STAGE).mkdir()
     (out / plumbing.STAGE / "log.jsonl").write_text("{}\n")
     (out / "notes.tmp").write_text("mine")                 # not a file of ours: kept
     assert train.main([*TINY, "--steps", "3", "--out", str(out), "--resume"]) == 0
     assert sorted(p.name for p in out.iterdir()) == [".lock", "ckpt", "ckpt.pt", "log.jsonl", "notes.tmp",
                                                      "summary.json"]
-    assert [p.name for p in (out / "ckpt").iterdir()] == ["step_00000003"] and kept == "step_00000002"
+    names = [p.name for p in (out / "ckpt").iterdir()]
+    assert len(names) == 1 and names[0].startswith("step_00000003.") and kept.startswith("step_00000002.")
 
 
 def test_output_flags_take_effect_on_resume(tmp_path):

@@ -54,6 +54,7 @@ def test_plan_counts_the_bytes_of_a_hand_computed_mesh():
     assert p["ckpt_replicated_bytes"] == 12 * REPLICATED + 64
     assert 2 * p["ckpt_shard_bytes"] + p["ckpt_replicated_bytes"] == p["ckpt_bytes"]
     assert p["ckpt_resume_read_bytes"] == 4 * (12 * 98304 + 12 * REPLICATED + 64)
+    assert p["ckpt_hash_read_bytes"] == p["ckpt_bytes"]          # the sha256s: every file once
 
 
 def test_plan_sends_the_exchange_over_infiniband_when_a_row_spans_nodes():
