@@ -636,7 +636,8 @@ MAX_REPEATS = 100_000     # a bound on typos: 1e9 repeats would run for years
 # 7. Checkpoint memory: does any rank ever hold more than its own experts?
 
 # Experts big enough to stand out of the process's own noise: 16 experts of
-# 1.6 MB in each of 2 layers, 151 MB of expert state with AdamW's moments.
+# 1.5 MB in each of 2 layers, 144 MB of expert state with AdamW's moments
+# (MB here are 2**20 bytes).
 CKPT_MODEL = ["--preset", "tiny", "--n-layers", "2", "--d-model", "256", "--n-experts", "16", "--d-expert", "512"]
 
 

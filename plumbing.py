@@ -15,9 +15,9 @@ loses work lives here, in the order a run meets it:
   3. checkpoints  torch.distributed.checkpoint's per-rank shards (each rank
                   writes only its own experts, and keeps only their rows
                   when it reads), resharded so any number of processes and
-                  any --ep-size can resume; only
-                  from a finite state, kill-safe, and checksums verified
-                  before anything is loaded
+                  any --ep-size can resume; written only from a finite
+                  state, kill-safe, with checksums verified before anything
+                  is loaded
   4. StopFlag     SIGTERM or Ctrl-C: finish the step, save, exit (every rank
                   at the same step)
   5. cli / leave  the command line: --help's defaults, the memory check,
@@ -559,9 +559,9 @@ def open_run_dir(out, proc, resume, overwrite):
 # The order makes it kill-safe: the folder (under a name no other save uses)
 # is complete before the index names it, and the previous folder is removed
 # only after that, so a kill at any moment leaves an index naming a whole
-# folder; RunDir's swap keeps that true when a new run replaces an old one. And only a finite state is
-# ever written: NaN weights would replace the last good checkpoint, and every
-# resume from it would fail again.
+# folder; RunDir's swap keeps that true when a new run replaces an old one.
+# And only a finite state is ever written: NaN weights would replace the last
+# good checkpoint, and every resume from it would fail again.
 
 def step_folder(step):
     """A new step folder's name: the step, and a random tag, so that no two

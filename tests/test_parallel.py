@@ -603,6 +603,14 @@ def test_checkpoint_of_4_ranks_ep_2_resumes_on_1_process(mesh_spawned, mesh_ckpt
     assert_resumed_like_uninterrupted([resume_run(0, 1, None, mesh_ckpt, load=True)], 1, "4 ranks ep 2 -> 1")
 
 
+def test_checkpoint_of_1_process_resumes_on_2_ranks(tmp_path):
+    """The other direction: every expert stored whole by one process, each
+    of 2 ranks keeping its half of the rows."""
+    path = str(tmp_path / "ckpt.pt")
+    resume_run(0, 1, None, path, load=False)
+    assert_resumed_like_uninterrupted(run_distributed(resume_worker, 2, path, 2), 2, "1 -> 2 ranks ep 2")
+
+
 @pytest.fixture(scope="module")
 def four_rank_resumed(mesh_spawned, mesh_ckpt):
     return run_distributed(resume_worker, 4, mesh_ckpt, 4)
