@@ -73,7 +73,8 @@ import plumbing
 import train
 from balancers import BALANCERS
 from data import Corpus
-from moe import GPT, GPTConfig, MoELayer, is_expert_param, grouped_experts_cpu, grouped_is_faster_on_cpu, grouped_mm_on_cpu, swiglu
+from moe import (GPT, GPTConfig, MoELayer, grouped_experts_cpu, grouped_is_faster_on_cpu, grouped_mm_on_cpu,
+                 is_expert_param, swiglu)
 
 STRATEGIES = list(BALANCERS)
 TOKEN_CHOICE = [s for s in STRATEGIES if BALANCERS[s].token_choice]
@@ -726,11 +727,13 @@ def bench_checkpoint_memory(cases=CKPT_CASES):
             else:
                 ranks = plumbing.spawn(ckpt_worker, world, ep, str(Path(tmp) / folder), load, timeout=300)
             report["runs"][name] = ranks
-            print(f"  {name:28s} " + " | ".join(f"rank {r}: +{x['rise_mb']:.0f} MB (own experts {x['own_expert_state_mb']:.0f})"
-                                               for r, x in enumerate(ranks)), flush=True)
-    distributed = [x for name, ranks in report["runs"].items() if len(ranks) > 1 for x in ranks]
-    report["headline"] = {"worst_rise_over_own_expert_state": max(x["rise_mb"] / x["own_expert_state_mb"] for x in distributed),
-                          "worst_rise_over_all_expert_state": max(x["rise_mb"] for x in distributed) / whole}
+            print(f"  {name:28s} " + " | ".join(f"rank {r}: +{x['rise_mb']:.0f} MB (own experts "
+                                               f"{x['own_expert_state_mb']:.0f})" for r, x in enumerate(ranks)),
+                  flush=True)
+    distributed = [x for ranks in report["runs"].values() if len(ranks) > 1 for x in ranks]
+    report["headline"] = {
+        "worst_rise_over_own_expert_state": max(x["rise_mb"] / x["own_expert_state_mb"] for x in distributed),
+        "worst_rise_over_all_expert_state": max(x["rise_mb"] for x in distributed) / whole}
     return report
 
 

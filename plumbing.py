@@ -848,9 +848,13 @@ def optimizer_targets(model, opt, meta, mesh):
         head, p = f"optimizer.{name}.", params[name]
         for key, m in meta.items():
             if key.startswith(head) and "." not in key[len(head):]:
-                whole = tuple(m.size) == tuple(as_global(name, p.detach(), mesh).shape)
-                t = torch.empty_like(p, dtype=m.properties.dtype) if whole else torch.empty(m.size, dtype=m.properties.dtype)
-                targets.setdefault(name, {})[key[len(head):]] = as_global(name, t, mesh) if whole else t
+                # A moment has the parameter's whole shape (this rank keeps
+                # its rows of it); anything else (AdamW's step) is stored whole.
+                if tuple(m.size) == tuple(as_global(name, p.detach(), mesh).shape):
+                    t = as_global(name, torch.empty_like(p, dtype=m.properties.dtype), mesh)
+                else:
+                    t = torch.empty(m.size, dtype=m.properties.dtype)
+                targets.setdefault(name, {})[key[len(head):]] = t
     return targets
 
 
