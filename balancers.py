@@ -29,52 +29,42 @@ Every strategy returns the same representation, a flat list of assignments
 `token_idx[A], expert_idx[A], weight[A]`; moe.py dispatches those to the
 experts without knowing which strategy made them.
 
-To add a strategy: write one class (its knobs and their values in
-`defaults`, its state as registered buffers) and add one line to BALANCERS at
-the bottom of this file. The command line, the comparison, the benchmarks and
-the tests find it there.
+To add a strategy: write one class (its settings as `knobs`, its state as
+registered buffers) and add one line to BALANCERS at the bottom of this file,
+or call `register("name", Class)` from a file of your own and pass
+`--import FILE` (docs/adding-a-strategy.md). The command line, the
+comparison, the benchmarks and the tests find it there.
 """
 
 import math
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, replace
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
 
-def knob(help, type=float, choices=None, low=0, high=None, strict=False, group=False):
-    """A BalanceConfig field. Its default is None, "the strategy's own value"
-    (each class lists its values in `defaults`). The rest is what the knob may
-    be -- a number in [low, high] (low excluded if strict), one of `choices`,
-    or (group) a number of sequences that must divide each process's
-    micro-batch -- and its help: Balancer.check validates it and train.py
-    turns it into a command-line flag, so a new knob is one line."""
-    return field(default=None, metadata=dict(help=help, type=type, choices=choices, low=low, high=high,
-                                             strict=strict, group=group))
+@dataclass(frozen=True)
+class Knob:
+    """One setting of a strategy, declared on its class: the value it takes
+    unless told otherwise, what it means, and the values it may take (a number
+    in the range low..high, each end open or closed; one of `choices`; or a
+    number of sequences that must divide each process's micro-batch). Each
+    becomes a checked --flag of train.py and the comparison; the checks and
+    the flags are at the end of this file."""
+    default: object
+    help: str
+    low: float | None = None
+    high: float | None = None
+    open_low: bool = False      # True: low itself is not allowed
+    open_high: bool = False
+    choices: tuple = ()
+    divides_batch: bool = False
 
-
-@dataclass
-class BalanceConfig:
-    """Every strategy's knobs. A strategy reads only the knobs its class lists
-    in `defaults`; setting any other is an error, not silently ignored."""
-    gate: str | None = knob("router gate G in s = G(u . e)", str, ("softmax", "sigmoid"))
-    alpha: float | None = knob("aux-loss coefficient", high=1)
-    balance_seqs: int | None = knob("sequences per balance group (Qiu et al.'s balance batch)", int, low=1,
-                                    group=True)
-    balance_shuffle: bool | None = knob("fill each balance group with --balance-seqs sequences' worth of tokens "
-                                        "drawn at random from the whole micro-batch, a fresh draw every step "
-                                        "(Qiu et al. Table 2's Shuffle LBL_micro)", bool)
-    bias_rate: float | None = knob("bias update rate u (Wang et al. Alg. 1)", high=1)
-    bias_update: str | None = knob("sign: b += u sign(e) (Alg. 1); proportional: b += u e / mean(load) "
-                                   "(their Table 3 and App. C.2 use u e; the / mean(load) is this "
-                                   "project's)", str, ("sign", "proportional"))
-    capacity_factor: float | None = knob("c in C = n c / E tokens per expert (Zhou et al. Sec. 3.2, Eq. 1)",
-                                         strict=True)
-    route_seqs: int | None = knob("sequences per routing group", int, low=1, group=True)
-    route_shuffle: bool | None = knob("fill routing groups with tokens shuffled across the micro-batch "
-                                      "(the control for the leak, Wang et al. Fig. 9)", bool)
-    z_loss: float | None = knob("router z-loss coefficient (ST-MoE: 1e-3)", high=1)
+    def but(self, **changes):
+        """The same knob with something changed (usually its default)."""
+        return replace(self, **changes)
 
 
 @dataclass
@@ -125,8 +115,21 @@ def counts_per_group(routing, group_tokens, n_experts, position=None):
     n_groups = routing.probs.shape[0] * routing.probs.shape[1] // group_tokens
     slot = routing.token_idx if position is None else position[routing.token_idx]
     group = slot // group_tokens
-    flat = torch.bincount(group * n_experts + routing.expert_idx, minlength=n_groups * n_experts)
+    flat = count_per_expert(group * n_experts + routing.expert_idx, n_groups * n_experts)
     return flat.view(n_groups, n_experts)
+
+
+def count_per_expert(expert_idx, n_experts):
+    """How many assignments each expert got: [n_experts] integers, what
+    torch.bincount(expert_idx, minlength=n_experts) gives.
+
+    bincount sizes its output by the largest index, so on a GPU it first
+    copies that index to the host: the CPU stops queueing kernels until the
+    GPU has caught up, once per call. Here the size is known in advance: a
+    one per assignment is added into a fixed row of zeros, on the device.
+    (Integer adds, so the order they land in changes nothing.)"""
+    counts = torch.zeros(n_experts, dtype=torch.long, device=expert_idx.device)
+    return counts.scatter_add_(0, expert_idx, torch.ones_like(expert_idx))
 
 
 def switch_loss(counts, scores):
@@ -191,13 +194,18 @@ def groups_of(n_seqs, group_seqs, flag):
 # ----------------------------------------------------------------------------
 # The strategies.
 #
-# Each class says what it is (`paper`, `summary`), which knobs it reads and
-# their values (`defaults`; BalanceConfig says what range each knob may take,
-# and Balancer.check holds every strategy to it), and whether it is token
-# choice (`token_choice`: the model is then exactly causal, which the tests
-# check). Everything that lists strategies -- the CLI, the comparison, the
-# benchmarks, the tests -- reads these attributes from BALANCERS at the
-# bottom of the file.
+# Each class says what it is (`paper`, `summary`), which knobs it reads
+# (`knobs`: name -> Knob, with the default and the range), and whether it is
+# token choice (`token_choice`: the model is then exactly causal, which the
+# tests check). Everything that lists strategies -- the CLI, the comparison,
+# the benchmarks, the tests -- reads these attributes from BALANCERS at the
+# bottom of the file. The knobs more than one strategy reads:
+
+GATE = Knob("softmax", "router gate G in s = G(u . e)", choices=("softmax", "sigmoid"))
+Z_LOSS = Knob(0.0, "router z-loss coefficient (ST-MoE: 1e-3)", low=0, high=1)
+# per MoE layer: GPT.forward adds every layer's loss, each with the full alpha (Switch Sec. 2.2)
+ALPHA = Knob(1e-2, "aux-loss coefficient, per MoE layer (Switch: 1e-2)", low=0, high=1)
+
 
 class Balancer(nn.Module):
     """The interface and the do-nothing defaults. One instance per MoE layer,
@@ -216,48 +224,13 @@ class Balancer(nn.Module):
     summary = "plain top-k"
     token_choice = True
     accum_invariant = True      # same training whether a global batch is one micro-step or several
-    defaults = dict(gate="softmax", z_loss=0.0)
+    knobs = dict(gate=GATE, z_loss=Z_LOSS)
 
-    def __init__(self, n_experts, top_k, cfg, world_size=1):
+    def __init__(self, n_experts, top_k, knobs=None, world_size=1):
         super().__init__()
         self.n_experts, self.top_k, self.world_size = n_experts, top_k, world_size
-        self.cfg = self.settings(cfg)
-
-    # -- settings: the class owns its defaults and their checks --------------
-
-    @classmethod
-    def settings(cls, cfg):
-        """cfg with every knob this strategy reads filled in with its default.
-        Setting a knob the strategy does not read is a mistake worth a message:
-        `--alpha` on lossfree would otherwise be silently ignored."""
-        for f in fields(cfg):
-            if getattr(cfg, f.name) is not None and f.name not in cls.defaults:
-                raise ValueError(f"--{f.name.replace('_', '-')} does not apply to {name_of(cls)}; it reads "
-                                 f"{', '.join('--' + k.replace('_', '-') for k in cls.defaults)}")
-        return replace(cfg, **{k: v for k, v in cls.defaults.items() if getattr(cfg, k) is None})
-
-    @classmethod
-    def check(cls, cfg, local_seqs=None):
-        """Raise ValueError naming the flag for any knob out of its range (the
-        ranges are in BalanceConfig). `local_seqs`: sequences per process and
-        micro-step, when known. Returns the settings with defaults filled in."""
-        cfg = cls.settings(cfg)
-        for f in fields(cfg):
-            value, flag, m = getattr(cfg, f.name), "--" + f.name.replace("_", "-"), f.metadata
-            if value is None or m["type"] is bool:
-                continue
-            if m["choices"]:
-                if value not in m["choices"]:
-                    raise ValueError(f"{flag} {value!r} is not one of {', '.join(m['choices'])}")
-                continue
-            high = math.inf if m["high"] is None else m["high"]
-            too_low = value <= m["low"] if m["strict"] else value < m["low"]
-            if not math.isfinite(value) or too_low or value > high:
-                bounds = f"{'>' if m['strict'] else '>='} {m['low']}" + (f" and <= {high}" if high < math.inf else "")
-                raise ValueError(f"{flag} must be a finite number {bounds} (got {value})")
-            if m["group"] and local_seqs is not None:
-                groups_of(local_seqs, value, f.name)
-        return cfg
+        # The value in effect of every knob the class declares: self.cfg.gate, ...
+        self.cfg = SimpleNamespace(**settings(type(self), knobs or {}))
 
     # -- the interface ----------------------------------------------------------
 
@@ -292,8 +265,8 @@ class Shuffling(Balancer):
     for training and evaluation, so evaluating never changes what training
     draws next."""
 
-    def __init__(self, n_experts, top_k, cfg, world_size=1):
-        super().__init__(n_experts, top_k, cfg, world_size)
+    def __init__(self, n_experts, top_k, knobs=None, world_size=1):
+        super().__init__(n_experts, top_k, knobs, world_size)
         self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
         self.draws = {True: 0, False: 0}
 
@@ -336,8 +309,12 @@ class AuxLoss(Shuffling):
     larger batch and the token count of the small group."""
     paper = "Fedus et al. 2021 (Switch), Lepikhin et al. 2020 (GShard)"
     summary = "aux loss alpha * E * sum_i f_i P_i over balance groups"
-    # alpha per MoE layer (Switch's 1e-2); GPT.forward adds every layer's loss
-    defaults = dict(Balancer.defaults, alpha=1e-2, balance_seqs=2, balance_shuffle=False)
+    knobs = dict(Balancer.knobs, alpha=ALPHA,
+                 balance_seqs=Knob(2, "sequences per balance group (Qiu et al.'s balance batch)", low=1,
+                                   divides_batch=True),
+                 balance_shuffle=Knob(False, "fill each balance group with --balance-seqs sequences' worth of "
+                                             "tokens drawn at random from the whole micro-batch, a fresh draw "
+                                             "every step (Qiu et al. Table 2's Shuffle LBL_micro)"))
 
     def route(self, logits):
         groups_of(logits.shape[0], self.cfg.balance_seqs, "balance_seqs")
@@ -378,18 +355,18 @@ class GlobalAuxLoss(Balancer):
     is balanced."""
     paper = "Qiu et al. 2025, \"Demons in the Detail\""
     summary = "the same aux loss with f counted over the global batch"
-    defaults = dict(Balancer.defaults, alpha=1e-2)        # per MoE layer, as aux (Qiu et al. used 0.008)
+    knobs = dict(Balancer.knobs, alpha=ALPHA)          # as aux (Qiu et al. used 0.008)
     accum_invariant = False     # an early micro-step sees only the counts so far (Alg. 1's approximation)
 
-    def __init__(self, n_experts, top_k, cfg, world_size=1):
-        super().__init__(n_experts, top_k, cfg, world_size)
+    def __init__(self, n_experts, top_k, knobs=None, world_size=1):
+        super().__init__(n_experts, top_k, knobs, world_size)
         # Scratch space within one optimizer step (zero again after step()),
         # so it need not be saved: persistent=False.
         self.register_buffer("seen", torch.zeros(n_experts, dtype=torch.long), persistent=False)
 
     def loss(self, routing):
         E = self.n_experts
-        counts = torch.bincount(routing.expert_idx, minlength=E)
+        counts = count_per_expert(routing.expert_idx, E)
         if self.training:  # evaluation must not pollute the training buffer
             self.seen += all_reduce(counts, self.world_size)
             counts = self.seen
@@ -419,10 +396,14 @@ class LossFree(Balancer):
     never a parameter, never given gradient."""
     paper = "Wang et al. 2024, \"Auxiliary-Loss-Free Load Balancing\""
     summary = "an expert-wise bias that only steers the top-k choice, no loss"
-    defaults = dict(Balancer.defaults, gate="sigmoid", bias_rate=1e-3, bias_update="sign")
+    knobs = dict(Balancer.knobs, gate=GATE.but(default="sigmoid"),
+                 bias_rate=Knob(1e-3, "bias update rate u (Wang et al. Alg. 1)", low=0, high=1),
+                 bias_update=Knob("sign", "sign: b += u sign(e) (Alg. 1); proportional: b += u e / mean(load) "
+                                          "(their Table 3 and App. C.2 use u e; the / mean(load) is this "
+                                          "project's)", choices=("sign", "proportional")))
 
-    def __init__(self, n_experts, top_k, cfg, world_size=1):
-        super().__init__(n_experts, top_k, cfg, world_size)
+    def __init__(self, n_experts, top_k, knobs=None, world_size=1):
+        super().__init__(n_experts, top_k, knobs, world_size)
         self.register_buffer("bias", torch.zeros(n_experts, dtype=torch.float32))
 
     def route(self, logits):
@@ -448,7 +429,7 @@ class SeqAuxLossFree(LossFree):
     thing this class adds to lossfree."""
     paper = "DeepSeek-V3 (DeepSeek-AI 2024)"
     summary = "lossfree plus a tiny per-sequence aux loss"
-    defaults = dict(LossFree.defaults, alpha=1e-4)        # per MoE layer, V3's value
+    knobs = dict(LossFree.knobs, alpha=ALPHA.but(default=1e-4))      # V3's value
 
     def loss(self, routing):
         B, T, E = routing.probs.shape
@@ -472,7 +453,12 @@ class ExpertChoice(Shuffling):
     paper = "Zhou et al. 2022"
     summary = "experts pick their top-C tokens: balanced, but it leaks future tokens"
     token_choice = False
-    defaults = dict(Balancer.defaults, capacity_factor=2.0, route_seqs=2, route_shuffle=False)
+    knobs = dict(Balancer.knobs,
+                 capacity_factor=Knob(2.0, "c in C = n c / E tokens per expert (Zhou et al. Sec. 3.2, Eq. 1)",
+                                      low=0, open_low=True),
+                 route_seqs=Knob(2, "sequences per routing group", low=1, divides_batch=True),
+                 route_shuffle=Knob(False, "fill routing groups with tokens shuffled across the micro-batch "
+                                           "(the control for the leak, Wang et al. Fig. 9)"))
 
     def route(self, logits):
         B, T, E = logits.shape
@@ -519,17 +505,155 @@ BALANCERS = {
 
 def register(name, cls):
     """Add a strategy to BALANCERS from outside this file (an exercise, a test
-    fixture, a student's own module), as the one line above does here. A name
-    names one strategy: a second class under a taken name is refused, since
-    silently keeping either one would train or check a strategy nobody asked
-    for. Registering the same class again (a module imported twice, or
-    reloaded) replaces it with itself and is harmless."""
+    fixture, a student's own module), as the one line above does here."""
+    check_registration(name, cls)
+    BALANCERS[name] = cls
+    return cls
+
+
+def make_balancer(name, n_experts, top_k, knobs=None, world_size=1):
+    """Build the named strategy, checking the settings a newcomer gets wrong."""
+    return check_strategy(name, n_experts, top_k, knobs or {})(n_experts, top_k, knobs, world_size)
+
+
+# ----------------------------------------------------------------------------
+# Settings machinery (not the lesson): knob values filled in and checked, the
+# registry's checks. train.py turns the knobs into flags with `knob_flags`.
+
+def settings(cls, given):
+    """{knob: value in effect} for strategy class `cls`: the given value, else
+    the class's default. A knob the strategy does not read is a mistake worth
+    a message: `--alpha` on lossfree would otherwise be silently ignored.
+    A value of None means "not given"."""
+    given = {name: value for name, value in given.items() if value is not None}
+    for name in given:
+        if name not in cls.knobs:
+            reads = ", ".join(flag(k) for k in cls.knobs)
+            raise ValueError(f"{flag(name)} does not apply to {name_of(cls)}; it reads {reads}")
+    return {name: given.get(name, knob.default) for name, knob in cls.knobs.items()}
+
+
+def check_settings(cls, given, local_seqs=None):
+    """settings(), with every value held to its knob's range (ValueError naming
+    the flag). `local_seqs`: sequences per process and micro-step, when known."""
+    values = settings(cls, given)
+    for name, value in values.items():
+        check_knob(name, cls.knobs[name], value, local_seqs)
+    return values
+
+
+def check_knob(name, knob, value, local_seqs=None):
+    if knob.choices:
+        if value not in knob.choices:
+            raise ValueError(f"{flag(name)} {value!r} is not one of {', '.join(knob.choices)}")
+        return
+    if type(knob.default) is bool:
+        if type(value) is not bool:
+            raise ValueError(f"{flag(name)} is on or off, not {value!r}")
+        return
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or \
+            (type(knob.default) is int and value != int(value)):
+        raise ValueError(f"{flag(name)} must be a finite {type(knob.default).__name__} (got {value!r})")
+    too_low = knob.low is not None and (value <= knob.low if knob.open_low else value < knob.low)
+    too_high = knob.high is not None and (value >= knob.high if knob.open_high else value > knob.high)
+    if too_low or too_high:
+        raise ValueError(f"{flag(name)} must be in {knob_range(knob)} (got {value})")
+    if knob.divides_batch and local_seqs is not None:
+        groups_of(local_seqs, value, name)
+
+
+def knob_range(knob):
+    """'[0, 1]', '(0, inf)', 'sign | proportional', 'on/off': for messages and --help."""
+    if knob.choices:
+        return " | ".join(knob.choices)
+    if type(knob.default) is bool:
+        return "on/off"
+    low = "-inf" if knob.low is None else f"{knob.low:g}"
+    high = "inf" if knob.high is None else f"{knob.high:g}"
+    left = "(" if knob.open_low or knob.low is None else "["
+    right = ")" if knob.open_high or knob.high is None else "]"
+    return f"{left}{low}, {high}{right}"
+
+
+def flag(name):
+    return "--" + name.replace("_", "-")
+
+
+def all_knobs():
+    """{knob name: {strategy name: Knob}} over the registry: one flag each."""
+    out = {}
+    for strategy, cls in BALANCERS.items():
+        for name, knob in cls.knobs.items():
+            out.setdefault(name, {})[strategy] = knob
+    return out
+
+
+def knob_flag(name, by_strategy):
+    """argparse's keywords for one knob's flag: its type, and help that shows
+    each strategy's default and the range. The flag's own default is None,
+    "the strategy's own value"."""
+    knob = next(iter(by_strategy.values()))
+    defaults = {s: k.default for s, k in by_strategy.items()}
+    if len({repr(v) for v in defaults.values()}) == 1:
+        shown = f"{knob.default}, read by {', '.join(defaults)}"
+    else:
+        shown = "; ".join(f"{s} {v}" for s, v in defaults.items())
+    ranges = {knob_range(k) for k in by_strategy.values()}
+    help = f"{knob.help} (default: {shown}; range: {' or '.join(sorted(ranges))})".replace("%", "%%")
+    kind = type(knob.default)
+    if kind is bool:
+        return dict(action="store_const", const=True, help=help)
+    return dict(type=kind, choices=knob.choices or None, help=help,
+                metavar=None if knob.choices else "N" if kind is int else "X")
+
+
+def import_strategies(paths):
+    """Import each user file (a path ending in .py) or module by name, so that
+    its register(...) lines run. The module is remembered by its path, so a
+    checkpoint can name what to --import to read it again."""
+    import importlib
+    import importlib.util
+    import os
+    import sys
+    for path in paths:
+        if path.endswith(".py") or os.sep in path:
+            if not os.path.isfile(path):
+                raise ValueError(f"--import {path}: no such file")
+            module_name = os.path.splitext(os.path.basename(path))[0]
+            if module_name in sys.modules and getattr(sys.modules[module_name], "__file__", None) and \
+                    os.path.samefile(sys.modules[module_name].__file__, path):
+                continue
+            spec = importlib.util.spec_from_file_location(module_name, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[module_name] = module
+            spec.loader.exec_module(module)
+        else:
+            try:
+                importlib.import_module(path)
+            except ModuleNotFoundError as e:
+                raise ValueError(f"--import {path}: {e}; give the file's path (mine.py) or run from its "
+                                 f"folder") from None
+
+
+def check_registration(name, cls):
+    """A name names one strategy: a second class under a taken name is refused,
+    since silently keeping either one would train a strategy nobody asked for
+    (registering the same class again, a module imported twice, is harmless).
+    A knob name shared with another strategy must have the same type, since
+    both are set by the one flag."""
     taken = BALANCERS.get(name)
     if taken is not None and _full_name(taken) != _full_name(cls):
         raise ValueError(f"balancer name {name!r} is taken by {_full_name(taken)}: "
                          f"register {_full_name(cls)} under another name")
-    BALANCERS[name] = cls
-    return cls
+    if not isinstance(getattr(cls, "knobs", None), dict) or \
+            not all(isinstance(k, Knob) for k in cls.knobs.values()):
+        raise ValueError(f"{_full_name(cls)}.knobs must be a dict of name -> balancers.Knob")
+    for knob_name, knob in cls.knobs.items():
+        for other, theirs in all_knobs().get(knob_name, {}).items():
+            if other != name and type(theirs.default) is not type(knob.default):
+                raise ValueError(f"knob {knob_name!r} of {_full_name(cls)} is a {type(knob.default).__name__}, "
+                                 f"but {other}'s is a {type(theirs.default).__name__}: one flag sets both; "
+                                 f"rename it")
 
 
 def _full_name(cls):
@@ -541,16 +665,13 @@ def name_of(cls):
     return next((name for name, c in BALANCERS.items() if c is cls), cls.__name__)
 
 
-def check_strategy(name, n_experts, top_k, cfg, local_seqs=None):
+def check_strategy(name, n_experts, top_k, knobs, local_seqs=None):
     """The strategy's class, once its name and settings are known to be good."""
     if name not in BALANCERS:
-        raise ValueError(f"unknown balancer {name!r}: choose one of {', '.join(BALANCERS)}")
+        raise ValueError(f"--balancer {name}: no such strategy; registered are {', '.join(BALANCERS)}. One of your "
+                         f"own: register('{name}', YourClass) in a file, then --import FILE "
+                         f"(docs/adding-a-strategy.md)")
     if not 1 <= top_k <= n_experts:
         raise ValueError(f"top_k={top_k} must be between 1 and n_experts={n_experts}: lower --top-k")
-    BALANCERS[name].check(cfg, local_seqs)
+    check_settings(BALANCERS[name], knobs, local_seqs)
     return BALANCERS[name]
-
-
-def make_balancer(name, n_experts, top_k, cfg, world_size=1):
-    """Build the named strategy, checking the settings a newcomer gets wrong."""
-    return check_strategy(name, n_experts, top_k, cfg)(n_experts, top_k, cfg, world_size)

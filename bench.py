@@ -31,10 +31,11 @@ With --peers it measures only:
   peer_over_project  forward+backward time of other implementations of the
                    same MoE layer (Hugging Face transformers' Qwen3-MoE block
                    with each of its experts implementations, a textbook mask
-                   loop) over the project's, holding the same weights (their
-                   outputs are checked equal), at the preset's size and a
-                   large one. transformers is optional: without it only the
-                   mask loop is compared.
+                   loop) over the project's, holding the same weights and
+                   routing in fp32 as the project does (their outputs are
+                   checked equal), at the preset's size and a large one.
+                   transformers is optional: without it only the mask loop
+                   is compared.
 
 With --checkpoint-memory it measures only:
 
@@ -133,7 +134,7 @@ def peak_memory_mb(device):
 
 def make_args(preset, balancer, extra=()):
     args = train.parse_args(["--preset", preset, "--balancer", balancer, *extra])
-    train.check_args(args, 1)
+    plumbing.check_args(args, 1)
     return args
 
 
@@ -177,7 +178,7 @@ def bench_layers(preset, strategies, warmup, repeats, device):
     results = {}
     for name in strategies:
         args = make_args(preset, name)
-        cfg = train.model_config(args)
+        cfg = plumbing.model_config(args)
         torch.manual_seed(0)
         # The first block's MoE layer, initialised exactly as in training.
         layer = GPT(cfg).blocks[0].moe.to(device).train()
@@ -407,7 +408,11 @@ class MaskLoopMoE(torch.nn.Module):
 
     def forward(self, x):
         h = x.reshape(-1, x.shape[-1])
-        probs = torch.nn.functional.linear(h.float(), self.router).softmax(dim=-1)
+        # The router in fp32 with autocast off, as the project's (moe.Router
+        # says why): the comparison is of two implementations of the same
+        # routing, so both must pick the same experts.
+        with torch.autocast(h.device.type, enabled=False):
+            probs = torch.nn.functional.linear(h.float(), self.router).softmax(dim=-1)
         weight, expert = probs.topk(self.top_k, dim=-1)
         out = torch.zeros_like(h)
         for e in range(self.w13.shape[0]):
@@ -415,6 +420,22 @@ class MaskLoopMoE(torch.nn.Module):
             y = swiglu(h[token], self.w13[e], self.w2[e]) * weight[token, slot, None]
             out.index_add_(0, token, y.to(out.dtype))
         return out.view_as(x)
+
+
+class Fp32Router(torch.nn.Module):
+    """A peer's router run as the project runs its own (moe.Router): fp32
+    weights, fp32 input, autocast off. Under bf16 autocast a router's matmul
+    is rounded to bf16, and top-k then picks other experts for the tokens
+    whose scores are close: their outputs differ by whole expert outputs,
+    not by rounding, and the comparison would fail for that reason alone."""
+
+    def __init__(self, router):
+        super().__init__()
+        self.router = router.float()
+
+    def forward(self, x):
+        with torch.autocast(x.device.type, enabled=False):
+            return self.router(x.float())
 
 
 def hf_peers(layer):
@@ -449,18 +470,22 @@ def hf_peers(layer):
             # bf16 weights, as Hugging Face models are trained on GPUs, get
             # the fast kernel.
             block.to(torch.bfloat16)
+        block.gate = Fp32Router(block.gate)      # fp32 again, before the weights are copied in
         with torch.no_grad():   # they store [E, out, in]; the project stores [E, in, out]
-            block.gate.weight.copy_(layer.router.weight)
+            block.gate.router.weight.copy_(layer.router.weight)
             block.experts.gate_up_proj.copy_(layer.experts.w13.transpose(1, 2))
             block.experts.down_proj.copy_(layer.experts.w2.transpose(1, 2))
         peers[f"hf_qwen3_moe_{impl}"] = block
     return peers, None
 
 
-def bench_peers(sizes, warmup, repeats, device):
+def bench_peers(sizes, warmup, repeats, device, bf16=None):
     """Forward+backward of the project's MoE layer (strategy `none`) and of
-    every peer, for each size in `sizes`. Returns the figures and, if the
-    Hugging Face peers could not be built, why."""
+    every peer, for each size in `sizes`, under bf16 autocast if `bf16`
+    (default: on CUDA, as training runs there; gpu_check's CPU dry run asks
+    for it on the CPU too). Returns the figures and, if the Hugging Face
+    peers could not be built, why."""
+    bf16 = device.type == "cuda" if bf16 is None else bf16
     results, skipped = {}, None
     for size_name, size in sizes.items():
         cfg = GPTConfig(d_model=size["d_model"], n_experts=size["n_experts"], top_k=size["top_k"],
@@ -476,19 +501,20 @@ def bench_peers(sizes, warmup, repeats, device):
             xi = x.detach().requires_grad_()
             for p in module.parameters():
                 p.grad = None
-            with train.autocast(device):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 y = module(xi)[0] if project else module(xi)
             y.backward(grad)
-            return y.detach(), xi.grad
+            return y.detach().float(), xi.grad
 
         fns = {"project": lambda: fwd_bwd(layer, True),
                **{name: functools.partial(fwd_bwd, module, False) for name, module in peers.items()}}
-        # Same weights, same tokens: same outputs and input gradients, up to
-        # the order of float sums (bf16 rounding under CUDA autocast).
+        # Same weights, same tokens, same routing: same outputs and input
+        # gradients, up to the order of float sums (and bf16 rounding under
+        # autocast).
         ref = fns["project"]()
         diffs = {name: max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(fns[name](), ref))
                  for name in peers}
-        tolerance = 2e-2 if device.type == "cuda" else 1e-4
+        tolerance = 2e-2 if bf16 else 1e-4
         for name, diff in diffs.items():
             if not diff <= tolerance:
                 raise RuntimeError(f"peer {name} at size {size_name}: output differs from the project's "
@@ -497,7 +523,8 @@ def bench_peers(sizes, warmup, repeats, device):
         times = interleaved(fns, warmup, n, device)
         layer.load.zero_()
         results[size_name] = {
-            "config": size, "repeats": n, "project_ms": 1e3 * statistics.median(times["project"]),
+            "config": size, "repeats": n, "autocast": "bf16" if bf16 else "off",
+            "project_ms": 1e3 * statistics.median(times["project"]),
             "against": {name: {"ms": 1e3 * statistics.median(times[name]),
                                "peer_over_project": median_ratio(times[name], times["project"]),
                                "max_rel_diff": diffs[name]} for name in peers}}
@@ -694,7 +721,7 @@ def ckpt_worker(rank, world_size, ep_size, folder, load):
         opt.zero_grad(set_to_none=True)
         gc.collect()
         with PeakRSS() as m:
-            plumbing.save_checkpoint(index, model, opt, 1, {"config": train.asdict(train.model_config(args))}, proc)
+            plumbing.save_checkpoint(index, model, opt, 1, {"config": train.asdict(plumbing.model_config(args))}, proc)
     return {"rise_mb": (m.peak - m.start) / 2**20, "kept_mb": (m.end - m.start) / 2**20,
             "own_expert_state_mb": expert_state_bytes(model) / 2**20}
 
@@ -712,7 +739,7 @@ CKPT_CASES = (("save 4 ranks ep 4", 4, 4, False, "a"), ("save 4 ranks 2x2", 4, 2
 
 
 def bench_checkpoint_memory(cases=CKPT_CASES):
-    model = GPT(train.model_config(train.parse_args(CKPT_MODEL)))
+    model = GPT(plumbing.model_config(train.parse_args(CKPT_MODEL)))
     whole = expert_state_bytes(model) / 2**20
     largest = max(p.numel() * p.element_size() for n, p in model.named_parameters() if is_expert_param(n)) / 2**20
     report = {"all_expert_state_mb": whole, "largest_expert_tensor_mb": largest, "model_flags": " ".join(CKPT_MODEL),
@@ -800,7 +827,7 @@ def main(argv=None):
     tiny = args.preset == "tiny"
     corpus = random_corpus()
     cfg_args = make_args(args.preset, args.balancer)
-    cfg = train.model_config(cfg_args)
+    cfg = plumbing.model_config(cfg_args)
     report = {"command": "python " + shlex.join([Path(sys.argv[0]).name, *(sys.argv[1:] if argv is None else argv)]),
               "machine": machine_info(device, args.threads), "load_before": load_average(),
               "config": {"preset": args.preset, "balancer": args.balancer, "n_layers": cfg.n_layers,

@@ -17,7 +17,8 @@ run of the command always ends with a report, whatever broke.
                  dense SwiGLU of the same active width, for every strategy
   moe_vs_peers   bench.bench_peers: other MoE layers (a textbook mask loop,
                  and Hugging Face's Qwen3-MoE block when transformers is
-                 installed) over the project's, on the same weights
+                 installed) over the project's, on the same weights, under
+                 bf16 autocast (on the CPU too)
   train_default  train.py with the default preset, the whole run
   train_gpu      train.py --preset gpu, shortened: tokens/s, MFU and peak
                  memory after warm-up, and the full run's wall time extrapolated
@@ -147,10 +148,13 @@ def moe_vs_dense(plan, device, logs):
 
 def moe_vs_peers(plan, device, logs):
     """As `bench.py --peers`: the large size is slow for the peers' loops, so
-    it gets an eighth of the rounds, at least 3."""
+    it gets an eighth of the rounds, at least 3. Under bf16 autocast on a
+    CPU too: the dry run then meets what bf16 does to the comparison (a
+    peer whose router ran in bf16 picked other experts than the project's
+    fp32 router) before a GPU does."""
     sizes = bench.peer_sizes(plan.layer_preset)
     repeats = {name: plan.repeats if name == plan.layer_preset else max(3, plan.repeats // 8) for name in sizes}
-    results, skipped = bench.bench_peers(sizes, plan.warmup, repeats, torch.device(device))
+    results, skipped = bench.bench_peers(sizes, plan.warmup, repeats, torch.device(device), bf16=True)
     if skipped:
         print(skipped)
     return {"sizes": results, "skipped": skipped}
@@ -198,7 +202,7 @@ def step_rate(plan, device, logs, name):
     timed = step_s[warmup:]
     if not timed:
         raise ValueError(f"{name}: {len(step_s)} steps logged leave none to time after {warmup} warm-up steps")
-    per_token = bench.flops_per_token(Shapes(train.model_config(args)))
+    per_token = bench.flops_per_token(Shapes(plumbing.model_config(args)))
     rate = tokens * len(timed) / sum(timed)
     ms = sorted(1e3 * t for t in timed)
     return {"command": "python train.py " + shlex.join(argv), "preset": args.preset, "steps": len(step_s),

@@ -102,7 +102,7 @@ import data
 import moe
 import plumbing
 import sample
-import show_routing
+from lab import show_routing
 import train
 
 # The tensors here are tiny: more threads only add synchronisation, which on
@@ -164,7 +164,7 @@ P = scores[0].mean(0)                                                   # Eq. 6
 by_hand = alpha * E * (f * P).sum()                                     # Eq. 4
 print("f =", f.numpy().round(3), " P =", P.detach().numpy().round(3), f" loss = {by_hand.item():.5f}")
 
-aux = balancers.AuxLoss(E, k, balancers.BalanceConfig(alpha=alpha, balance_seqs=1))
+aux = balancers.AuxLoss(E, k, dict(alpha=alpha, balance_seqs=1))
 from_project = aux.loss(aux.route(logits))
 torch.testing.assert_close(by_hand, from_project)
 print(f"balancers.AuxLoss gives {from_project.item():.5f}: the same")

@@ -14,8 +14,9 @@ Read it top to bottom:
   6. Block, GPT                 the transformer around it
   7. sync_gradients & co.       what an optimizer step needs when experts live
                                 on different ranks
-  8. Speed                      the experts as grouped matmuls: the same
-                                numbers, faster (skip on a first reading)
+  8. Speed                      the experts as grouped matmuls, and a GPU
+                                kept busy: the same numbers, faster (skip on
+                                a first reading)
 
 Every balancing strategy (balancers.py) hands MoELayer the same thing: a flat
 list of assignments (token_idx, expert_idx, weight). Everything after routing
@@ -40,7 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from balancers import BalanceConfig, check_strategy, make_balancer
+from balancers import check_strategy, count_per_expert, make_balancer
 from data import VOCAB_SIZE
 
 
@@ -56,7 +57,7 @@ class GPTConfig:
     d_expert: int = 128            # hidden width of one expert's SwiGLU
     shared_experts: int = 0        # DeepSeekMoE-style always-on experts (Wang et al. used 2)
     balancer: str = "lossfree"
-    balance: BalanceConfig = field(default_factory=BalanceConfig)
+    balance: dict = field(default_factory=dict)   # the strategy's knobs (balancers.Knob); unset ones take its defaults
 
 
 def check_config(cfg, ep_size=1, local_seqs=None):
@@ -216,9 +217,9 @@ class Experts(nn.Module):
 
     def forward(self, x, counts):
         """x: [N, d] rows sorted by local expert; counts: rows per local expert,
-        a list or a 1-D tensor. Returns [N, d] in x's dtype: under bf16
-        autocast the matmuls give bf16, and the caller adds the rows into the
-        fp32 residual stream."""
+        a list or a 1-D tensor. Returns [N, d] in x's dtype, which under
+        autocast is already the compute dtype (MoELayer.combine gathers the
+        rows in it)."""
         if grouped_mm_fast_on_cuda(x, self.w13, self.w2):
             return grouped_experts_bf16(x, counts, self.w13, self.w2).to(x.dtype)
         counts = counts.tolist() if torch.is_tensor(counts) else counts
@@ -297,11 +298,12 @@ class AllToAll(torch.autograd.Function):
 
 
 def wire_dtype(x):
-    """The dtype rows travel in: the compute dtype under autocast (bf16 on a
-    GPU), else x's own. The experts' first matmul would round the rows to
-    bf16 anyway, so rounding them before the exchange changes no number and
-    halves the bytes; the results come back in bf16 too, which is what the
-    experts produced."""
+    """The dtype of the dispatch: rows are gathered, sent to the experts'
+    ranks, weighted and summed in it. Under autocast that is the compute
+    dtype (bf16 on a GPU), else x's own. The experts' first matmul would
+    round the rows to bf16 anyway, so rounding them at the gather changes no
+    number the experts see and halves the bytes of every copy after it; the
+    results come back in bf16, which is what the experts produced."""
     if torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype
@@ -326,29 +328,65 @@ class MoELayer(nn.Module):
         self.register_buffer("load", torch.zeros(cfg.n_experts, dtype=torch.long), persistent=False)
 
     def forward(self, x):
+        """x: [B, T, d]. Returns y, the strategy's loss and the routing. Under
+        autocast y is in the compute dtype (bf16 on a GPU); Block adds it to
+        the fp32 residual stream."""
         B, T, d = x.shape
         routing, loss = self.balancer(self.router(x))
+        # Counted once, used twice: the step's load statistic and the sizes
+        # of the experts' blocks of rows.
+        counts = count_per_expert(routing.expert_idx, self.n_experts)
         if self.training:
-            self.load += torch.bincount(routing.expert_idx, minlength=self.n_experts)
+            self.load += counts
         h = x.reshape(B * T, d)
-        y = self.combine(h, routing)
+        y = self.combine(h, routing, counts)
         if self.shared is not None:
             y = y + self.shared(h)
         return y.view(B, T, d), loss, routing
 
-    def combine(self, h, routing):
+    def combine(self, h, routing, counts):
         """y_t = sum over t's assignments of weight * expert(h_t)."""
+        h = h.to(wire_dtype(h))
+        weight = routing.weight.to(h.dtype)
         # One sort per layer puts each expert's rows next to each other.
         order = torch.argsort(routing.expert_idx, stable=True)
+        k = self.balancer.top_k
+        if self.balancer.token_choice and routing.expert_idx.numel() == h.shape[0] * k:
+            return self.combine_k_per_token(h, weight, order, counts, k)
+        # Expert choice (or token choice that dropped assignments, as exercise
+        # 3's capacity does): a token has 0 to E assignments, so the sum per
+        # token has no fixed shape and index_add_ adds every row into its
+        # token's (a token with none gets zero: the residual carries it).
+        # On a GPU index_add_ adds with atomics, in whatever order they land:
+        # the last bits of y may differ from run to run. index_select rather
+        # than h[token_idx]: same rows, but its backward is a plain index_add_,
+        # cheaper than the accumulating index_put_ of [].
         token_idx = routing.token_idx[order]
-        counts = torch.bincount(routing.expert_idx, minlength=self.n_experts)
-        # index_select rather than h[token_idx]: same rows, but its backward is
-        # a plain index_add_, cheaper than the accumulating index_put_ of [].
         out = self.run_experts(h.index_select(0, token_idx), counts)
-        out = out * routing.weight[order, None].to(out.dtype)
-        # index_add sums the k contributions of each token (a token chosen by no
-        # expert under expert choice simply gets zero: the residual carries it).
-        return torch.zeros_like(h).index_add_(0, token_idx, out)
+        return torch.zeros_like(h).index_add_(0, token_idx, out * weight[order, None])
+
+    def combine_k_per_token(self, h, weight, order, counts, k):
+        """Token choice: every token has exactly k assignments, listed token by
+        token as balancers.top_k_routing lists them (assignment a = t * k + j
+        is token t's j-th choice), so y_t is a sum of k rows, in the same
+        order every run: bit for bit reproducible, on a GPU too. No step adds
+        two numbers into one place concurrently, forward or backward."""
+        N, d = h.shape
+        # Every token's row k times, in assignment order, then in expert order.
+        # The backward of expand sums the k copies' gradients in a fixed order,
+        # and `order` is a permutation, so no two gradient rows land in one
+        # place (gathering h by token_idx would send k of them to each token).
+        rows = h.unsqueeze(1).expand(N, k, d).reshape(N * k, d).index_select(0, order)
+        out = self.run_experts(rows, counts)
+        # Back to assignment order with the inverse permutation: row i of out
+        # belongs to assignment order[i], so assignment a reads row inverse[a].
+        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(N * k, device=order.device))
+        out = out.index_select(0, inverse).view(N, k, d)
+        # y_t = sum over t's k chosen experts of w * expert(h_t) (Fedus et al.
+        # 2021, Eq. 2). The sum runs over a middle axis of fixed length: its
+        # order is j = 0..k-1 on every run, and in bf16 it adds in fp32 and
+        # rounds once.
+        return (out * weight.view(N, k, 1)).sum(1)
 
     def run_experts(self, x, counts):
         """x: [A, d] rows sorted by global expert id, counts: [E] rows per expert.
@@ -360,11 +398,14 @@ class MoELayer(nn.Module):
         # 1. Tell every rank how many rows it will receive for each of its experts.
         recv_counts = torch.empty_like(counts)
         dist.all_to_all_single(recv_counts, counts, group=group)  # [W * L]: (source rank, local expert)
-        send, recv = torch.stack([counts, recv_counts]).tolist()  # one host sync for both lists
+        # The layer's one wait for the GPU, and a necessary one: the exchange
+        # takes its split sizes as host integers (NCCL sizes its transfers and
+        # the receive buffer from them). One copy brings both lists.
+        send, recv = torch.stack([counts, recv_counts]).tolist()
         send_splits = [sum(send[r * L:(r + 1) * L]) for r in range(W)]
         recv_splits = [sum(recv[r * L:(r + 1) * L]) for r in range(W)]
-        # 2. Send the rows, in the compute dtype. They arrive grouped by source
-        #    rank, then by expert.
+        # 2. Send the rows (already in the dispatch dtype, wire_dtype). They
+        #    arrive grouped by source rank, then by expert.
         rx = AllToAll.apply(x.to(wire_dtype(x)), recv_splits, send_splits, group)
         # 3. Regroup by local expert so each expert's rows are contiguous again.
         #    The rows arrive as blocks (source rank r, expert l); listing the
@@ -397,6 +438,8 @@ class Block(nn.Module):
     def forward(self, x):
         x = x + self.attn(self.norm1(x))
         y, loss, routing = self.moe(self.norm2(x))
+        # Under autocast y is bf16; the sum is in x's fp32, so the residual
+        # stream keeps its precision.
         return x + y, loss, routing
 
 
@@ -554,22 +597,29 @@ def clip_grad_norm(model, max_norm):
     are disjoint within a row of the mesh (sum their squares over the row)
     and identical across rows (count one row). Returns the norm."""
     device = next(model.parameters()).device
-    sq_rep, sq_exp = torch.zeros((), device=device), torch.zeros((), device=device)
+    grads = {"replicated": [], "expert": []}
     for n, p in model.named_parameters():
-        if p.grad is None:
-            continue
-        if is_expert_param(n):
-            sq_exp = sq_exp + p.grad.float().pow(2).sum()
-        else:
-            sq_rep = sq_rep + p.grad.float().pow(2).sum()
+        if p.grad is not None:
+            grads["expert" if is_expert_param(n) else "replicated"].append(p.grad)
+    sq_rep, sq_exp = (sum_of_squares(grads[kind], device) for kind in ("replicated", "expert"))
     if model.mesh.ep_size > 1:
         dist.all_reduce(sq_exp, group=model.mesh.ep_group)
     norm = (sq_rep + sq_exp).sqrt()
     scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-    for p in model.parameters():
-        if p.grad is not None:
-            p.grad.mul_(scale)
+    # One multi-tensor kernel for all gradients (a handful of launches on a
+    # GPU), not one per parameter.
+    torch._foreach_mul_(grads["replicated"] + grads["expert"], scale)
     return norm
+
+
+def sum_of_squares(tensors, device):
+    """The sum of the squares of every element of `tensors`, in fp32, as a
+    0-d tensor on `device`. torch._foreach_norm computes the tensors' norms
+    in a few multi-tensor kernels (what torch.nn.utils.clip_grad_norm_ uses)
+    instead of a kernel or two per parameter."""
+    if not tensors:
+        return torch.zeros((), device=device)
+    return torch.stack(torch._foreach_norm(tensors, dtype=torch.float32)).square().sum()
 
 
 # ----------------------------------------------------------------------------
@@ -591,22 +641,38 @@ def grouped_swiglu(x, ends, w13, w2):
 
 
 # --- On a GPU.
+#
+# The CPU queues kernels and the GPU runs them, some way behind. Reading a
+# value on the host (.item(), .tolist(), bincount sizing its output) makes
+# the CPU wait until the queue has drained, and the GPU then idles while the
+# CPU queues the next kernels. At ep = 1 an MoE layer's forward and backward
+# never wait (tests/test_moe.py counts the calls, tests/test_cuda.py asks the
+# driver); at ep > 1 the exchange's split sizes are the one wait per layer
+# (MoELayer.run_experts).
 
 def grouped_mm_fast_on_cuda(x, w13, w2):
-    """Does torch._grouped_mm have its fast kernel for these tensors?
+    """Does torch._grouped_mm have its fast kernel for these tensors, and do
+    we trust it?
 
-    PyTorch's grouped CUDA kernel (CUTLASS) needs compute capability 9.x or
-    10.x (Hopper, Blackwell), bf16 operands, row strides that are multiples
-    of 16 bytes (8 bf16 values) and fewer than 1024 groups. Anywhere else
-    torch runs the op as a loop of matmuls behind a host sync, which is
-    forward_loop with extra steps. bf16 only where the run asked for it
-    (autocast, as train.py does on CUDA): an fp32 run keeps fp32 experts."""
+    PyTorch's grouped CUDA kernel (CUTLASS) runs on compute capability 9.x
+    and 10.x, with bf16 operands, row strides that are multiples of 16 bytes
+    (8 bf16 values) and fewer than 1024 groups: the kernel checks
+    group_count < 1024, so 1024 experts on one rank are refused (its message
+    says "more than 1024"). Anywhere else torch runs the op as a loop of
+    matmuls behind a host sync, which is forward_loop with extra steps.
+
+    9.x only (Hopper): on 10.x (Blackwell) the weight gradient of an expert
+    that received no rows comes out non-zero (pytorch#172439), and AdamW
+    would move that expert. Zeroing those gradients by hand would also work;
+    leaving Blackwell on the loop until the kernel is fixed is simpler.
+    bf16 only where the run asked for it (autocast, as train.py does on
+    CUDA): an fp32 run keeps fp32 experts."""
     if x.device.type != "cuda" or not hasattr(torch, "_grouped_mm"):
         return False
     wants_bf16 = x.dtype == torch.bfloat16 or (
         torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") == torch.bfloat16)
     n_experts, d, h = w13.shape[0], w13.shape[1], w2.shape[1]
-    return (wants_bf16 and torch.cuda.get_device_capability(x.device)[0] in (9, 10)
+    return (wants_bf16 and torch.cuda.get_device_capability(x.device)[0] == 9
             and d % 8 == 0 and h % 8 == 0 and n_experts < 1024)
 
 

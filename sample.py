@@ -63,7 +63,7 @@ import torch.nn.functional as F
 import data
 import moe
 import plumbing
-import show_routing
+from lab import show_routing
 
 # ----------------------------------------------------------------------------
 # 1. Generation.

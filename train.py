@@ -7,38 +7,34 @@ the papers measure.
     torchrun --nproc_per_node=4 train.py --ep-size 2          # 2 replicas x 2 expert-parallel ranks
 
 Read it top to bottom:
-  1. settings: presets, flags (a strategy's flags come from BalanceConfig),
-     and their checks
+  1. presets: the sizes a run starts from
   2. build: the model and its optimizer
   3. train_step: micro-steps, gradient sync, clipping, AdamW, then the
      strategy's once-per-step hook
   4. evaluate: perplexity per domain, MaxVio, expert specialisation per
      domain, and the causality probe
   5. the loop
+and, after the lesson, the flags and their checks.
 
 The global batch (--batch-size sequences) is the unit of everything: the data,
 the balancing statistics and the optimizer step are defined on it, and the
 number of processes and --grad-accum only decide how it is cut up. So the
 same seed gives the same loss curve on 1 or 2 processes. Checkpoints, the log,
-signals and process exit are in plumbing.py: needed, but not the lesson.
+resume, signals and process exit are in plumbing: needed, but not the lesson.
 """
 
 import math
-import os
-import time
-from dataclasses import asdict, fields
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 import plumbing
-from balancers import BALANCERS, BalanceConfig
-from data import VOCAB_SIZE, fingerprint, get_batch, load_corpus, val_batches
-from moe import GPT, GPTConfig, causal_logits, check_config, clip_grad_norm, sync_gradients
+from balancers import BALANCERS, count_per_expert
+from data import VOCAB_SIZE, get_batch, load_corpus, val_batches
+from moe import GPT, causal_logits, clip_grad_norm, sync_gradients
 
 # ----------------------------------------------------------------------------
-# 1. Settings.
+# 1. Presets.
 
 # tiny: seconds, for tests and smoke runs. default: shows the papers' effects
 # in a few minutes on a 2-core CPU. Any explicit flag overrides the preset.
@@ -62,180 +58,6 @@ PRESETS = {
                 eval_every=500, log_every=10, val_seqs=512, ckpt_every=500),
 }
 
-# Every numeric flag and the smallest value it may take; floats must also be
-# finite. (A strategy's knobs carry their ranges in balancers.BalanceConfig.)
-AT_LEAST = dict(n_layers=1, d_model=1, n_heads=1, n_experts=1, top_k=1, d_expert=1, shared_experts=0,
-                steps=1, batch_size=1, grad_accum=1, domain_block=1, seq_len=1, warmup=0, seed=0,
-                eval_every=0, log_every=1, val_seqs=1, ckpt_every=1, weight_decay=0.0)
-ABOVE = dict(lr=0.0, grad_clip=0.0)
-# and the largest: torch.manual_seed takes an unsigned 64-bit seed
-AT_MOST = dict(seed=2**64 - 1)
-
-
-def parse_args(argv=None):
-    p = plumbing.OneLineParser(
-        description="Train a small MoE GPT with one load-balancing strategy and report perplexity, "
-                    "MaxVio, expert specialisation per domain and the causality leak.")
-    p.add_argument("--balancer", default="lossfree", choices=list(BALANCERS), metavar="NAME",
-                   help=" | ".join(f"{n}: {c.summary}" for n, c in BALANCERS.items()) + " (default: lossfree)")
-    p.add_argument("--preset", default="default", choices=list(PRESETS),
-                   help="sizes and schedule; explicit flags override it (default: default)")
-
-    def preset_flag(group, name, type, help):
-        group.add_argument("--" + name.replace("_", "-"), type=type, metavar="N" if type is int else "X",
-                           help=f"{help} (default: {plumbing.preset_help(PRESETS, name)})")
-    g = p.add_argument_group("model")
-    preset_flag(g, "n_layers", int, "transformer blocks")
-    preset_flag(g, "d_model", int, "width of the residual stream")
-    preset_flag(g, "n_heads", int, "attention heads")
-    preset_flag(g, "n_experts", int, "routed experts per MoE layer")
-    preset_flag(g, "top_k", int, "experts per token (token-choice strategies)")
-    preset_flag(g, "d_expert", int, "hidden width of each expert")
-    preset_flag(g, "shared_experts", int, "always-on experts, DeepSeekMoE")
-    g = p.add_argument_group("training")
-    preset_flag(g, "steps", int, "optimizer steps")
-    preset_flag(g, "batch_size", int, "GLOBAL batch in sequences; processes and --grad-accum split it")
-    g.add_argument("--grad-accum", type=int, default=1, metavar="N", help="micro-steps per optimizer step (default: 1)")
-    g.add_argument("--domain-block", type=int, default=1, metavar="S",
-                   help="draw every S consecutive sequences from one domain; S = --balance-seqs makes every "
-                        "balance group single-domain, Qiu et al.'s setting (default: 1)")
-    preset_flag(g, "seq_len", int, "bytes per sequence")
-    preset_flag(g, "lr", float, "peak learning rate (warm-up, then cosine to 10%%)")
-    preset_flag(g, "warmup", int, "warm-up steps")
-    g.add_argument("--weight-decay", type=float, default=0.1, metavar="X", help="AdamW weight decay (default: 0.1)")
-    g.add_argument("--grad-clip", type=float, default=1.0, metavar="X", help="clip the global gradient norm to this (default: 1.0)")
-    g.add_argument("--seed", type=int, default=0, metavar="N", help="initialisation and batches (default: 0)")
-    g.add_argument("--data", metavar="DIR", help="your own text: one domain per subfolder (or per file) "
-                                                 "(default: the built-in corpus)")
-    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                   help="auto: CUDA if this PyTorch sees a GPU, else CPU (default: auto)")
-    g.add_argument("--ep-size", type=int, metavar="N",
-                   help="processes that share the experts out and exchange tokens (an expert-parallel group); "
-                        "the world size / N such groups hold copies of the experts (data parallel). Must "
-                        "divide the number of processes and --n-experts (default: all processes)")
-    g = p.add_argument_group("output")
-    g.add_argument("--out", metavar="DIR", help="log.jsonl, summary.json and the checkpoint (ckpt.pt, an index, and its folder ckpt/) go here "
-                        "(default: runs/BALANCER)")
-    either = g.add_mutually_exclusive_group()     # "continue" and "start over" cannot both be meant
-    either.add_argument("--resume", nargs="?", const=True, default=False, choices=["auto"],
-                        help="continue from OUT/ckpt.pt; --resume auto: continue if OUT holds a checkpoint, "
-                             "start if it holds nothing (for torchrun --max-restarts)")
-    either.add_argument("--overwrite", action="store_true", help="start over even if OUT holds a run")
-    g.add_argument("--stop-at", type=int, default=-1, metavar="N",
-                   help="stop after step N with a checkpoint, as if interrupted (continue with --resume)")
-    preset_flag(g, "eval_every", int, "evaluate every N steps (0: only at the end)")
-    preset_flag(g, "log_every", int, "write a log.jsonl line every N steps")
-    preset_flag(g, "ckpt_every", int, "write a checkpoint every N steps (and at every evaluation and the end)")
-    preset_flag(g, "val_seqs", int, "validation windows per domain (the whole split if it has fewer)")
-    g = p.add_argument_group("strategy knobs (each strategy reads only its own; balancers.py)")
-    for f in fields(BalanceConfig):
-        kind = f.metadata["type"]
-        flag = "--" + f.name.replace("_", "-")
-        extra = dict(action="store_const", const=True) if kind is bool else \
-            dict(type=kind, choices=f.metadata["choices"], metavar=None if f.metadata["choices"] else "N" if kind is int else "X")
-        g.add_argument(flag, **extra, help=f"{f.metadata['help']} (default: {plumbing.knob_help(f.name)})")
-    args = p.parse_args(argv)
-    for key, value in PRESETS[args.preset].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    args.out = args.out or os.path.join("runs", args.balancer)
-    return args
-
-
-def balance_config(args):
-    return BalanceConfig(**{f.name: getattr(args, f.name) for f in fields(BalanceConfig)})
-
-
-def model_config(args):
-    return GPTConfig(seq_len=args.seq_len, n_layers=args.n_layers, d_model=args.d_model,
-                     n_heads=args.n_heads, n_experts=args.n_experts, top_k=args.top_k,
-                     d_expert=args.d_expert, shared_experts=args.shared_experts,
-                     balancer=args.balancer, balance=balance_config(args))
-
-
-# The flags that decide what is trained, beyond the model (whose settings
-# the checkpoint's config holds): a resume with any of them changed would
-# continue a run that matches neither set of flags. The others only decide
-# what is written and when (--log-every, --stop-at, --steps raised, --out).
-TRAJECTORY = ("batch_size", "seed", "lr", "warmup", "grad_accum", "domain_block", "weight_decay", "grad_clip")
-
-
-def flag(name):
-    return "--" + name.replace("_", "-")
-
-
-def trajectory(args, corpus):
-    """The trajectory flags, the data folder and the corpus's fingerprint."""
-    return {**{flag(k): getattr(args, k) for k in TRAJECTORY},
-            "--data": os.path.abspath(args.data) if args.data else None, "corpus": fingerprint(corpus)}
-
-
-def same_everywhere(args, corpus):
-    """What every process of one run must share: every flag (the data
-    folder by its contents, since machines may mount it at different paths)."""
-    return {**{flag(k): v for k, v in vars(args).items() if k != "data"},
-            "the data (corpus fingerprint)": fingerprint(corpus)}
-
-
-def check_resumable(ckpt, cfg, traj, path):
-    """--resume continues a run only under the flags that made it: the first
-    difference is named with its old and new value."""
-    if "run_id" not in ckpt or "trajectory" not in ckpt:
-        raise ValueError(f"--resume: {path} was written by an older train.py (no run id or trajectory flags); "
-                         f"start over with --overwrite or use another --out")
-    flat = lambda c: {**{flag(k): v for k, v in c.items() if k != "balance"},
-                      **{flag(k): v for k, v in c.get("balance", {}).items()}}
-    old, new = flat(ckpt["config"]), flat(asdict(cfg))
-    for name in sorted(set(old) | set(new)):
-        if old.get(name) != new.get(name):
-            raise ValueError(f"--resume: {path} was made with a different model or strategy ({name} was "
-                             f"{old.get(name)}, now {new.get(name)}); use the same flags or another --out")
-    for name, value in traj.items():
-        then = ckpt["trajectory"].get(name)
-        if then != value:
-            if name == "corpus":
-                raise ValueError(f"--resume: the training data changed since {path} was written (corpus "
-                                 f"fingerprint {then}, now {value}): restore it, or start over with --overwrite")
-            raise ValueError(f"--resume: {path} was trained with {name} {then}, this run has {value}: resume "
-                             f"with the same value, or start over with --overwrite or another --out")
-
-
-def check_args(args, world_size, device=None):
-    """Every flag in one place: a message that names the flag and the fix."""
-    for name, low in AT_LEAST.items():
-        value = getattr(args, name)
-        if not math.isfinite(value) or value < low:
-            raise ValueError(f"{flag(name)} must be a number >= {low} (got {value})")
-    for name, low in ABOVE.items():
-        value = getattr(args, name)
-        if not math.isfinite(value) or value <= low:
-            raise ValueError(f"{flag(name)} must be a finite number > {low} (got {value})")
-    for name, high in AT_MOST.items():
-        if getattr(args, name) > high:
-            raise ValueError(f"{flag(name)} must be at most {high} (got {getattr(args, name)})")
-    if args.stop_at != -1 and args.stop_at < 1:
-        raise ValueError(f"--stop-at must be a step >= 1 (got {args.stop_at})")
-    ep_size = expert_parallel_size(args, world_size)
-    split = world_size * args.grad_accum
-    if args.batch_size % split:
-        raise ValueError(f"--batch-size {args.batch_size} is not divisible by processes x --grad-accum = {split}: "
-                         f"use a multiple of {split}")
-    if args.batch_size % args.domain_block:
-        raise ValueError(f"--domain-block {args.domain_block} must divide --batch-size {args.batch_size}")
-    cfg = model_config(args)
-    check_config(cfg, ep_size, local_seqs=args.batch_size // split)
-    plumbing.check_memory(cfg, args.batch_size // split, ep_size, device)   # experts are split ep_size ways
-
-
-def expert_parallel_size(args, world_size):
-    """--ep-size, checked against the world size (the default: all processes)."""
-    if args.ep_size is None:
-        return world_size
-    if args.ep_size < 1 or world_size % args.ep_size:
-        raise ValueError(f"--ep-size {args.ep_size} must divide the {world_size} processes "
-                         f"(each expert-parallel group is --ep-size of them)")
-    return args.ep_size
-
 
 # ----------------------------------------------------------------------------
 # 2. Build: the model and its optimizer.
@@ -245,7 +67,7 @@ def build(args, proc):
     Seeded first, so every rank and every mesh starts from the same weights.
     bench.py and the tests build through here too."""
     torch.manual_seed(args.seed)
-    model = GPT(model_config(args), proc.mesh).to(proc.device)
+    model = GPT(plumbing.model_config(args), proc.mesh).to(proc.device)
     return model, make_optimizer(model, args)
 
 
@@ -437,19 +259,21 @@ def evaluate(model, corpus, batches, proc, causal_batches=CAUSAL_BATCHES):
         tok_sum.index_add_(0, dom, torch.full_like(dom, y.shape[1], dtype=torch.float64))
         tok_domain = dom.repeat_interleave(y.shape[1])                       # domain of every token
         for l, routing in enumerate(out.routings):
-            load[l] += torch.bincount(routing.expert_idx, minlength=cfg.n_experts)
+            load[l] += count_per_expert(routing.expert_idx, cfg.n_experts)
             cell = tok_domain[routing.token_idx] * cfg.n_experts + routing.expert_idx
-            picks[l] += torch.bincount(cell, minlength=D * cfg.n_experts).view(D, cfg.n_experts)
+            picks[l] += count_per_expert(cell, D * cfg.n_experts).view(D, cfg.n_experts)
             seq = first + r * b + routing.token_idx // y.shape[1]      # this rank's rows of the batch
-            seq_load[l] += torch.bincount(seq * cfg.n_experts + routing.expert_idx, minlength=seq_load.shape[1])
+            seq_load[l] += count_per_expert(seq * cfg.n_experts + routing.expert_idx, seq_load.shape[1])
         first += rows
     for t in (loss_sum, tok_sum, load, picks, seq_load):
         proc.all_reduce(t)
     freq = picks.double() / tok_sum.clamp(min=1)[None, :, None]
     x0 = batches[0][0]
     b = x0.shape[0] // W
-    leak = torch.tensor(causal_probe(model, x0[r * b:(r + 1) * b].to(proc.device), x0.shape[1] // 2,
-                                     torch.Generator().manual_seed(1234)), device=proc.device)
+    # Under the autocast that trains: the leak of the path the model runs on.
+    with autocast(proc.device):
+        leak = torch.tensor(causal_probe(model, x0[r * b:(r + 1) * b].to(proc.device), x0.shape[1] // 2,
+                                         torch.Generator().manual_seed(1234)), device=proc.device)
     proc.all_reduce(leak, "max")
     by_domain = (loss_sum / tok_sum.clamp(min=1)).tolist()
     val_loss = (loss_sum.sum() / tok_sum.sum()).item()
@@ -466,24 +290,6 @@ def evaluate(model, corpus, batches, proc, causal_batches=CAUSAL_BATCHES):
             "expert_freq": freq.tolist(), "causal_leak": leak.item()}
 
 
-def evaluation_line(step, ev):
-    """What an evaluation during training prints above the progress bar."""
-    return (f"step {step}: val loss {ev['val_loss']:.4f} | MaxVio_global {ev['maxvio_global']:.3f} | "
-            f"specialisation {ev['specialization']:.3f}")
-
-
-def against_unigram(val_loss, unigram, steps):
-    """The final verdict in words: has the model learned more than byte
-    frequencies? A model that has not is not broken when it is tiny or
-    short-trained: it first learns the unigram, then context."""
-    if val_loss < unigram:
-        return (f"the model beats the unigram baseline by {unigram - val_loss:.3f} nats per byte: "
-                f"it uses context, not just byte frequencies")
-    return (f"the model is still {val_loss - unigram:.3f} nats per byte worse than the unigram baseline "
-            f"(guessing from byte frequencies alone): expected for a tiny model or a short run "
-            f"({steps} steps); train longer or use the default preset")
-
-
 def unigram_loss(corpus):
     """Cross-entropy of the best context-free guess: the training byte
     frequencies, scored on the validation text. The model must beat it."""
@@ -494,128 +300,50 @@ def unigram_loss(corpus):
     return -p.log()[val].mean().item()
 
 
-def summarize(args, cfg, model, corpus, history, ev, proc, wall_time):
-    """summary.json: the run's final figures in one flat record."""
-    tail = history[-max(1, len(history) // 10):]
-    mean = lambda key, rows: sum(r[key] for r in rows) / max(1, len(rows))
-    return {"balancer": args.balancer, "steps": args.steps, "world_size": proc.world_size, "seed": args.seed,
-            "config": asdict(cfg), "strategy": asdict(BALANCERS[args.balancer].settings(cfg.balance)),
-            "args": vars(args), "domains": corpus.domains, "domain_block": args.domain_block,
-            "unigram_loss": unigram_loss(corpus), **ev,
-            "maxvio_batch": mean("maxvio_batch", history),            # averaged over training
-            "maxvio_batch_final": mean("maxvio_batch", tail),         # the last 10% of logged steps
-            "tokens_per_second": mean("tokens_per_s", history), "wall_time_s": wall_time,
-            "state": {k: v.tolist() for k, v in model.strategy_state().items()}}
-
-
 # ----------------------------------------------------------------------------
 # 5. The loop.
 
 def main(argv=None):
     args = parse_args(argv)
     proc = plumbing.Proc.from_env(args.device)
-    check_args(args, proc.world_size, proc.device)  # before the process group: bad flags stop every rank at once
+    plumbing.check_args(args, proc.world_size, proc.device)  # before the process group: bad flags stop every rank at once
     proc.start(args.ep_size)
-    cfg = model_config(args)
     # The data before the output folder: a mistake in it costs nothing there.
     corpus = load_corpus(args.data, seq_len=args.seq_len, log=proc.log)
-    proc.check_same_everywhere(same_everywhere(args, corpus))
+    proc.check_same_everywhere(plumbing.same_everywhere(args, corpus))
     run = plumbing.open_run_dir(args.out, proc, args.resume, args.overwrite)
     try:
-        return train(args, cfg, proc, run, corpus)
+        return train(args, proc, run, corpus)
     finally:
         run.close()
 
 
-def train(args, cfg, proc, run, corpus):
+def train(args, proc, run, corpus):
+    """Train, evaluate now and then, finish with the summary. Everything a run
+    must also do (resume, the log, checkpoints, Ctrl-C, the progress bar) is
+    the session's, after the lesson."""
     model, opt = build(args, proc)
-    step, wall = 0, 0.0
-    meta = {"config": asdict(cfg), "args": vars(args), "run_id": plumbing.new_run_id(),
-            "trajectory": trajectory(args, corpus)}
-    if run.resume:
-        ckpt = plumbing.read_checkpoint(run.ckpt)
-        check_resumable(ckpt, cfg, meta["trajectory"], run.ckpt)
-        if ckpt["step"] > args.steps:
-            raise ValueError(f"--resume: {run.ckpt} is at step {ckpt['step']}, past --steps {args.steps}: "
-                             f"give --steps {ckpt['step']} or more")
-        if args.stop_at != -1 and args.stop_at <= ckpt["step"]:
-            raise ValueError(f"--stop-at {args.stop_at}: {run.ckpt} is at step {ckpt['step']} already; "
-                             f"give a later step")
-        meta["run_id"] = ckpt["run_id"]
-        # Finished means this run's summary was written too: a run that died
-        # between its final checkpoint and summary.json (a full disk) gets it
-        # now, from that checkpoint, without training. Rank 0 alone reads
-        # summary.json, so it decides for all.
-        done = proc.main and ckpt["step"] == args.steps and run.summary_run_id() == ckpt["run_id"]
-        if proc.agree(done):
-            proc.log(f"{args.out} finished all {ckpt['step']} steps already (see {run.summary}); nothing "
-                     f"changed. To train further, raise --steps")
-            return 0
-        plumbing.load_checkpoint(ckpt, model, opt, proc)
-        step, wall = ckpt["step"], ckpt.get("wall_time_s", 0.0)
     batches = val_batches(corpus, args.seq_len, args.batch_size // args.grad_accum, args.val_seqs)
-    history = run.open_log(step, meta["run_id"])
-    proc.log(f"{args.balancer} | {proc.world_size} process(es) on {proc.device} | {cfg.n_layers} layers, "
-             f"{cfg.n_experts} experts top-{cfg.top_k}, {model.active_params() / 1e6:.2f}M active params | "
-             f"unigram baseline val loss {unigram_loss(corpus):.3f}" + (f" | resuming at step {step}" if step else ""))
-
-    stop = plumbing.StopFlag()
-    bar = tqdm(total=args.steps, initial=step, desc=args.balancer, dynamic_ncols=True, disable=not proc.main)
-    ev, t_start = {}, time.time()
-
-    def save():
-        plumbing.save_checkpoint(run.target("ckpt.pt"), model, opt, step,
-                                 dict(meta, wall_time_s=wall + time.time() - t_start), proc)
-        run.commit()                              # a new run replaces an old one at its first checkpoint
-    try:
-        while step < args.steps:
-            t0 = time.time()
-            try:
+    with plumbing.Session(args, proc, run, corpus, model, opt, unigram_loss(corpus)) as session:
+        if session.finished:
+            return 0
+        ev = {}
+        for step in range(session.step, args.steps):
+            with session.timed(step):
                 rec = train_step(model, opt, corpus, step, args, proc)
-            except FloatingPointError as e:
-                kept = f"{run.ckpt} keeps the last good state" if run.target("ckpt.pt").exists() else \
-                    "no checkpoint was written" + (f"; the run that was in {args.out} is untouched" if run.stage else "")
-                raise FloatingPointError(f"{e}; {kept}. Try a lower --lr") from None
-            rec["tokens_per_s"] = args.batch_size * args.seq_len / (time.time() - t0)
-            step += 1
-            state = model.strategy_state()
-            if state:
-                rec["state"] = {k: v.tolist() for k, v in state.items()}   # e.g. lossfree's bias trajectories
-            final = step == args.steps
-            if final or (args.eval_every and step % args.eval_every == 0):
+            if step + 1 == args.steps or (args.eval_every and (step + 1) % args.eval_every == 0):
                 ev = evaluate(model, corpus, batches, proc)
-                rec.update({k: v for k, v in ev.items() if k != "expert_freq"})
-                if proc.main and not final:   # the final figures get their own lines below
-                    bar.write(evaluation_line(step, ev))
-            if final or step % args.log_every == 0 or "val_loss" in rec:
-                rec = {"step": step, **rec}
-                history.append(rec)
-                run.append(rec)
-            bar.update(1)
-            bar.set_postfix_str(f"train loss {rec['loss']:.3f} | MaxVio_batch {rec['maxvio_batch']:.2f}")
-            run.raise_if_failed()
-            halt = proc.agree(stop.raised)
-            if final or halt or step == args.stop_at or step % args.ckpt_every == 0 or "val_loss" in rec:
-                save()
-            if halt or step == args.stop_at:
-                bar.close()
-                proc.log(f"stopped at step {step}; {run.ckpt} saved. Continue with the same flags plus --resume")
-                return 1 if halt else 0
-    finally:
-        bar.close()
-        stop.restore()
-    if not ev:                                    # resumed after the last step, for the summary only
-        ev = evaluate(model, corpus, batches, proc)
-    summary = {"run": meta["run_id"], **summarize(args, cfg, model, corpus, history, ev, proc, wall + time.time() - t_start)}
-    run.write_summary(summary)
-    proc.log(f"val loss {summary['val_loss']:.4f} (unigram {summary['unigram_loss']:.4f}) | "
-             f"ppl {summary['val_ppl']:.3f} | MaxVio_global {summary['maxvio_global']:.3f} | "
-             f"specialisation {summary['specialization']:.3f} | causal leak {summary['causal_leak']:.2e}")
-    proc.log(against_unigram(summary["val_loss"], summary["unigram_loss"], args.steps))
-    proc.log(f"results in {args.out}/: summary.json, log.jsonl, the checkpoint ckpt.pt + ckpt/ "
-             f"(raise --steps and add --resume to go on)")
-    return 0
+                rec.update(ev)
+            if session.record(step + 1, rec):      # log line, bar, checkpoint; True: asked to stop
+                return session.stopped()
+        return session.finish(ev or evaluate(model, corpus, batches, proc))
 
+
+# ----------------------------------------------------------------------------
+# The command line (its flags and checks are in plumbing/flags.py).
+
+def parse_args(argv=None):
+    return plumbing.parse_args(PRESETS, argv)
 
 if __name__ == "__main__":
     plumbing.cli(main)

@@ -27,7 +27,6 @@ if str(ROOT) not in sys.path:                  # the project's flat modules
 
 import torch  # noqa: E402
 
-from balancers import BalanceConfig  # noqa: E402
 from moe import GPT, GPTConfig  # noqa: E402
 from train import causal_probe, max_violation  # noqa: E402
 
@@ -91,7 +90,7 @@ def drive(balancer, logits, steps):
 def tiny_gpt(strategy, seed=0, seq_len=16, **knobs):
     """A 2-layer GPT with 4 experts top-2 that routes with `strategy`."""
     cfg = GPTConfig(vocab_size=32, seq_len=seq_len, n_layers=2, d_model=16, n_heads=2, n_experts=4,
-                    top_k=2, d_expert=8, balancer=strategy, balance=BalanceConfig(**knobs))
+                    top_k=2, d_expert=8, balancer=strategy, balance=dict(**knobs))
     torch.manual_seed(seed)
     return GPT(cfg)
 

@@ -34,7 +34,7 @@ import math  # noqa: F401  (you will want these)
 import torch  # noqa: F401
 import torch.nn.functional as F  # noqa: F401
 
-from balancers import Balancer, Routing, gate_scores, register, top_k_routing
+from balancers import Balancer, ExpertChoice, Routing, gate_scores, register, top_k_routing
 
 
 class CapacityTopK(Balancer):
@@ -42,10 +42,10 @@ class CapacityTopK(Balancer):
     sequence; the rest are dropped."""
     paper = "Fedus et al. 2021 (Switch), Sec. 2.2"
     summary = "top-k that drops what exceeds C = c k T / E per expert and sequence"
-    # capacity_factor: Switch trained with 1.0 to 1.25. (BalanceConfig's help
-    # text gives expert choice's C = n c / E: with k assignments per token the
+    # capacity_factor: Switch trained with 1.0 to 1.25. (Expert choice's knob
+    # reads C = n c / E: with k assignments per token the
     # share of an expert is k n / E, hence the k here.)
-    defaults = dict(Balancer.defaults, capacity_factor=1.25)
+    knobs = dict(Balancer.knobs, capacity_factor=ExpertChoice.knobs["capacity_factor"].but(default=1.25))
 
     def route(self, logits):
         """logits [B, T, E] -> Routing: plain top-k (balancers.top_k_routing

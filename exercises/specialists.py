@@ -32,7 +32,7 @@ def measure(argv=None):
     # spin-wait (compare.py runs every arm on one thread for the same reason).
     torch.set_num_threads(1)
     proc = plumbing.Proc.from_env(targs.device)
-    train.check_args(targs, proc.world_size)
+    plumbing.check_args(targs, proc.world_size)
     corpus = load_corpus(targs.data, seq_len=targs.seq_len, log=lambda *a: None)
     batches = val_batches(corpus, targs.seq_len, targs.batch_size // targs.grad_accum, targs.val_seqs)
     model, opt = train.build(targs, proc)

@@ -4,7 +4,7 @@ route() or step() is written."""
 
 import torch
 
-from balancers import BALANCERS, BalanceConfig
+from balancers import BALANCERS
 from checking import drive, exercise, leak, skewed_logits, tiny_gpt, train_a_little
 
 EXERCISE = "ex1 multiplicative bias (Wang et al. 2024, Sec. 4.3)"
@@ -28,7 +28,7 @@ def test_multiplier_steers_choice_but_gate_weight_is_unscaled_score():
     its output is s_i itself."""
     B, T, E, k = 2, 6, 4, 2
     logits = torch.randn(B, T, E, generator=torch.Generator().manual_seed(5))
-    bal = Mult(E, k, BalanceConfig())
+    bal = Mult(E, k, {})
     bal.mult.copy_(torch.tensor([1.0, 1.0, 1.0, 2.0]))
     routing = bal.route(logits)
     s = torch.sigmoid(logits).reshape(-1, E)
@@ -64,7 +64,7 @@ def test_step_moves_multiplier_against_the_load_by_about_u():
     """After a batch, a busy expert's multiplier goes down, an idle one's up,
     one exactly at the mean stays; the relative move is of the order of u."""
     u = 0.01
-    bal = Mult(4, 1, BalanceConfig(bias_rate=u))
+    bal = Mult(4, 1, dict(bias_rate=u))
     bal.step(torch.tensor([10, 2, 6, 6]))              # mean 6: expert 0 busy, 1 idle, 2 and 3 at the mean
     m = bal.mult
     assert m[0] < 1 < m[1], \
@@ -83,7 +83,7 @@ def test_multiplier_stays_positive_when_an_expert_stays_busy():
     """A negative multiplier would turn an expert's preference upside down
     (it would win the tokens that score it lowest). However many steps an
     expert stays overloaded, its multiplier must stay above 0."""
-    bal = Mult(4, 1, BalanceConfig(bias_rate=0.1))
+    bal = Mult(4, 1, dict(bias_rate=0.1))
     for _ in range(60):
         bal.step(torch.tensor([13, 1, 1, 1]))
     assert (bal.mult > 0).all(), \
@@ -94,7 +94,7 @@ def test_multiplier_stays_positive_when_an_expert_stays_busy():
 def test_updates_drive_skewed_router_to_balance():
     """A router with a strong fixed preference (expert 0 >> expert 7): steps
     at the paper's rate u = 1e-3 must bring MaxVio from above 1 to below 0.2."""
-    vio = drive(Mult(8, 2, BalanceConfig()), skewed_logits(), 800)
+    vio = drive(Mult(8, 2, {}), skewed_logits(), 800)
     assert vio[0] > 1.0
     assert max(vio[-20:]) < 0.2, \
         f"800 steps at u = 1e-3 left MaxVio at {max(vio[-20:]):.2f}: the router is not being balanced"

@@ -4,7 +4,7 @@ decisions as plain lossfree (Wang et al. 2024, Alg. 1)."""
 import pytest
 import torch
 
-from balancers import BALANCERS, BalanceConfig, LossFree
+from balancers import BALANCERS, LossFree
 from checking import drive, exercise, skewed_logits, tiny_gpt, train_a_little
 
 EXERCISE = "ex2 centred bias (Wang et al. 2024, Alg. 1)"
@@ -20,7 +20,7 @@ RULES = ["sign", "proportional"]
 def test_bias_stays_zero_mean(rule):
     """Loads whose sign updates do not cancel (one expert above the mean,
     three below: +u three times, -u once): the bias must still have mean 0."""
-    bal = Centred(4, 1, BalanceConfig(bias_rate=0.01, bias_update=rule))
+    bal = Centred(4, 1, dict(bias_rate=0.01, bias_update=rule))
     for load in ([13, 1, 1, 1], [1, 7, 4, 4], [0, 0, 0, 16]) * 10:
         bal.step(torch.tensor(load))
         assert abs(bal.bias.mean().item()) < 1e-6, \
@@ -31,7 +31,7 @@ def test_bias_stays_zero_mean(rule):
 def test_bias_falls_for_a_busy_expert_and_rises_for_an_idle_one():
     """Alg. 1's direction survives centring: relative to the others, an
     overloaded expert's bias goes down and an underloaded one's up."""
-    bal = Centred(4, 1, BalanceConfig(bias_rate=0.01))
+    bal = Centred(4, 1, dict(bias_rate=0.01))
     bal.step(torch.tensor([10, 2, 6, 6]))             # mean 6
     b = bal.bias.tolist()
     assert b[0] < b[2] < b[1] and b[2] == b[3], \
@@ -43,7 +43,7 @@ def test_same_decisions_as_plain_lossfree(rule):
     """Side by side with balancers.LossFree on a skewed router, step after
     step: the two biases must differ by one constant shared by every expert
     (so every top-k decision is the same), and the routings must be equal."""
-    knobs = BalanceConfig(bias_rate=0.01, bias_update=rule)
+    knobs = dict(bias_rate=0.01, bias_update=rule)
     centred, plain = Centred(8, 2, knobs), LossFree(8, 2, knobs)
     logits = skewed_logits()
     for step in range(150):
@@ -62,7 +62,7 @@ def test_same_decisions_as_plain_lossfree(rule):
 def test_updates_drive_skewed_router_to_balance():
     """Centring changes no decision, so the balance is lossfree's: MaxVio
     from above 1 to below 0.2 at the paper's u = 1e-3."""
-    vio = drive(Centred(8, 2, BalanceConfig()), skewed_logits(), 800)
+    vio = drive(Centred(8, 2, {}), skewed_logits(), 800)
     assert vio[0] > 1.0
     assert max(vio[-20:]) < 0.2, \
         f"800 steps at u = 1e-3 left MaxVio at {max(vio[-20:]):.2f}: the router is not being balanced"

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from balancers import BALANCERS, BalanceConfig, make_balancer
+from balancers import BALANCERS, make_balancer
 from checking import exercise, leak, tiny_gpt, train_a_little
 
 EXERCISE = "ex3 capacity and token dropping (Fedus et al. 2021, Sec. 2.2)"
@@ -36,7 +36,7 @@ def kept_by_sequence(routing, B, T, E):
 def test_capacity_is_respected_in_every_sequence(c):
     """No expert keeps more than C = ceil(c k T / E) assignments of one sequence."""
     B, T, E, k = 3, 16, 4, 2
-    routing = Capacity(E, k, BalanceConfig(capacity_factor=c)).route(skewed(B, T, E))
+    routing = Capacity(E, k, dict(capacity_factor=c)).route(skewed(B, T, E))
     C = math.ceil(c * k * T / E)
     for b, experts in enumerate(kept_by_sequence(routing, B, T, E)):
         for e, positions in enumerate(experts):
@@ -50,8 +50,8 @@ def test_kept_assignments_are_plain_top_k_with_unscaled_weights():
     is kept is a subset of plain top-k, with the gate score as weight."""
     B, T, E, k = 3, 16, 4, 2
     logits = skewed(B, T, E)
-    routing = Capacity(E, k, BalanceConfig(capacity_factor=0.75)).route(logits)
-    plain = make_balancer("none", E, k, BalanceConfig()).route(logits)
+    routing = Capacity(E, k, dict(capacity_factor=0.75)).route(logits)
+    plain = make_balancer("none", E, k, {}).route(logits)
     allowed = set(zip(plain.token_idx.tolist(), plain.expert_idx.tolist()))
     pairs = list(zip(routing.token_idx.tolist(), routing.expert_idx.tolist()))
     assert len(set(pairs)) == len(pairs), "an assignment must not appear twice"
@@ -71,7 +71,7 @@ def test_nothing_is_dropped_from_a_balanced_router_at_capacity_factor_1():
     for t in range(T):                       # token t prefers experts 2t, 2t+1 (mod 4): 8 assignments each
         logits[:, t, (2 * t) % E] = 2.0
         logits[:, t, (2 * t + 1) % E] = 1.0
-    routing = Capacity(E, k, BalanceConfig(capacity_factor=1.0)).route(logits)
+    routing = Capacity(E, k, dict(capacity_factor=1.0)).route(logits)
     assert len(routing.token_idx) == B * T * k, \
         f"a perfectly balanced router lost {B * T * k - len(routing.token_idx)} of {B * T * k} assignments at " \
         "capacity factor 1: C must be c * k * T / E assignments per expert (k per token), and an expert keeps C"
@@ -81,8 +81,8 @@ def test_a_capacity_of_everything_is_plain_top_k():
     """With c = E / k an expert has a slot for every token: nothing is dropped."""
     B, T, E, k = 3, 16, 4, 2
     logits = skewed(B, T, E)
-    routing = Capacity(E, k, BalanceConfig(capacity_factor=E / k)).route(logits)
-    plain = make_balancer("none", E, k, BalanceConfig()).route(logits)
+    routing = Capacity(E, k, dict(capacity_factor=E / k)).route(logits)
+    plain = make_balancer("none", E, k, {}).route(logits)
     assert torch.equal(routing.token_idx, plain.token_idx) and torch.equal(routing.expert_idx, plain.expert_idx), \
         "with room for every token the routing must be plain top-k, in the same order"
 
@@ -92,8 +92,8 @@ def test_first_come_first_served_in_token_order():
     that chose it, and drops an assignment only once it is full."""
     B, T, E, k, c = 3, 16, 4, 2, 0.75
     logits = skewed(B, T, E)
-    routing = Capacity(E, k, BalanceConfig(capacity_factor=c)).route(logits)
-    plain = make_balancer("none", E, k, BalanceConfig()).route(logits)
+    routing = Capacity(E, k, dict(capacity_factor=c)).route(logits)
+    plain = make_balancer("none", E, k, {}).route(logits)
     asked = kept_by_sequence(plain, B, T, E)           # every token that chose e, in order
     kept = kept_by_sequence(routing, B, T, E)
     low = math.floor(c * k * T / E)                    # tolerate floor or ceil for C

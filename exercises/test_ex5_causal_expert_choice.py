@@ -6,7 +6,7 @@ and loads near the capacity C."""
 
 import torch
 
-from balancers import BALANCERS, BalanceConfig, expert_capacity, make_balancer
+from balancers import BALANCERS, expert_capacity, make_balancer
 from checking import exercise, leak, tiny_gpt, train_a_little
 from plumbing import spawn
 
@@ -31,7 +31,7 @@ def pairs(routing):
 
 def learnt(*micro_batches, E=4, **knobs):
     """A fresh balancer after one optimizer step over these micro-batches."""
-    bal = Causal(E, 1, BalanceConfig(**knobs)).train()
+    bal = Causal(E, 1, dict(**knobs)).train()
     for logits in micro_batches:
         bal.route(logits)
     bal.step(torch.zeros(E, dtype=torch.long))
@@ -43,7 +43,7 @@ def test_expert_takes_the_tokens_above_its_threshold_with_raw_score_as_weight():
     score s_{i,t}, with gradient (as in expert choice)."""
     E = 4
     logits = batch(E=E).requires_grad_()
-    bal = Causal(E, 1, BalanceConfig()).eval()
+    bal = Causal(E, 1, {}).eval()
     bal.threshold.copy_(torch.tensor([0.3, 0.25, 0.2, 0.1]))
     routing = bal.route(logits)
     s = logits.softmax(-1).reshape(-1, E)
@@ -62,7 +62,7 @@ def test_threshold_is_expert_choice_cut_off_of_the_last_batch():
     logits = batch(B=2, T=T, E=E)
     bal = learnt(logits, capacity_factor=c, route_seqs=2).eval()
     mine = bal.route(logits)
-    ec = make_balancer("expert_choice", E, 1, BalanceConfig(capacity_factor=c, route_seqs=2)).route(logits)
+    ec = make_balancer("expert_choice", E, 1, dict(capacity_factor=c, route_seqs=2)).route(logits)
     C = expert_capacity(2 * T, c, E)
     got = torch.bincount(mine.expert_idx, minlength=E).tolist()
     assert got == [C] * E, \
@@ -117,7 +117,7 @@ def test_evaluation_does_not_move_thresholds():
     """A validation batch in the middle of a step must not count: the
     thresholds learnt are those of the training batches alone."""
     E = 4
-    bal = Causal(E, 1, BalanceConfig()).train()
+    bal = Causal(E, 1, {}).train()
     bal.route(batch(seed=1))
     bal.eval()
     bal.route(batch(seed=6, lean=-3.0))
@@ -144,7 +144,7 @@ def one_rank(rank, world_size, halves):
     """A rank of a 2-process run: one optimizer step on its half of the
     global batch. Runs in a process of its own (plumbing.spawn)."""
     E = halves[rank].shape[-1]
-    bal = Causal(E, 1, BalanceConfig(), world_size=world_size).train()
+    bal = Causal(E, 1, {}, world_size=world_size).train()
     bal.route(halves[rank])
     bal.step(torch.zeros(E, dtype=torch.long))
     return bal.threshold
@@ -185,7 +185,7 @@ def test_loads_stay_near_capacity_on_a_steady_router():
     expert's load stays near its capacity c N / E, although a token may go to
     any number of experts (the price of causality: near, not exactly)."""
     E, c = 8, 2.0
-    bal = Causal(E, 2, BalanceConfig(capacity_factor=c)).train()
+    bal = Causal(E, 2, dict(capacity_factor=c)).train()
     g = torch.Generator().manual_seed(0)
     worst = []
     for step in range(12):

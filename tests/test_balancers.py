@@ -8,14 +8,17 @@ import math
 import pytest
 import torch
 
-from balancers import (BALANCERS, BalanceConfig, LossFree, expert_capacity, fresh_permutation, gate_scores,
+from balancers import (BALANCERS, LossFree, expert_capacity, fresh_permutation, gate_scores,
                        make_balancer, switch_loss)
 from moe import GPT, GPTConfig
 from train import max_violation
 
+# The fast tier: python -m pytest -m lesson
+pytestmark = pytest.mark.lesson
+
 # Derived from the registry: a new strategy joins the tests that apply to it.
 WITH_BIAS = [n for n, c in BALANCERS.items() if issubclass(c, LossFree)]
-WITH_ALPHA = [n for n, c in BALANCERS.items() if "alpha" in c.defaults]
+WITH_ALPHA = [n for n, c in BALANCERS.items() if "alpha" in c.knobs]
 TOKEN_CHOICE = [n for n, c in BALANCERS.items() if c.token_choice]
 
 
@@ -40,7 +43,7 @@ def test_token_choice_sends_each_token_to_its_k_highest_scores(strategy):
     weighted by that score (before any bias has been learnt)."""
     B, T, E, k = 2, 5, 6, 2
     logits = random_logits(B, T, E)
-    bal = make_balancer(strategy, E, k, BalanceConfig())
+    bal = make_balancer(strategy, E, k, {})
     routing = bal.route(logits)
     scores = gate_scores(logits, bal.cfg.gate).reshape(-1, E)
     assert torch.equal(routing.token_idx, torch.arange(B * T).repeat_interleave(k))
@@ -82,9 +85,9 @@ def test_uniform_router_costs_exactly_alpha(strategy, E, k):
     DeepSeek-V3's sequence-wise loss 1e-4)."""
     logits = torch.zeros(4, 6, E)
     for alpha in (None, 0.25):
-        bal = make_balancer(strategy, E, k, BalanceConfig(alpha=alpha)).train()
+        bal = make_balancer(strategy, E, k, dict(alpha=alpha)).train()
         loss = bal.loss(bal.route(logits))
-        expected = BALANCERS[strategy].defaults["alpha"] if alpha is None else alpha
+        expected = BALANCERS[strategy].knobs["alpha"].default if alpha is None else alpha
         assert loss.item() == torch.tensor(expected, dtype=torch.float32).item()
 
 
@@ -96,7 +99,7 @@ def test_aux_loss_matches_hand_worked_example():
         LBL = alpha * N_E * (f . P) = 0.01 * 2 * (15/32 + 3/32) = 0.01125"""
     ln3 = math.log(3.0)
     logits = torch.tensor([[[ln3, 0.0], [ln3, 0.0], [0.0, ln3], [ln3, 0.0]]])
-    bal = make_balancer("aux", 2, 1, BalanceConfig(alpha=0.01, balance_seqs=1))
+    bal = make_balancer("aux", 2, 1, dict(alpha=0.01, balance_seqs=1))
     routing = bal.route(logits)
     assert routing.expert_idx.tolist() == [0, 0, 1, 0]
     torch.testing.assert_close(bal.loss(routing), torch.tensor(0.01125), rtol=1e-6, atol=0)
@@ -112,7 +115,7 @@ def test_sigmoid_aux_loss_uses_wang_eq_2_raw_scores_for_P():
     (the normalised scores (3/5, 2/5) would give 0.0105)."""
     ln3 = math.log(3.0)
     logits = torch.tensor([[[ln3, 0.0], [ln3, 0.0], [0.0, ln3], [ln3, 0.0]]])
-    bal = make_balancer("aux", 2, 1, BalanceConfig(alpha=0.01, balance_seqs=1, gate="sigmoid"))
+    bal = make_balancer("aux", 2, 1, dict(alpha=0.01, balance_seqs=1, gate="sigmoid"))
     routing = bal.route(logits)
     assert routing.expert_idx.tolist() == [0, 0, 1, 0]
     torch.testing.assert_close(bal.loss(routing), torch.tensor(0.013125), rtol=1e-6, atol=0)
@@ -122,7 +125,7 @@ def test_two_layer_models_balance_loss_is_the_sum_of_its_layers():
     """Switch Sec. 2.2: "for each Switch layer, this auxiliary loss is added to
     the total model loss", each with the full alpha; not their mean."""
     cfg = GPTConfig(vocab_size=32, seq_len=8, n_layers=2, d_model=16, n_heads=2, n_experts=4,
-                    top_k=2, d_expert=8, balancer="aux", balance=BalanceConfig(alpha=0.5, balance_seqs=1))
+                    top_k=2, d_expert=8, balancer="aux", balance=dict(alpha=0.5, balance_seqs=1))
     torch.manual_seed(0)
     model = GPT(cfg).train()
     out = model(torch.randint(0, 32, (2, 8)))
@@ -137,7 +140,7 @@ def test_aux_loss_gradient_flows_only_through_mean_probability():
     f counted by hand and held constant, P the per-group mean softmax."""
     B, T, E, k, seqs, alpha = 4, 5, 4, 2, 2, 1.0
     logits = random_logits(B, T, E, seed=1, scale=2.0).requires_grad_()
-    bal = make_balancer("aux", E, k, BalanceConfig(alpha=alpha, balance_seqs=seqs))
+    bal = make_balancer("aux", E, k, dict(alpha=alpha, balance_seqs=seqs))
     routing = bal.route(logits)
     bal.loss(routing).backward()
 
@@ -162,21 +165,21 @@ def test_aux_loss_is_mean_over_balance_groups():
     lean = torch.tensor([3.0, 3.0, 0.0, 0.0])
     logits = torch.cat([random_logits(2, 6, E, seed=2) + lean,
                         random_logits(2, 6, E, seed=3) + lean.flip(0)])
-    cfg = BalanceConfig(balance_seqs=2)
+    cfg = dict(balance_seqs=2)
     bal = make_balancer("aux", E, k, cfg)
     whole = bal.loss(bal.route(logits))
     halves = [bal.loss(bal.route(part)) for part in logits.split(2)]
     torch.testing.assert_close(whole, torch.stack(halves).mean(), rtol=1e-6, atol=0)
-    one_group = make_balancer("aux", E, k, BalanceConfig(balance_seqs=4))
+    one_group = make_balancer("aux", E, k, dict(balance_seqs=4))
     assert one_group.loss(one_group.route(logits)) < 0.8 * whole
 
 
 @pytest.mark.parametrize("strategy,knob", [(n, k) for n, c in BALANCERS.items()
-                                           for k in ("balance_seqs", "route_seqs") if k in c.defaults])
+                                           for k in ("balance_seqs", "route_seqs") if k in c.knobs])
 def test_group_size_must_divide_local_batch(strategy, knob):
     """A group that straddles micro-batches cannot be formed: refuse, naming
     the setting, rather than silently using a smaller group."""
-    bal = make_balancer(strategy, 4, 2, BalanceConfig(**{knob: 2}))
+    bal = make_balancer(strategy, 4, 2, dict(**{knob: 2}))
     with pytest.raises(ValueError, match="--" + knob.replace("_", "-")):
         bal.route(torch.zeros(3, 4, 4))
 
@@ -186,7 +189,7 @@ def test_sequence_aux_loss_balances_each_sequence_separately():
     so the loss is the mean of single-sequence losses."""
     E, k = 4, 2
     logits = random_logits(3, 7, E, seed=4, scale=2.0)
-    bal = make_balancer("seq_aux", E, k, BalanceConfig(alpha=0.5))
+    bal = make_balancer("seq_aux", E, k, dict(alpha=0.5))
     whole = bal.loss(bal.route(logits))
     per_seq = [bal.loss(bal.route(seq)) for seq in logits.split(1)]
     torch.testing.assert_close(whole, torch.stack(per_seq).mean(), rtol=1e-6, atol=0)
@@ -207,7 +210,7 @@ def test_sequence_aux_counts_f_over_the_unbiased_top_k_deepseek_v3_eq_18():
         logits[0, t, list(pair)] = 2.0
     counts = torch.bincount(torch.tensor(pairs).flatten(), minlength=E)
     assert counts.tolist() == [1, 3, 2, 4, 5, 7, 5, 5]
-    bal = make_balancer("seq_aux", E, k, BalanceConfig(alpha=alpha))
+    bal = make_balancer("seq_aux", E, k, dict(alpha=alpha))
     bal.bias.copy_(torch.tensor([5.0, 5.0, 0, 0, 0, 0, 0, 0]))
     routing = bal.route(logits)
     assert torch.bincount(routing.expert_idx, minlength=E).tolist() == [16, 16, 0, 0, 0, 0, 0, 0]
@@ -222,7 +225,7 @@ def test_sequence_aux_counts_f_over_the_unbiased_top_k_deepseek_v3_eq_18():
 def test_global_aux_evaluation_leaves_count_buffer_alone():
     """Qiu et al. 2025, Alg. 1: the buffer holds the training batch's counts;
     a validation forward pass in the middle of a step must not add to it."""
-    bal = make_balancer("global_aux", 4, 2, BalanceConfig())
+    bal = make_balancer("global_aux", 4, 2, {})
     bal.train()
     bal.loss(bal.route(random_logits(2, 5, 4)))
     seen = bal.seen.clone()
@@ -241,7 +244,7 @@ def test_bias_steers_choice_but_gate_weight_is_unbiased_sigmoid_score(strategy):
     top-k, but the weight multiplying its output is the unbiased s_i."""
     B, T, E, k = 2, 6, 4, 2
     logits = random_logits(B, T, E, seed=5)
-    bal = make_balancer(strategy, E, k, BalanceConfig())
+    bal = make_balancer(strategy, E, k, {})
     bal.bias.copy_(torch.tensor([0.0, 0.0, 0.0, 0.3]))
     routing = bal.route(logits)
     scores = torch.sigmoid(logits).reshape(-1, E)
@@ -301,7 +304,7 @@ def test_lossfree_step_moves_bias_by_exactly_u_against_the_load():
     overloaded expert goes down by exactly u, an underloaded one up by
     exactly u, one at the mean stays. (u = 1/32 is exact in binary.)"""
     u = 1 / 32
-    bal = make_balancer("lossfree", 4, 1, BalanceConfig(bias_rate=u))
+    bal = make_balancer("lossfree", 4, 1, dict(bias_rate=u))
     assert bal.bias.dtype == torch.float32
     bal.step(torch.tensor([10, 2, 6, 6]))            # mean 6
     assert bal.bias.tolist() == [-u, u, 0.0, 0.0]
@@ -314,7 +317,7 @@ def test_proportional_update_moves_bias_by_u_times_error_over_mean_load():
     b_i += u * e_i, here over mean(c). Unlike the sign rule, a far-off expert moves further. (u = 1/32
     and these loads keep the arithmetic exact in binary.)"""
     u = 1 / 32
-    bal = make_balancer("lossfree", 4, 1, BalanceConfig(bias_rate=u, bias_update="proportional"))
+    bal = make_balancer("lossfree", 4, 1, dict(bias_rate=u, bias_update="proportional"))
     bal.step(torch.tensor([14, 2, 8, 8]))            # mean 8: e = (-6, 6, 0, 0)
     assert bal.bias.tolist() == [-6 * u / 8, 6 * u / 8, 0.0, 0.0]
     bal.step(torch.tensor([4, 4, 4, 4]))             # balanced: no move
@@ -324,7 +327,7 @@ def test_proportional_update_moves_bias_by_u_times_error_over_mean_load():
 def test_lossfree_default_rate_is_paper_value():
     """u = 1e-3 (Wang et al. 2024, Sec. 3): 1e-4 converges too slowly, 1e-2
     oscillates late in training."""
-    bal = make_balancer("lossfree", 2, 1, BalanceConfig())
+    bal = make_balancer("lossfree", 2, 1, {})
     bal.step(torch.tensor([3, 1]))
     assert torch.equal(bal.bias, torch.tensor([-1e-3, 1e-3], dtype=torch.float32))
 
@@ -335,7 +338,7 @@ def test_lossfree_updates_drive_skewed_router_to_balance():
     to below 0.2 -- the point of Loss-Free Balancing."""
     E, k = 8, 2
     logits = random_logits(1, 512, E, seed=7) + torch.linspace(2.0, -2.0, E)
-    bal = make_balancer("lossfree", E, k, BalanceConfig())
+    bal = make_balancer("lossfree", E, k, {})
     vio = []
     for _ in range(800):
         load = torch.bincount(bal.route(logits).expert_idx, minlength=E)
@@ -407,7 +410,7 @@ def test_expert_choice_gives_every_expert_exactly_C_tokens_per_group(B, T, seqs,
     C = expert_capacity(n, c, E)
     assert C == max(1, min(n, round(n * c / E)))
     logits = random_logits(B, T, E, seed=8)
-    routing = make_balancer("expert_choice", E, 1, BalanceConfig(capacity_factor=c, route_seqs=seqs)).route(logits)
+    routing = make_balancer("expert_choice", E, 1, dict(capacity_factor=c, route_seqs=seqs)).route(logits)
     scores = logits.softmax(-1).reshape(-1, E)
     for g in range(B // seqs):
         in_group = (routing.token_idx // n) == g
@@ -429,7 +432,7 @@ def test_expert_choice_gives_every_expert_exactly_C_tokens_per_group(B, T, seqs,
 BAD_VALUES = {"alpha": [-1.0, float("nan")], "balance_seqs": [0], "bias_rate": [-1.0, float("nan"), 1e30],
               "bias_update": ["sometimes"], "capacity_factor": [0.0, -1.0, float("inf")], "route_seqs": [0],
               "z_loss": [-1e-3, float("inf")], "gate": ["relu"]}
-BAD_SETTINGS = [(name, knob, value) for name, c in BALANCERS.items() for knob in c.defaults
+BAD_SETTINGS = [(name, knob, value) for name, c in BALANCERS.items() for knob in c.knobs
                 for value in BAD_VALUES.get(knob, [])]
 
 
@@ -438,30 +441,30 @@ def test_bad_strategy_setting_raises_value_error_naming_it(strategy, knob, value
     """A mistake is reported as a ValueError that names the flag to change,
     by the strategy that reads the knob."""
     with pytest.raises(ValueError, match="--" + knob.replace("_", "-")):
-        make_balancer(strategy, 4, 2, BalanceConfig(**{knob: value}))
+        make_balancer(strategy, 4, 2, dict(**{knob: value}))
 
 
 @pytest.mark.parametrize("strategy", list(BALANCERS))
 def test_top_k_outside_one_to_n_experts_is_refused(strategy):
     for top_k in (0, 5):
         with pytest.raises(ValueError, match="top_k"):
-            make_balancer(strategy, 4, top_k, BalanceConfig())
+            make_balancer(strategy, 4, top_k, {})
 
 
 @pytest.mark.parametrize("strategy", list(BALANCERS))
 def test_a_knob_the_strategy_does_not_read_is_refused(strategy):
     """Setting --alpha on lossfree would otherwise be silently ignored."""
-    unread = [f for f in BAD_VALUES if f not in BALANCERS[strategy].defaults]
+    unread = [f for f in BAD_VALUES if f not in BALANCERS[strategy].knobs]
     for knob in unread:
         good = {"gate": "softmax", "bias_update": "sign"}.get(knob, 1)
         with pytest.raises(ValueError, match=f"does not apply to {strategy}"):
-            make_balancer(strategy, 4, 2, BalanceConfig(**{knob: good}))
+            make_balancer(strategy, 4, 2, dict(**{knob: good}))
 
 
 def test_unknown_strategy_raises_value_error_listing_choices():
     """An unknown name fails with the list of valid strategies."""
-    with pytest.raises(ValueError, match="unknown balancer 'switch'.*lossfree"):
-        make_balancer("switch", 4, 2, BalanceConfig())
+    with pytest.raises(ValueError, match="--balancer switch: no such strategy.*lossfree"):
+        make_balancer("switch", 4, 2, {})
 
 
 def test_gate_scores_rejects_unknown_gate():
@@ -477,7 +480,7 @@ def test_route_shuffle_draws_a_new_permutation_every_step_and_another_in_evaluat
     optimizer step, and evaluation must never reuse a training draw. Two
     balancers at the same step draw the same (a resumed run repeats itself)."""
     E, logits = 4, random_logits(4, 8, 4, seed=10)
-    make = lambda: make_balancer("expert_choice", E, 1, BalanceConfig(route_seqs=1, route_shuffle=True))
+    make = lambda: make_balancer("expert_choice", E, 1, dict(route_seqs=1, route_shuffle=True))
     bal, twin = make().train(), make().train()
     groups = lambda routing: sorted(tuple(sorted(g)) for g in routing.token_idx.view(4, -1).tolist())
     first = groups(bal.route(logits))
@@ -496,7 +499,7 @@ def test_shuffle_lbl_micro_balances_random_token_groups_drawn_fresh_each_step():
     step's permutation cuts out, and the groups change with the step."""
     B, T, E, k = 4, 6, 4, 2
     logits = random_logits(B, T, E, seed=11) + 3 * torch.eye(E)[:, None, :]     # sequence b leans to expert b
-    bal = make_balancer("aux", E, k, BalanceConfig(alpha=0.5, balance_seqs=1, balance_shuffle=True)).train()
+    bal = make_balancer("aux", E, k, dict(alpha=0.5, balance_seqs=1, balance_shuffle=True)).train()
     losses = []
     for step in range(2):
         routing = bal.route(logits)
@@ -508,5 +511,5 @@ def test_shuffle_lbl_micro_balances_random_token_groups_drawn_fresh_each_step():
         torch.testing.assert_close(losses[-1], expected, rtol=1e-6, atol=0)
         bal.step(torch.zeros(E))
     assert losses[0] != losses[1]
-    unshuffled = make_balancer("aux", E, k, BalanceConfig(alpha=0.5, balance_seqs=1))
+    unshuffled = make_balancer("aux", E, k, dict(alpha=0.5, balance_seqs=1))
     assert unshuffled.loss(unshuffled.route(logits)) > max(losses)     # a leaning sequence costs more alone

@@ -79,6 +79,21 @@ def test_bench_peers_compares_with_a_mask_loop_and_hugging_face_when_installed(t
     assert "moe_over_dense" not in r["targets"]
 
 
+def test_peers_route_like_the_project_under_cpu_bf16_autocast():
+    """Under bf16 autocast (here the CPU's, as in gpu_check's dry run) every
+    peer's router runs in fp32 like the project's, so all pick the same
+    experts and the outputs differ by bf16 rounding only (a few parts in a
+    thousand of the largest value). A peer routing in bf16 picks other
+    experts for some tokens and differs by more than half of it."""
+    sys.path.insert(0, str(ROOT))
+    import bench
+    import torch
+    r, _ = bench.bench_peers(bench.peer_sizes("tiny"), warmup=0, repeats=1, device=torch.device("cpu"), bf16=True)
+    assert r["tiny"]["autocast"] == "bf16"
+    for name, peer in r["tiny"]["against"].items():
+        assert 0 < peer["max_rel_diff"] <= 2e-2, (name, peer)      # > 0: bf16 did round
+
+
 def test_grouped_vs_loop_times_both_ways_and_reports_the_rules_pick():
     """The measurements behind moe.py's CPU rule, on one small shape: both
     ways timed, the rule's pick named, and its cost over the faster way >= 1."""

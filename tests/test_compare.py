@@ -1,13 +1,14 @@
-"""compare.py: the whole comparison runs end to end at toy size and writes
-results.json, results.md and every plot; it keeps finished runs; each claim's
-arms differ only in what the paper varied; and the verdict rule follows the
+"""lab/compare.py, lab/claims.py and lab/stats.py: the whole comparison runs
+end to end at toy size and writes results.json, results.md and every plot;
+it keeps finished runs; each claim's arms differ only in what the paper
+varied; a comparison of your own arms (--arms, your strategy from your file
+included) is judged by the same rules; and the verdict rule follows the
 numbers, three ways.
 
-The end-to-end test trains every run of the plan for 3 steps with one seed
-(`--smoke`), in a subprocess so that train.py's signal handlers and torch's
-thread setting stay out of the test process."""
+The end-to-end tests train every run of the plan for a few steps, in a
+subprocess so that train.py's signal handlers and torch's thread setting
+stay out of the test process."""
 
-import dataclasses
 import json
 import math
 import os
@@ -17,16 +18,20 @@ from pathlib import Path
 
 import pytest
 
-import compare
+import plumbing
 import train
 from balancers import BALANCERS
+from lab import claims, compare, stats
 
 ROOT = Path(__file__).resolve().parent.parent
-VERDICTS = {"holds", "contradicted", "unresolved"}
+VERDICTS = set(stats.VERDICTS)
 
 
-def run_compare(*flags):
-    return subprocess.run([sys.executable, str(ROOT / "compare.py"), *flags], cwd=ROOT,
+def run_compare(*flags, cwd=ROOT):
+    """python -m lab.compare, as a user types it; from another folder the
+    repository root comes from PYTHONPATH."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "lab.compare", *flags], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=600)
 
 
@@ -42,16 +47,16 @@ def test_smoke_writes_results_json_results_md_and_every_plot(smoke):
     out, _ = smoke
     res = json.loads((out / "results.json").read_text())
     text = (out / "results.md").read_text()
-    assert res["val_windows_per_domain"] == compare.SIZES["smoke"]["val_seqs"] and res["wall_time_s"] > 0
+    assert res["val_windows_per_domain"] == claims.SIZES["smoke"]["val_seqs"] and res["wall_time_s"] > 0
     assert len(res["plots"]) == len(compare.PLOTS)
-    assert {c["key"] for c in res["claims"]} == {c.key for c in compare.claims("smoke")}
+    assert {c["key"] for c in res["claims"]} == {c.key for c in claims.paper_claims("smoke")}
     for png in res["plots"]:
         assert (out / png).stat().st_size > 1000, png
         assert f"]({png})" in text, f"{png} is not linked from results.md"
     for run in res["runs"]:
         assert run["flags"][-2:] == ["--seed", str(run["seed"])] and "val_loss" in run["summary"]
     judged = [c for c in res["claims"] if c["verdict"]]
-    assert {c["key"] for c in judged} == {c.key for c in compare.claims("smoke")}      # every claim gets a verdict
+    assert {c["key"] for c in judged} == {c.key for c in claims.paper_claims("smoke")}      # every claim gets a verdict
     for claim in judged:
         assert claim["verdict"] in VERDICTS and claim["verdict_holm"] in VERDICTS and claim["parts"]
         for part in claim["parts"]:
@@ -107,7 +112,7 @@ def test_reuse_copies_finished_runs_from_another_folder_and_says_so(smoke, tmp_p
 def test_claims_restricts_the_plan_to_those_claims_arms():
     plan = compare.Plan("default", ["--preset", "tiny"], 3, ["softmax"])
     assert [c.key for c in plan.claims] == ["softmax"]
-    assert set(plan.seeds) == set(next(c for c in compare.claims("default") if c.key == "softmax").arms)
+    assert set(plan.seeds) == set(next(c for c in claims.paper_claims("default") if c.key == "softmax").arms)
     assert len(plan.runs) == 2 * 3
 
 
@@ -118,11 +123,93 @@ def test_bad_flag_is_one_line():
 
 
 # ----------------------------------------------------------------------------
+# Your own arms: a strategy from your file against a built-in one.
+
+MEASURES = ("val loss lower", "MaxVio_global lower", "specialisation higher")
+
+
+@pytest.fixture(scope="module")
+def arms(tmp_path_factory):
+    """Two arms x 2 seeds on the tiny preset, 6 steps, two runs at a time in
+    subprocesses, started from a folder that is not the repository root:
+    train.py and the strategy file must be found from anywhere, and the
+    relative --out lands in the folder the command ran from."""
+    here = tmp_path_factory.mktemp("elsewhere")
+    toy = ROOT / "tests" / "toy_strategy.py"
+    proc = run_compare("--arms", f"toy=--import {toy} --balancer toy_ema", "lossfree=--balancer lossfree",
+                       "--seeds", "2", "--preset", "tiny", "--train-args", "--steps 6", "--jobs", "2",
+                       "--out", "cmp", cwd=here)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return here / "cmp", proc
+
+
+def test_arms_print_a_paired_difference_with_interval_and_verdict_per_measure(arms):
+    out, proc = arms
+    rows = [line for line in proc.stdout.splitlines() if line.strip().startswith("| lossfree - toy: ")]
+    assert len(rows) == len(MEASURES), proc.stdout
+    for measure, row in zip(MEASURES, rows):
+        part, diff, ci, seeds, verdict, holm = [cell.strip() for cell in row.strip().strip("|").split("|")]
+        assert part == f"lossfree - toy: {measure}"
+        low, high = (float(x) for x in ci.strip("[]").split(","))
+        assert low <= float(diff.split()[0]) <= high and seeds == "2"
+        assert verdict.split()[0] in VERDICTS and holm in VERDICTS
+    res = json.loads((out / "results.json").read_text())
+    assert res["kind"] == "arms" and [c["key"] for c in res["claims"]] == ["arms"] and res["plots"] == []
+    parts = res["claims"][0]["parts"]
+    assert [(p["a"], p["b"]) for p in parts] == [("lossfree", "toy")] * 3
+    assert [p["metric"] for p in parts] == ["val_loss", "maxvio_global", "specialization"]
+
+
+def test_every_arm_trains_on_the_same_seeds_with_its_own_flags(arms):
+    out, _ = arms
+    res = json.loads((out / "results.json").read_text())
+    assert {lbl: arm["seeds"] for lbl, arm in res["arms"].items()} == {"toy": [0, 1], "lossfree": [0, 1]}
+    strategies = {(run["labels"][0], run["seed"]): run["summary"]["strategy"] for run in res["runs"]}
+    assert set(strategies) == {(lbl, s) for lbl in ("toy", "lossfree") for s in (0, 1)}
+    assert all("ema_decay" in strategies["toy", s] and "bias_rate" in strategies["lossfree", s] for s in (0, 1))
+    assert all(run["summary"]["steps"] == 6 for run in res["runs"])
+
+
+def test_publish_refuses_a_comparison_of_your_own_arms(arms, tmp_path, monkeypatch):
+    """--publish writes the papers' results into the project: never yours."""
+    out, _ = arms
+    monkeypatch.setattr(compare, "ROOT", tmp_path)
+    with pytest.raises(ValueError, match="--arms"):
+        compare.publish(out)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_bad_arm_is_one_line_naming_the_arm(tmp_path):
+    proc = run_compare("--arms", "mine=--balancer aux --no-such-flag", "lossfree", "--preset", "tiny",
+                       "--out", str(tmp_path / "x"))
+    assert proc.returncode == 2 and not (tmp_path / "x").exists()
+    assert len(proc.stderr.strip().splitlines()) == 1 and "--arms mine" in proc.stderr, proc.stderr
+
+
+def test_arms_pair_every_arm_with_the_first_and_compare_causal_losses_with_expert_choice():
+    """Teacher forcing lets expert choice read the future of its routing
+    group: a pair with it compares the loss generation sees."""
+    arms = {"a": ["--balancer", "aux"], "b": ["--balancer", "lossfree"], "c": ["--balancer", "expert_choice"]}
+    claim = claims.strategy_comparison(arms, {"a": True, "b": True, "c": False})
+    assert [(p.a, p.b) for p in claim.parts] == [("b", "a")] * 3 + [("c", "a")] * 3
+    assert [p.metric for p in claim.parts[::3]] == ["val_loss", "val_loss_as_generated"]
+    assert [p.side for p in claim.parts[:3]] == ["<", "<", ">"]
+
+
+def test_arm_flags_without_a_label_name_a_strategy_and_the_runner_keeps_its_own_flags():
+    args = compare.parse_args(["--arms", "aux", "mine=--balancer lossfree --bias-rate 1e-2"])
+    assert args.arms == {"aux": ["--balancer", "aux"], "mine": ["--balancer", "lossfree", "--bias-rate", "1e-2"]}
+    for flags in ("--seed 3", "--out x"):
+        with pytest.raises(SystemExit):
+            compare.parse_args(["--arms", "aux", f"mine=--balancer lossfree {flags}"])
+
+
+# ----------------------------------------------------------------------------
 # The plan: every strategy, and arms that differ only in what the paper varied.
 
 def resolved(flags):
     args = train.parse_args(flags)
-    return args, dataclasses.asdict(BALANCERS[args.balancer].settings(train.balance_config(args)))
+    return args, plumbing.strategy_settings(args)
 
 
 def test_every_registered_strategy_is_an_arm_of_the_comparison():
@@ -135,35 +222,35 @@ def test_every_registered_strategy_is_an_arm_of_the_comparison():
 def test_wang_arms_share_one_gate(key):
     """Wang et al. 2024 (Table 2, Fig. 2, App. C) run both sides with the same
     gate: comparing a sigmoid lossfree with a softmax aux measures the gate."""
-    claim = next(c for c in compare.claims("default") if c.key == key)
+    claim = next(c for c in claims.paper_claims("default") if c.key == key)
     gates = {resolved(flags)[1]["gate"] for flags in claim.arms.values()}
     assert len(gates) == 1, gates
 
 
 def test_main_claim_pits_lossfree_against_aux_at_alpha_1e_3():
-    claim = next(c for c in compare.claims("default") if c.key == "lossfree")
+    claim = next(c for c in claims.paper_claims("default") if c.key == "lossfree")
     settings = [resolved(flags)[1] for flags in claim.arms.values()]
-    assert {s["alpha"] for s in settings} == {1e-3, None}
+    assert {s.get("alpha") for s in settings} == {1e-3, None}      # lossfree has no alpha knob
 
 
 def test_qiu_arms_share_single_domain_data_and_differ_only_in_the_balance_group():
     """Qiu et al. 2025, Sec. 2.2 and 4.1: every micro-batch from one domain,
     the softmax gate, LBL weight 0.008 and z-loss 1e-3 in every arm; the
     global batch at least 32x the micro arm's balance group; a shuffle arm."""
-    claim = next(c for c in compare.claims("default") if c.key == "global")
-    common = ["--batch-size", str(compare.SIZES["default"]["batch"])]
+    claim = next(c for c in claims.paper_claims("default") if c.key == "global")
+    common = ["--batch-size", str(claims.SIZES["default"]["batch"])]
     arms = [resolved(common + flags) for flags in claim.arms.values()]
-    assert {args.domain_block for args, _ in arms} == {compare.QIU_MICRO}
+    assert {args.domain_block for args, _ in arms} == {claims.QIU_MICRO}
     assert all((s["gate"], s["alpha"], s["z_loss"]) == ("softmax", 0.008, 1e-3) for _, s in arms)
     micro_args, micro = arms[0]
-    assert micro["balance_seqs"] == compare.QIU_MICRO and micro_args.batch_size >= 32 * micro["balance_seqs"]
+    assert micro["balance_seqs"] == claims.QIU_MICRO and micro_args.batch_size >= 32 * micro["balance_seqs"]
     assert [s["balance_shuffle"] for _, s in arms if "balance_shuffle" in s].count(True) == 1
 
 
 def test_every_expert_choice_arm_has_several_routing_groups_per_batch():
     """With one group per batch the shuffle control would be an identity."""
-    claim = next(c for c in compare.claims("default") if c.key == "expert_choice")
-    batch = compare.SIZES["default"]["batch"]
+    claim = next(c for c in claims.paper_claims("default") if c.key == "expert_choice")
+    batch = claims.SIZES["default"]["batch"]
     assert all(batch // resolved(flags)[1]["route_seqs"] >= 4 for flags in claim.arms.values())
 
 
@@ -172,14 +259,14 @@ def test_non_inferiority_margins_are_no_larger_than_the_papers_own_effects():
     et al. Table 2: shuffle vs global ln(7.214 / 7.198)."""
     papers = {"lossfree": math.log(9.56 / 9.50), "softmax": math.log(9.604 / 9.599),
               "global": math.log(7.214 / 7.198)}
-    assert compare.MARGINS.keys() == papers.keys()
-    assert all(0 < compare.MARGINS[k][0] <= papers[k] for k in papers)
+    assert claims.MARGINS.keys() == papers.keys()
+    assert all(0 < claims.MARGINS[k][0] <= papers[k] for k in papers)
 
 
 def test_claim_one_and_the_alpha_sweep_use_the_deepseekmoe_shape():
     """Shared plus fine-grained routed experts, as both papers trained."""
     for key in ("lossfree", "alpha", "computation_batch"):
-        claim = next(c for c in compare.claims("default") if c.key == key)
+        claim = next(c for c in claims.paper_claims("default") if c.key == key)
         for flags in claim.arms.values():
             args = resolved(["--preset", "tiny"] + flags)[0]
             assert (args.shared_experts, args.n_experts, args.top_k) == (2, 32, 4)
@@ -189,87 +276,88 @@ def test_claim_one_and_the_alpha_sweep_use_the_deepseekmoe_shape():
 # The verdict rule, on constructed differences.
 
 def test_a_clearly_positive_difference_holds_for_a_greater_than_claim():
-    v = compare.verdict([0.50, 0.60, 0.55, 0.52], ">")
+    v = stats.verdict([0.50, 0.60, 0.55, 0.52], ">")
     assert v["verdict"] == "holds" and v["ci_low"] > 0 and v["seeds_to_resolve"] is None
 
 
 def test_a_clearly_negative_difference_contradicts_a_greater_than_claim():
-    v = compare.verdict([-0.50, -0.60, -0.55], ">")
+    v = stats.verdict([-0.50, -0.60, -0.55], ">")
     assert v["verdict"] == "contradicted" and v["ci_high"] < 0
 
 
 def test_a_difference_inside_the_noise_is_unresolved_with_the_seeds_that_would_resolve_it():
     """The mean is on the claimed side, but its interval spans zero: not a
     verdict either way, and more seeds would tell."""
-    v = compare.verdict([0.30, -0.10, 0.20, 0.05], ">")
+    v = stats.verdict([0.30, -0.10, 0.20, 0.05], ">")
     assert v["verdict"] == "unresolved" and v["diff"] > 0 and v["ci_low"] < 0 < v["ci_high"]
     assert v["seeds_to_resolve"] > 4
-    w = compare.verdict([-0.30, 0.10, -0.20, -0.05], ">")   # the wrong side, inside the noise
+    w = stats.verdict([-0.30, 0.10, -0.20, -0.05], ">")   # the wrong side, inside the noise
     assert w["verdict"] == "unresolved"
 
 
 def test_non_inferiority_is_judged_against_the_stated_margin():
     """"No worse" holds only if the interval's upper end stays below the margin."""
-    m = compare.MARGINS["lossfree"][0]
-    assert compare.verdict([0.001, 0.002, 0.000, 0.001], "<", m)["verdict"] == "holds"
-    assert compare.verdict([m + 0.001, m + 0.002, m + 0.0015], "<", m)["verdict"] == "contradicted"
-    assert compare.verdict([m - 0.001, m + 0.001, m], "<", m)["verdict"] == "unresolved"
+    m = claims.MARGINS["lossfree"][0]
+    assert stats.verdict([0.001, 0.002, 0.000, 0.001], "<", m)["verdict"] == "holds"
+    assert stats.verdict([m + 0.001, m + 0.002, m + 0.0015], "<", m)["verdict"] == "contradicted"
+    assert stats.verdict([m - 0.001, m + 0.001, m], "<", m)["verdict"] == "unresolved"
     # a mean below zero is not enough when the spread is wide
-    assert compare.verdict([-0.05, 0.04, -0.03, 0.03], "<", m)["verdict"] == "unresolved"
+    assert stats.verdict([-0.05, 0.04, -0.03, 0.03], "<", m)["verdict"] == "unresolved"
 
 
 def test_the_interval_is_the_student_t_interval_with_n_minus_1_degrees_of_freedom():
     """Pinned to scipy.stats.t.interval(0.95, 3, mean, sem) for these four
     values: a normal quantile (1.96) or n degrees of freedom would miss."""
-    mean, sd, low, high = compare.interval([0.30, -0.10, 0.20, 0.05])
+    mean, sd, low, high = stats.interval([0.30, -0.10, 0.20, 0.05])
     assert mean == pytest.approx(0.1125) and sd == pytest.approx(0.175)
     assert (low, high) == (pytest.approx(-0.16597, abs=1e-4), pytest.approx(0.39097, abs=1e-4))
 
 
 def test_seeds_needed_shrink_as_the_effect_grows():
-    assert compare.seeds_needed(0.1, 0.1, 0) > compare.seeds_needed(0.3, 0.1, 0) >= 2
-    assert compare.seeds_needed(0.0, 0.1, 0) is None
+    assert stats.seeds_needed(0.1, 0.1, 0) > stats.seeds_needed(0.3, 0.1, 0) >= 2
+    assert stats.seeds_needed(0.0, 0.1, 0) is None
 
 
 def test_an_effect_too_small_for_its_spread_gets_no_seed_count():
     """Mean 0.001 with sd 0.1 would take ~80,000 seeds: beyond MAX_SEEDS the
     rule says so instead of printing the number."""
-    assert compare.seeds_needed(0.001, 0.1, 0) is None
-    part = {**compare.verdict([0.1, -0.1, 0.101, -0.099], ">"), "unit": ""}
+    assert stats.seeds_needed(0.001, 0.1, 0) is None
+    part = {**stats.verdict([0.1, -0.1, 0.101, -0.099], ">"), "unit": ""}
     assert part["verdict"] == "unresolved" and part["seeds_to_resolve"] is None
-    assert f"more than {compare.MAX_SEEDS} seeds" in compare.resolve_note(part)
+    assert f"more than {stats.MAX_SEEDS} seeds" in stats.resolve_note(part)
 
 
 def test_the_seed_count_says_which_way_it_would_resolve():
     """The estimate takes the measured mean as the truth, so with the mean on
     the wrong side more seeds would settle it *against* the claim."""
     for diffs, way in (([0.30, -0.10, 0.20, 0.05], "as holds"), ([-0.30, 0.10, -0.20, -0.05], "as contradicted")):
-        part = compare.verdict(diffs, ">")
-        assert part["verdict"] == "unresolved" and way in compare.resolve_note(part)
+        part = stats.verdict(diffs, ">")
+        assert part["verdict"] == "unresolved" and way in stats.resolve_note(part)
 
 
 def test_an_exact_check_that_fails_once_contradicts_the_claim():
     """The causality probe has no noise to wait out: one token-choice run with
     a non-zero probe is a bug, not an unresolved result."""
-    r = compare.Results.__new__(compare.Results)
-    assert r.exact("probe", [True, True, True])["verdict"] == "holds"
-    assert r.exact("probe", [True, False, True])["verdict"] == "contradicted"
-    assert r.exact("probe", [False, False])["verdict"] == "contradicted"
+    probe = claims.Exact("probe", ["ec"], "causal_leak", claims.leaks)
+    judge = lambda leaks: probe.judge(lambda label, metric, seeds: leaks, [0, 1, 2], lambda label: False)
+    assert judge([1e-3, 2e-3, 5e-4])["verdict"] == "holds"
+    assert judge([1e-3, 0.0, 5e-4])["verdict"] == "contradicted"
+    assert judge([0.0, 0.0])["verdict"] == "contradicted"
 
 
 def test_a_claim_holds_only_if_every_part_holds():
-    assert compare.combine(["holds", "holds"]) == "holds"
-    assert compare.combine(["holds", "unresolved"]) == "unresolved"
-    assert compare.combine(["unresolved", "contradicted"]) == "contradicted"
+    assert stats.combine(["holds", "holds"]) == "holds"
+    assert stats.combine(["holds", "unresolved"]) == "unresolved"
+    assert stats.combine(["unresolved", "contradicted"]) == "contradicted"
 
 
 def test_the_two_sided_p_value_is_student_t_with_n_minus_1_degrees_of_freedom():
     """Pinned to 2 * scipy.stats.t.sf(t, df) for odd and even df."""
     for t, df, p in ((2.5, 1, 0.242238), (2.5, 2, 0.129612), (1.3, 3, 0.284468), (3.1, 9, 0.012722)):
-        assert compare.t_two_sided_p(t, df) == pytest.approx(p, abs=1e-6)
+        assert stats.t_two_sided_p(t, df) == pytest.approx(p, abs=1e-6)
     # p < 0.05 exactly when the 95% interval excludes the target
     for diffs in ([0.30, -0.10, 0.20, 0.05], [0.50, 0.60, 0.55, 0.52]):
-        v = compare.verdict(diffs, ">")
+        v = stats.verdict(diffs, ">")
         assert (v["p"] < 0.05) == (v["verdict"] != "unresolved")
 
 
@@ -277,20 +365,20 @@ def test_holm_adjusts_constructed_p_values_step_down():
     """m = 4 sorted 0.01, 0.02, 0.03, 0.04: adjusted 4 x 0.01 = 0.04,
     max(0.04, 3 x 0.02) = 0.06, then 0.06, 0.06. Only the first survives at
     5%, although all four are below 0.05 unadjusted."""
-    adjusted, rejected = compare.holm([0.03, 0.01, 0.04, 0.02])
+    adjusted, rejected = stats.holm([0.03, 0.01, 0.04, 0.02])
     assert adjusted == pytest.approx([0.06, 0.04, 0.06, 0.06])
     assert rejected == [False, True, False, False]
-    assert compare.holm([0.001, 0.9])[1] == [True, False]
+    assert stats.holm([0.001, 0.9])[1] == [True, False]
 
 
 def test_holm_verdicts_cover_every_part_and_weaken_only():
     """A part's Holm verdict is its own or 'unresolved', never the other
     side; exact parts keep theirs."""
-    judged = [{"parts": [{**compare.verdict([0.50, 0.60, 0.55, 0.52], ">"), "part": "a"},
-                         {**compare.verdict([0.10, 0.04, 0.14, 0.05], ">"), "part": "b"},     # p = 0.038
-                         {**compare.verdict([0.30, -0.10, 0.20, 0.05], ">"), "part": "c"}]},
+    judged = [{"parts": [{**stats.verdict([0.50, 0.60, 0.55, 0.52], ">"), "part": "a"},
+                         {**stats.verdict([0.10, 0.04, 0.14, 0.05], ">"), "part": "b"},     # p = 0.038
+                         {**stats.verdict([0.30, -0.10, 0.20, 0.05], ">"), "part": "c"}]},
               {"parts": [{"part": "probe", "verdict": "holds", "seeds": 2}]}]
-    assert compare.apply_holm(judged) == 3
+    assert stats.apply_holm(judged) == 3
     a, b, c = judged[0]["parts"]
     assert a["verdict"] == a["verdict_holm"] == "holds"
     assert b["verdict"] == "holds" and b["p_holm"] == pytest.approx(2 * b["p"]) and b["verdict_holm"] == "unresolved"
@@ -302,13 +390,13 @@ def test_the_pilot_fixes_each_claims_seeds_within_its_budget():
     """A part that needs many seeds takes the claim's budget share; a clear
     one needs few, but never fewer than MIN_SEEDS."""
     plan = compare.Plan("default", ["--preset", "tiny"], keys=["lossfree", "softmax"],
-                        seed_lists={"lossfree": compare.PILOT_SEEDS, "softmax": compare.PILOT_SEEDS})
-    judged = [{"key": "lossfree", "parts": [{**compare.verdict([0.001, -0.002, 0.003], "<"), "part": "x"}]},
-              {"key": "softmax", "parts": [{**compare.verdict([-0.50, -0.60, -0.55], "<"), "part": "y"}]}]
+                        seed_lists={"lossfree": stats.PILOT_SEEDS, "softmax": stats.PILOT_SEEDS})
+    judged = [{"key": "lossfree", "parts": [{**stats.verdict([0.001, -0.002, 0.003], "<"), "part": "x"}]},
+              {"key": "softmax", "parts": [{**stats.verdict([-0.50, -0.60, -0.55], "<"), "part": "y"}]}]
     summary = compare.pilot_summary(judged, plan, Path("/nonexistent"))
-    budget = {c.key: c.seeds for c in compare.claims("default")}
-    assert summary["seeds"] == {"lossfree": budget["lossfree"], "softmax": compare.MIN_SEEDS}
-    assert summary["seeds_used"] == compare.PILOT_SEEDS and min(compare.PILOT_SEEDS) >= 1000
+    budget = {c.key: c.seeds for c in claims.paper_claims("default")}
+    assert summary["seeds"] == {"lossfree": budget["lossfree"], "softmax": stats.MIN_SEEDS}
+    assert summary["seeds_used"] == stats.PILOT_SEEDS and min(stats.PILOT_SEEDS) >= 1000
     assert {"diff", "sd", "seeds_needed"} <= summary["parts"]["lossfree: x"].keys()
 
 
@@ -331,7 +419,7 @@ def test_a_confirmatory_run_is_never_extended_in_its_folder(tmp_path):
 def test_the_default_plan_is_estimated_to_fit_in_90_minutes():
     """The budget shares are sized so that the confirmatory run fits on a
     2-core machine, two runs at a time, at the measured per-step times."""
-    size = compare.SIZES["default"]
+    size = claims.SIZES["default"]
     common = size["model"] + ["--batch-size", str(size["batch"]), "--steps", str(size["steps"])]
     assert compare.Plan("default", common).estimate_minutes(2) <= 90
 
@@ -343,10 +431,10 @@ def test_a_plan_over_the_time_budget_gives_up_seeds_before_it_runs(tmp_path):
     slow = {stem: 600.0 for stem in compare.Plan("default", ["--preset", "tiny"], 1).stem.values()}
     wanted = compare.fit_budget(args, ["--preset", "tiny"], {"softmax": 10, "bias_rate": 6}, {"softmax", "bias_rate"},
                                 slow)
-    assert compare.MIN_SEEDS <= min(wanted.values()) and wanted["softmax"] < 10
+    assert stats.MIN_SEEDS <= min(wanted.values()) and wanted["softmax"] < 10
     plan = compare.Plan("default", ["--preset", "tiny"], keys=["softmax", "bias_rate"],
                         seed_lists={k: range(n) for k, n in wanted.items()})
-    assert plan.estimate_minutes(2, slow) <= compare.BUDGET_MINUTES or set(wanted.values()) == {compare.MIN_SEEDS}
+    assert plan.estimate_minutes(2, slow) <= compare.BUDGET_MINUTES or set(wanted.values()) == {stats.MIN_SEEDS}
 
 
 def test_publish_writes_results_docs_page_and_the_readme_verdict_table_only_between_markers(smoke, tmp_path,
@@ -355,9 +443,9 @@ def test_publish_writes_results_docs_page_and_the_readme_verdict_table_only_betw
     every plot, docs/results.md the whole page, and the README changes only
     between its markers, where every judged claim gets one verdict row."""
     out, _ = smoke
-    readme = (Path(compare.HERE) / "README.md").read_text()
+    readme = (compare.ROOT / "README.md").read_text()
     (tmp_path / "README.md").write_text(readme)
-    monkeypatch.setattr(compare, "HERE", tmp_path)
+    monkeypatch.setattr(compare, "ROOT", tmp_path)
     compare.publish(out)
     res = json.loads((tmp_path / "results" / "results.json").read_text())
     assert all((tmp_path / "results" / p).is_file() for p in res["plots"])

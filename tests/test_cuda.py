@@ -4,9 +4,10 @@ is skipped on a machine without one; on a GPU run
 
     python -m pytest -q tests/test_cuda.py
 
-The grouped-experts tests also need PyTorch's fast grouped kernel (compute
-capability 9.x or 10.x: H100, H200, B200); on other GPUs the experts take
-the loop and those tests say so in their skip reason."""
+The grouped-experts tests (and the bf16 causality test) also need PyTorch's
+fast grouped kernel, which moe.py uses on compute capability 9.x only (H100,
+H200; moe.grouped_mm_fast_on_cuda says why not 10.x); on other GPUs the
+experts take the loop and those tests say so in their skip reason."""
 
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import pytest
 import torch
 
 from balancers import BALANCERS
-from moe import GPT, Experts, GPTConfig, grouped_experts_bf16, grouped_mm_fast_on_cuda
+from moe import GPT, Experts, GPTConfig, MoELayer, grouped_experts_bf16, grouped_mm_fast_on_cuda
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -98,6 +99,55 @@ def test_cuda_experts_never_wait_for_the_gpu():
     assert out.dtype == torch.float32          # back in the residual stream's dtype
 
 
+def test_cuda_moe_layer_never_waits_for_the_gpu():
+    """A whole MoE layer on one GPU, training mode, forward and backward:
+    routing (lossfree), the per-expert counts, the sort, the gather, the
+    grouped experts and the combine run without one copy to the host. The
+    CUDA driver's own check (set_sync_debug_mode "error") sees every sync,
+    also those inside C++ ops that tests/test_moe.py's CPU count cannot."""
+    torch.manual_seed(0)
+    layer = MoELayer(cuda_config("lossfree")).cuda().train()
+    x = torch.randn(4, 32, 64, device="cuda", requires_grad=True)
+    require_fast_grouped(layer.experts, x)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with bf16_autocast():
+            y, loss, _ = layer(x)
+        (y.float().square().sum() + loss).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert y.dtype == torch.bfloat16 and x.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("strategy", TOKEN_CHOICE)
+def test_token_choice_layer_is_bit_for_bit_reproducible_on_the_gpu(strategy):
+    """Top-6 of 64 experts, 4096 tokens, bf16: three identical forward and
+    backward passes give the same output and gradients to the last bit.
+    (index_add_ summing each token's 6 rows with atomics, in whatever order
+    they land, can change the last bits from one pass to the next; moe.py
+    keeps it for expert choice only.)"""
+    torch.manual_seed(0)
+    layer = MoELayer(cuda_config(strategy, d_model=256, n_experts=64, top_k=6, d_expert=128)).cuda().train()
+    x = torch.randn(4, 1024, 256, device="cuda")
+    cotangent = torch.randn(4, 1024, 256, device="cuda")
+
+    def run():
+        xi = x.clone().requires_grad_()
+        layer.zero_grad(set_to_none=True)
+        with bf16_autocast():
+            y, loss, _ = layer(xi)
+        outs = [y, loss] if loss.requires_grad else [y]
+        torch.autograd.backward(outs, [cotangent.to(y.dtype), torch.ones_like(loss)][:len(outs)])
+        return {"y": y.detach(), "x grad": xi.grad, **{n: p.grad.clone() for n, p in layer.named_parameters()}}
+
+    first = run()
+    for _ in range(2):
+        again = run()
+        for name, value in first.items():
+            assert torch.equal(value, again[name]), f"{name}: max difference {(value - again[name]).abs().max():.3e}"
+
+
 # ----------------------------------------------------------------------------
 # A whole model in bf16.
 
@@ -109,6 +159,10 @@ def test_token_choice_model_is_exactly_causal_under_bf16(strategy, seed):
     row must not depend on how many other rows went to the same expert."""
     torch.manual_seed(seed)
     model = GPT(cuda_config(strategy)).cuda().eval()
+    # On the loop (a GPU without the fast kernel) cuBLAS picks its kernel by
+    # the rows of each expert's matmul, so a row's last bits may depend on
+    # how many other tokens chose its expert, and the probe need not read 0.
+    require_fast_grouped(model.blocks[0].moe.experts, torch.empty(1, 64, device="cuda"))
     for layer in model.moe_layers():
         if hasattr(layer.balancer, "bias"):
             layer.balancer.bias.copy_(torch.randn(8, device="cuda") * 0.05)

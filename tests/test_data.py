@@ -13,6 +13,9 @@ import torch
 import data
 from data import DataError
 
+# The fast tier: python -m pytest -m lesson
+pytestmark = pytest.mark.lesson
+
 
 def quiet(*args, **kwargs):
     pass

@@ -48,7 +48,7 @@ import torch
 import torch.distributed.checkpoint
 
 import bench
-import compare
+from lab import compare
 import data
 import plumbing
 import train
@@ -251,7 +251,7 @@ def allocation_fails(out, monkeypatch):
 # after `--preset tiny --steps 2 --out {root}/run`; {root} is the probe's
 # folder, {data} the folder of bad --data folders above.
 PROBES = [
-    # numbers, checked in one place (train.check_args) before anything is built
+    # numbers, checked in one place (plumbing.check_args) before anything is built
     ("--steps 0", None, 2, "--steps"),
     ("--steps -1", None, 2, "--steps"),
     ("--lr 0", None, 2, "--lr"),
@@ -552,6 +552,36 @@ SECOND_ROUND = [
 ]
 PROBES += SECOND_ROUND
 
+
+# Third round (issue 27).
+
+def another_runs_index(out, monkeypatch):
+    """Another run's whole, valid ckpt.pt copied over this one's: it names a
+    step folder that is not here, and the folder that is here no index names."""
+    def aux(c):
+        c["config"]["balancer"] = "aux"
+        c["shards"] = "ckpt/step_00000002.0badc0de"
+    edit_checkpoint(out, aux, reseal=True)
+
+
+def one_gpu_but_local_rank_1(out, monkeypatch):
+    """A scheduler that gives each task one GPU, under a launcher that numbers
+    the processes of a node (LOCAL_RANK 1 of a process that sees one GPU)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    for k, v in dict(WORLD_SIZE="2", RANK="1", LOCAL_RANK="1", CUDA_VISIBLE_DEVICES="3").items():
+        monkeypatch.setenv(k, v)
+
+
+THIRD_ROUND = [
+    # a refused run leaves the folder whole, the step folder no index names too
+    ("--resume --steps 4", another_runs_index, 2, "different model"),
+    # printed by the process that meets it, though its LOCAL_RANK is not 0
+    ("--device cuda", one_gpu_but_local_rank_1, 2, "LOCAL_RANK 1 but this process sees 1 GPU"),
+    ("", one_gpu_but_local_rank_1, 2, "LOCAL_RANK 1 but this process sees 1 GPU"),
+]
+PROBES += THIRD_ROUND
+
 FAST = 10.0   # seconds; a probe that takes longer is building or hanging instead of refusing
 
 
@@ -565,8 +595,8 @@ def test_a_bad_input_is_one_line_with_its_exit_code_and_leaves_out_untouched(
     if setup:
         setup(out, monkeypatch)
     before = snapshot(tmp_path)
-    real_bar = train.tqdm
-    monkeypatch.setattr(train, "tqdm", lambda *a, **k: real_bar(*a, **{**k, "disable": True}))
+    real_bar = plumbing.session.tqdm
+    monkeypatch.setattr(plumbing.session, "tqdm", lambda *a, **k: real_bar(*a, **{**k, "disable": True}))
     start = time.time()
     status, _, err = run_cli(monkeypatch, capsys, *TINY, "--steps", "2", "--out", out,
                              *flags.format(root=tmp_path, data=data_dirs).split())
@@ -632,7 +662,7 @@ def test_a_kill_during_the_log_rewrite_on_resume_leaves_log_jsonl_whole(when, tm
     before = (out / "log.jsonl").read_bytes()
     seen = {}
     if when == "while writing":
-        real_write_atomic = plumbing.write_atomic
+        real_write_atomic = plumbing.rundir.write_atomic
 
         def torn(path, write):
             def half_then_die(f):
@@ -643,7 +673,7 @@ def test_a_kill_during_the_log_rewrite_on_resume_leaves_log_jsonl_whole(when, tm
                 seen["tmp"] = "written"
                 raise KeyboardInterrupt
             return real_write_atomic(path, half_then_die if Path(path).name == "log.jsonl" else write)
-        monkeypatch.setattr(plumbing, "write_atomic", torn)
+        monkeypatch.setattr(plumbing.rundir, "write_atomic", torn)
     else:
         real_replace = os.replace
 
@@ -739,19 +769,19 @@ def test_a_run_whose_summary_could_not_be_written_gets_it_on_resume(tmp_path, mo
     summary (from the final checkpoint, without training), not call the run
     finished and point at a summary.json that is not there."""
     out = tmp_path / "run"
-    real_write_atomic = plumbing.write_atomic
+    real_write_atomic = plumbing.rundir.write_atomic
 
     def full_at_summary(path, write):
         def enospc(f):
             f.write(b"{")
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real_write_atomic(path, enospc if Path(path).name == "summary.json" else write)
-    monkeypatch.setattr(plumbing, "write_atomic", full_at_summary)
+    monkeypatch.setattr(plumbing.rundir, "write_atomic", full_at_summary)
     status, _, err = run_cli(monkeypatch, capsys, *TINY, "--steps", "2", "--out", out)
     assert status == 2 and "full" in err.strip().splitlines()[-1]
     assert not (out / "summary.json").exists()
     ckpt_before, log_before = (out / "ckpt.pt").read_bytes(), (out / "log.jsonl").read_bytes()
-    monkeypatch.setattr(plumbing, "write_atomic", real_write_atomic)
+    monkeypatch.setattr(plumbing.rundir, "write_atomic", real_write_atomic)
     status, stdout, _ = run_cli(monkeypatch, capsys, *TINY, "--steps", "2", "--out", out, "--resume")
     assert status == 0 and "finished" not in stdout
     summary = json.loads((out / "summary.json").read_text())
@@ -813,13 +843,13 @@ def test_wall_time_in_the_summary_sums_the_resumed_segments(tmp_path, monkeypatc
 
 def saves_at(monkeypatch, out, *flags):
     """The steps at which a run writes ckpt.pt (each checked on disk)."""
-    steps, real_save = [], plumbing.save_checkpoint
+    steps, real_save = [], plumbing.checkpoints.save_checkpoint
 
     def save(path, model, opt, step, meta, proc):
         real_save(path, model, opt, step, meta, proc)
         assert torch.load(path, weights_only=False)["step"] == step
         steps.append(step)
-    monkeypatch.setattr(plumbing, "save_checkpoint", save)
+    monkeypatch.setattr(plumbing.checkpoints, "save_checkpoint", save)
     assert train.main([*TINY, "--out", str(out), *flags]) == 0
     return steps
 
@@ -1338,9 +1368,10 @@ def rank_process(out, rank):
 
 def test_torchrun_restarts_with_resume_auto_continue_the_same_loss_after_a_killed_rank(tmp_path):
     """torchrun --max-restarts=1 ... --resume auto: rank 1 is SIGKILLed after
-    the first checkpoint; the survivor says in one line whom it lost; torchrun
-    starts both again, they resume, and the run ends exactly as an
-    uninterrupted two-process run does."""
+    the first checkpoint; the survivor stops (it says in one line whom it
+    lost, or torchrun's SIGTERM ends it first); torchrun starts both again,
+    they resume, and the run ends exactly as an uninterrupted two-process
+    run does."""
     def launch(out, *extra):
         return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                                  "--max-restarts=1", "train.py", *TINY, "--steps", "40", "--ckpt-every", "10",
@@ -1353,13 +1384,17 @@ def test_torchrun_restarts_with_resume_auto_continue_the_same_loss_after_a_kille
     while not (tmp_path / "killed" / "ckpt.pt").exists():
         assert time.time() < deadline and killed.poll() is None, killed.communicate()
         time.sleep(0.05)
-    victim = rank_process(tmp_path / "killed", 1)
-    assert victim is not None
+    victim, survivor = rank_process(tmp_path / "killed", 1), rank_process(tmp_path / "killed", 0)
+    assert victim is not None and survivor is not None
     os.kill(victim, signal.SIGKILL)
     _, err = killed.communicate(timeout=240)
     assert killed.returncode == 0, err
     assert whole.wait(240) == 0
-    assert "rank 0 of 2 lost contact with rank 1" in err, err
+    # Whether rank 0 meets the lost peer or torchrun's SIGTERM first is up to
+    # the scheduler (on a loaded machine torchrun often wins): either way the
+    # survivor of the first attempt was stopped, not left waiting.
+    assert "rank 0 of 2 lost contact with rank 1" in err or \
+        f"Sending process {survivor} closing signal SIGTERM" in err, err
     final = [json.loads((tmp_path / run / "summary.json").read_text())["val_loss"] for run in ("whole", "killed")]
     assert final[0] == final[1]
     assert log_steps(tmp_path / "killed") == list(range(1, 41))
@@ -1402,3 +1437,120 @@ def test_resume_auto_starts_where_there_is_nothing_and_continues_where_there_is_
         (out / name).unlink()                        # what a kill before the first checkpoint leaves
     assert run_cli(monkeypatch, capsys, *TINY, "--steps", "3", "--out", out, "--resume", "auto")[0] == 0
     assert assert_one_run(out)["run_id"] != first["run_id"] and log_steps(out) == [1, 2, 3]
+
+
+# ----------------------------------------------------------------------------
+# 6. Third round (issue 27), named.
+
+def test_a_resume_refused_over_another_runs_checkpoint_changes_no_file(tmp_path, monkeypatch, capsys):
+    """The issue's steps: a lossfree run in A, an aux run in B, B's ckpt.pt
+    copied over A's, then A resumed as lossfree. The refusal is one line, and
+    A's own step folder, which the foreign index does not name, is still
+    there with every other file: the folder is cleaned up only once a run is
+    accepted."""
+    a, b = tmp_path / "A", tmp_path / "B"
+    for out, balancer in ((a, "lossfree"), (b, "aux")):
+        assert train.main([*TINY, "--balancer", balancer, "--out", str(out), "--steps", "4"]) == 0
+    shutil.copy(b / "ckpt.pt", a / "ckpt.pt")
+    before = snapshot(a)
+    status, _, err = run_cli(monkeypatch, capsys, *TINY, "--balancer", "lossfree", "--out", a, "--steps", "4",
+                             "--resume")
+    assert status == 2 and error_lines(err) == [err.strip().splitlines()[-1]] and "Traceback" not in err, err
+    assert "different model" in err
+    assert snapshot(a) == before, "a refused run changed the files in its folder"
+    assert [name for name in before if name.endswith("/.metadata")], "A's own step folder was not in the snapshot"
+
+
+def test_a_runs_start_removes_half_written_step_folders_but_keeps_whole_ones_no_index_names(finished, tmp_path):
+    """Opening the folder removes nothing; accepting the run removes stale
+    temporary files and a step folder without dcp's .metadata (a kill
+    stopped it), never a whole one that the index does not name."""
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    named = plumbing.read_checkpoint(out / "ckpt.pt")["folder"]
+    whole, half = out / "ckpt" / "step_00000001.feedface", out / "ckpt" / "step_00000099.0a1b2c3d"
+    shutil.copytree(named, whole)
+    half.mkdir()
+    (half / "__0_0.distcp").write_bytes(b"\0" * 100)
+    (out / ".ckpt.pt.k9x1.tmp").write_bytes(b"\0" * 100)
+    before = snapshot(out)
+    run = plumbing.open_run_dir(out, plumbing.Proc(), True, False)
+    try:
+        assert snapshot(out) == before, "opening the folder changed it before the run was accepted"
+        run.accepted()
+        assert whole.is_dir() and named.is_dir() and (whole / ".metadata").is_file()
+        assert not half.exists() and not (out / ".ckpt.pt.k9x1.tmp").exists()
+        kept = snapshot(out)
+        run.accepted()                          # a second call does nothing
+        assert snapshot(out) == kept
+    finally:
+        run.close()
+
+
+def test_a_second_ctrl_c_during_evaluation_is_one_line_and_keeps_the_last_checkpoint(tmp_path):
+    """A real process and real signals. Every step is evaluated on a large
+    validation set, so evaluation is nearly all of a step: the first SIGINT
+    sets the stop flag while one runs, and the second, half a second later,
+    lands in the same evaluation. The process ends at once with one line
+    and a non-zero code, no traceback, and the checkpoint of the step before
+    is whole and matches the log."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "train.py", *TINY, "--steps", "100000", "--eval-every", "1",
+                             "--val-seqs", "2000", "--out", str(out)], cwd=ROOT,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 180
+
+        def logged():
+            return (out / "log.jsonl").read_text().count("\n") if (out / "log.jsonl").exists() else 0
+        while logged() < 1:
+            assert time.time() < deadline and proc.poll() is None, "the run never logged its first step"
+            time.sleep(0.05)
+        # Just after a step's line is logged, the next step's save and
+        # training take a fraction of a second; then its evaluation starts.
+        seen = logged()
+        while logged() == seen:
+            assert time.time() < deadline and proc.poll() is None
+            time.sleep(0.01)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()                 # only the process started above
+            proc.wait(30)
+    assert proc.returncode not in (0, None) and proc.returncode > 0, (proc.returncode, err[-2000:])
+    assert "Traceback" not in err, err[-3000:]
+    assert error_lines(err) == [err.strip().splitlines()[-1]], err[-2000:]
+    assert "interrupted again" in err and "--resume" in err, err[-2000:]
+    ckpt = assert_one_run(out)
+    plumbing.load_model(out)                                   # whole
+    assert ckpt["step"] == log_steps(out)[-1]
+
+
+def test_a_local_rank_past_the_gpus_this_process_sees_is_one_line_naming_the_fix(monkeypatch):
+    """LOCAL_RANK numbers the GPUs a process sees; one past them (a scheduler
+    giving each task one GPU, a CUDA_VISIBLE_DEVICES naming fewer) is refused
+    before torch.cuda.set_device dies with "invalid device ordinal"."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    for local in ("1", "5", "-1", "x"):
+        monkeypatch.setenv("LOCAL_RANK", local)
+        for device in ("cuda", "auto"):
+            with pytest.raises(ValueError) as e:
+                plumbing.Proc.from_env(device)
+            line = str(e.value)
+            assert len(line.splitlines()) == 1
+            assert f"LOCAL_RANK {local} but this process sees 1 GPU (CUDA_VISIBLE_DEVICES='3')" in line, line
+            assert "--nproc_per_node=1" in line and "unset CUDA_VISIBLE_DEVICES" in line, line
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert plumbing.Proc.from_env("cuda").device == torch.device("cuda", 0)
+    # A CUDA_VISIBLE_DEVICES naming no GPU that exists: PyTorch sees none.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(ValueError, match=r"sees no CUDA GPU \(CUDA_VISIBLE_DEVICES='3'\)"):
+        plumbing.Proc.from_env("cuda")

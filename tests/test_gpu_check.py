@@ -70,6 +70,9 @@ def test_quick_cpu_run_passes_every_step_and_writes_every_figure(quick_run):
     assert positive(f["matmul_peak_tflops"])
     assert set(f["moe_over_dense"]) == REGISTERED and all(positive(v) for v in f["moe_over_dense"].values())
     assert set(f["peer_over_project"]) == {"tiny"} and "mask_loop" in f["peer_over_project"]["tiny"]
+    # The peers were compared under bf16 autocast, as on a GPU, and agreed
+    # (tests/test_bench.py checks the tolerance).
+    assert r["steps"]["moe_vs_peers"]["figures"]["sizes"]["tiny"]["autocast"] == "bf16"
     for name in ("train_default", "train_gpu"):
         run, step = f[name], r["steps"][name]["figures"]
         assert positive(run["tokens_per_s"]) and positive(run["mfu"]) and positive(run["peak_memory_mb"])

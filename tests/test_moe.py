@@ -2,14 +2,21 @@
 causality of the whole model, the once-per-step hook and the configuration
 checks. (Expert parallelism across processes is in test_parallel.py.)"""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from balancers import BALANCERS, BalanceConfig, gate_scores
+import moe
+from balancers import BALANCERS, gate_scores
 from moe import (ELEMENTS_PER_THREAD, GPT, MIN_ROWS, Experts, GPTConfig, Mesh, MoELayer, check_config,
-                 grouped_experts_bf16, grouped_experts_cpu, grouped_is_faster_on_cpu, grouped_mm_on_cpu, pad_blocks,
-                 swiglu)
+                 clip_grad_norm, count_per_expert, grouped_experts_bf16, grouped_experts_cpu, grouped_is_faster_on_cpu,
+                 grouped_mm_fast_on_cuda, grouped_mm_on_cpu, pad_blocks, swiglu)
 from train import max_violation
+
+# The fast tier: python -m pytest -m lesson
+pytestmark = pytest.mark.lesson
 
 STRATEGIES = list(BALANCERS)
 TOKEN_CHOICE = [n for n, c in BALANCERS.items() if c.token_choice]
@@ -200,6 +207,168 @@ def test_moe_layer_equals_per_token_reference(strategy, shared):
         torch.testing.assert_close(got[name], expected[name], msg=lambda m: f"gradient of {name}: {m}")
 
 
+def layer_fwd_bwd(layer, x, cotangent):
+    """The layer's output and the gradients of x and of every parameter."""
+    x = x.clone().requires_grad_()
+    layer.zero_grad(set_to_none=True)
+    y, loss, _ = layer(x)
+    outs = [y, loss] if loss.requires_grad else [y]
+    torch.autograd.backward(outs, [cotangent, torch.ones_like(loss)][:len(outs)])
+    return {"y": y.detach(), "x grad": x.grad, **{n: p.grad.clone() for n, p in layer.named_parameters()}}
+
+
+@pytest.mark.parametrize("strategy", TOKEN_CHOICE)
+def test_token_choice_layer_is_bit_for_bit_reproducible_with_top_6(strategy):
+    """Two identical passes of a top-6 token-choice layer give the same output
+    and gradients to the last bit. (The CPU would pass this with index_add_
+    too; on a GPU index_add_'s atomics land in any order once k >= 3, which
+    the next test rules out and tests/test_cuda.py measures.)"""
+    torch.manual_seed(0)
+    layer = MoELayer(small_config(strategy, n_experts=8, top_k=6, d_model=16, d_expert=8))
+    x, cotangent = torch.randn(2, 12, 16), torch.randn(2, 12, 16)
+    first, second = layer_fwd_bwd(layer, x, cotangent), layer_fwd_bwd(layer, x, cotangent)
+    for name, value in first.items():
+        assert value.abs().max() > 0, name
+        assert torch.equal(value, second[name]), name
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_token_choice_sums_each_tokens_k_rows_without_index_add(strategy, monkeypatch):
+    """Token choice combines without index_add_ (atomic adds in no fixed
+    order on a GPU): every token has exactly k rows, summed in a fixed order.
+    Expert choice, whose tokens have 0 to E rows, still uses it: that shows
+    the count below does see the calls."""
+    calls, real = [], torch.Tensor.index_add_
+
+    def counting(self, *args, **kwargs):
+        calls.append(self.shape)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "index_add_", counting)
+    torch.manual_seed(0)
+    layer = MoELayer(small_config(strategy, n_experts=8, top_k=6, d_model=16, d_expert=8))
+    layer_fwd_bwd(layer, torch.randn(2, 12, 16), torch.randn(2, 12, 16))
+    assert (len(calls) == 0) == BALANCERS[strategy].token_choice, calls
+
+
+def test_count_per_expert_equals_bincount_including_unused_experts():
+    idx = torch.tensor([3, 0, 3, 3, 5, 0])
+    assert count_per_expert(idx, 7).tolist() == torch.bincount(idx, minlength=7).tolist() == [2, 0, 0, 3, 0, 1, 0]
+    assert count_per_expert(idx[:0], 3).tolist() == [0, 0, 0]
+
+
+# What a sync costs on a GPU: the CPU stops queueing kernels until the GPU
+# has caught up. These are the Python calls that copy a device value to the
+# host (or, for bincount and nonzero, size their output by one).
+HOST_SYNCS = [(torch.Tensor, name) for name in ("item", "tolist", "cpu", "numpy", "nonzero", "__bool__", "__int__",
+                                                "__float__", "__index__")] + [(torch, "bincount"), (torch, "nonzero")]
+
+
+@pytest.mark.skipif(not grouped_mm_bf16_on_cpu(), reason="torch._grouped_mm has no bf16 CPU kernel here")
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_one_layer_forward_and_backward_never_waits_for_the_device(strategy, monkeypatch):
+    """One process (ep = 1), training mode, bf16 autocast, on the path a
+    Hopper GPU takes: the grouped bf16 experts (grouped_mm_fast_on_cuda
+    forced to True; torch._grouped_mm runs them on the CPU's kernel).
+
+    Counting method: every Python-level way to read a tensor's value on the
+    host -- Tensor.item, .tolist, .cpu, .numpy, .nonzero, bool(), int(),
+    float(), operator.index(), torch.bincount and torch.nonzero -- is
+    replaced by a wrapper that records the call and then does the real
+    thing; the layer's forward and backward must record none. A sync inside
+    a C++ op is not seen here; tests/test_cuda.py runs the same layer under
+    torch.cuda.set_sync_debug_mode("error"), which sees those too."""
+    torch.manual_seed(0)
+    layer = MoELayer(small_config(strategy, n_experts=8, top_k=2, d_model=16, d_expert=16)).train()
+    x = torch.randn(2, 12, 16, requires_grad=True)
+    monkeypatch.setattr(moe, "grouped_mm_fast_on_cuda", lambda *args: True)
+    calls = []
+    for owner, name in HOST_SYNCS:
+        real = getattr(owner, name)
+        monkeypatch.setattr(owner, name, lambda *a, _real=real, _name=name, **kw: calls.append(_name) or _real(*a, **kw))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, loss, _ = layer(x)
+    (y.float().square().sum() + loss).backward()
+    monkeypatch.undo()
+    assert calls == [], calls
+    assert x.grad.abs().max() > 0 and layer.load.sum() == 2 * 12 * 2
+
+
+def test_dispatch_runs_in_the_autocast_dtype_and_the_residual_stream_stays_fp32():
+    """Under bf16 autocast the rows reach the experts in bf16 and the layer
+    returns bf16 (the gather, the gate weighting and the sum move half the
+    bytes); the block adds that into its fp32 residual stream. Without
+    autocast everything stays fp32."""
+    torch.manual_seed(0)
+    block = GPT(small_config("lossfree")).blocks[0]
+    seen, forward = [], block.moe.experts.forward
+    block.moe.experts.forward = lambda rows, counts: seen.append(rows.dtype) or forward(rows, counts)
+    x = torch.randn(2, 12, 16)
+    for autocast, dtype in ((True, torch.bfloat16), (False, torch.float32)):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y, _, _ = block.moe(x)
+            out, _, _ = block(x)
+        assert seen[-1] == y.dtype == dtype and out.dtype == torch.float32, autocast
+
+
+@pytest.mark.parametrize("capability,n_experts,fast", [
+    ((9, 0), 1023, True), ((9, 0), 1024, False), ((10, 0), 8, False), ((8, 0), 8, False), ((12, 0), 8, False)])
+def test_fast_grouped_kernel_only_on_hopper_with_fewer_than_1024_experts(capability, n_experts, fast, monkeypatch):
+    """The CUDA rule, read with a stand-in for a GPU tensor: capability 9.x
+    only (10.x gives experts without rows non-zero weight gradients,
+    pytorch#172439) and fewer than 1024 experts per rank (the kernel refuses
+    group_count >= 1024)."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    x = SimpleNamespace(device=torch.device("cuda"), dtype=torch.bfloat16)
+    w13, w2 = SimpleNamespace(shape=(n_experts, 16, 32)), SimpleNamespace(shape=(n_experts, 16, 16))
+    assert grouped_mm_fast_on_cuda(x, w13, w2) is fast
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops run inside it (one or more GPU kernels each)."""
+
+    def __enter__(self):
+        self.ops = []
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+def clip_against_torch(n_layers):
+    """clip_grad_norm on a one-process model with gradients, beside
+    torch.nn.utils.clip_grad_norm_ on copies of the same gradients. Returns
+    both norms, both sets of clipped gradients and the ops clip_grad_norm ran."""
+    torch.manual_seed(0)
+    model = GPT(small_config("aux", n_layers=n_layers))
+    out = model(torch.randint(0, 64, (2, 12)), torch.randint(0, 64, (2, 12)))
+    (out.lm_loss + out.balance_loss).backward()
+    ref = [p.detach().clone().requires_grad_() for p in model.parameters()]
+    for r, p in zip(ref, model.parameters()):
+        r.grad = p.grad.clone()
+    max_norm = 0.5 * torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in ref])).item()
+    with OpCounter() as counter:
+        norm = clip_grad_norm(model, max_norm)
+    ref_norm = torch.nn.utils.clip_grad_norm_(ref, max_norm)
+    return norm, ref_norm, [p.grad for p in model.parameters()], [r.grad for r in ref], counter.ops
+
+
+def test_clip_grad_norm_is_torchs_norm_in_ops_that_do_not_grow_with_the_parameters():
+    """On one process clip_grad_norm is torch.nn.utils.clip_grad_norm_: the
+    same norm and the same clipped gradients (to float rounding). It runs
+    the same ops for 2 and 4 layers: foreach kernels over all gradients, not
+    a loop over parameters (2 layers have 18 parameter tensors, 4 have 32)."""
+    ops = {}
+    for n_layers in (2, 4):
+        norm, ref_norm, grads, ref_grads, ops[n_layers] = clip_against_torch(n_layers)
+        torch.testing.assert_close(norm, ref_norm)
+        assert norm > 0.1
+        for g, r in zip(grads, ref_grads):
+            torch.testing.assert_close(g, r)
+    assert ops[2] == ops[4] and "aten._foreach_norm" in ops[2] and "aten._foreach_mul_" in ops[2], ops
+
+
 def test_layer_loss_adds_router_z_loss():
     """ST-MoE's z-loss, z * mean(logsumexp(logits)^2), is added to the
     strategy's loss when configured."""
@@ -208,7 +377,7 @@ def test_layer_loss_adds_router_z_loss():
     with torch.no_grad():
         for p in plain.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-    with_z = MoELayer(small_config("aux", balance=BalanceConfig(z_loss=1e-2)))
+    with_z = MoELayer(small_config("aux", balance=dict(z_loss=1e-2)))
     with_z.load_state_dict(plain.state_dict())
     x = torch.randn(2, 5, 16, generator=g)
     _, loss, routing = plain(x)
@@ -281,7 +450,7 @@ def test_end_step_hands_global_load_to_strategy_and_resets():
     of the optimizer step, gives them to the strategy (lossfree moves its
     bias) and starts the next step from zero."""
     torch.manual_seed(0)
-    model = GPT(small_config("lossfree", balance=BalanceConfig(bias_rate=0.25)))
+    model = GPT(small_config("lossfree", balance=dict(bias_rate=0.25)))
     expected = torch.zeros(2, 4, dtype=torch.long)
     for micro in range(2):
         out = model(torch.randint(0, 64, (2, 12)))
@@ -310,10 +479,10 @@ def test_max_violation_is_relative_excess_of_busiest_expert():
 @pytest.mark.parametrize("overrides,world_size,setting", [
     ({"top_k": 5}, 1, "top_k"),
     ({"n_experts": 4}, 3, "n_experts"),
-    ({"balancer": "switch"}, 1, "unknown balancer"),
-    ({"balancer": "expert_choice", "balance": BalanceConfig(capacity_factor=0.0)}, 1, "capacity-factor"),
-    ({"balancer": "expert_choice", "balance": BalanceConfig(capacity_factor=-2.0)}, 1, "capacity-factor"),
-    ({"balance": BalanceConfig(capacity_factor=2.0)}, 1, "does not apply to lossfree"),
+    ({"balancer": "switch"}, 1, "no such strategy"),
+    ({"balancer": "expert_choice", "balance": dict(capacity_factor=0.0)}, 1, "capacity-factor"),
+    ({"balancer": "expert_choice", "balance": dict(capacity_factor=-2.0)}, 1, "capacity-factor"),
+    ({"balance": dict(capacity_factor=2.0)}, 1, "does not apply to lossfree"),
     ({"d_model": 10, "n_heads": 4}, 1, "n_heads"),
     ({"shared_experts": -1}, 1, "shared_experts"),
 ])

@@ -1,17 +1,17 @@
-"""plan.py: the bytes of one training step, checked against a case small
+"""lab/plan.py: the bytes of one training step, checked against a case small
 enough to count by hand, and its command line."""
 
 import pytest
 
-import plan
 import plumbing
 import train
+from lab import plan
 
 
 def tiny_plan(nodes, gpus_per_node, ep_size):
     """The tiny preset (lossfree): 2 layers, d_model 64, 8 experts top-2 of
     width 64, no shared expert, 64-byte sequences, 8 sequences per step."""
-    cfg = train.model_config(train.parse_args(["--preset", "tiny"]))
+    cfg = plumbing.model_config(train.parse_args(["--preset", "tiny"]))
     return plan.plan(cfg, batch_size=8, grad_accum=1, nodes=nodes, gpus_per_node=gpus_per_node, ep_size=ep_size)
 
 

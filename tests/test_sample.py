@@ -21,7 +21,7 @@ import torch
 import data
 import plumbing
 import sample
-import show_routing
+from lab import show_routing
 import train
 from balancers import BALANCERS
 from distributed import run_distributed

@@ -1,5 +1,5 @@
 """
-Tests of show_routing.py: the page shows every byte once, in the colour of
+Tests of lab/show_routing.py: the page shows every byte once, in the colour of
 the expert the model really chose; expert choice's "no expert" and "several
 experts" survive the trip; checkpoints become columns; a bad input is one
 line and exit code 2.
@@ -17,8 +17,8 @@ import pytest
 import torch
 
 import plumbing
-import show_routing
 import train
+from lab import show_routing
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -258,8 +258,8 @@ def test_bad_input_is_one_line_and_exit_code_2(ckpts, tmp_path, capsys, case):
 
 def test_bad_input_from_the_command_line_is_one_line_and_exit_code_2(ckpts, tmp_path):
     """The same through a real process, as a user types it."""
-    res = subprocess.run([sys.executable, str(ROOT / "show_routing.py"), ckpts["aux"], "--layer", "7",
-                          "--out", str(tmp_path / "r")], capture_output=True, text=True, timeout=120)
+    res = subprocess.run([sys.executable, "-m", "lab.show_routing", ckpts["aux"], "--layer", "7",
+                          "--out", str(tmp_path / "r")], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert res.returncode == 2
     assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr, res.stderr
     assert "--layer 7" in res.stderr

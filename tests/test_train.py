@@ -8,6 +8,7 @@ runs go through torchrun exactly as a user would. All runs use the tiny preset.
 import contextlib
 import io
 import json
+import math
 import os
 import signal
 import subprocess
@@ -17,7 +18,7 @@ import time
 import pytest
 import torch
 
-import compare
+from lab import compare
 import plumbing
 import train
 from balancers import BALANCERS
@@ -97,7 +98,7 @@ def test_resume_continues_the_same_loss_curve_and_state_bitwise(tmp_path, balanc
     assert [r.get("state") for r in resumed] == [r.get("state") for r in full]
     summaries = [json.loads((tmp_path / d / "summary.json").read_text()) for d in ("full", "cut")]
     assert summaries[0]["state"] == summaries[1]["state"]
-    assert summaries[0]["state"].keys() == BALANCERS[balancer](4, 2, train.balance_config(
+    assert summaries[0]["state"].keys() == BALANCERS[balancer](4, 2, plumbing.strategy_settings(
         train.parse_args(["--balancer", balancer]))).state().keys()
 
 
@@ -211,7 +212,10 @@ def cli_error(capsys, monkeypatch, *argv):
 
 
 @pytest.mark.parametrize("flags, words", [
-    (["--balancer", "nope"], "invalid choice"),
+    (["--balancer", "nope"], "registered are none, aux"),
+    (["--balancer", "nope"], "--import FILE"),
+    (["--import", "no_such_file.py"], "--import no_such_file.py: no such file"),
+    (["--balancer", "toy_ema", "--ema-decay", "1"], "--ema-decay must be in [0, 1)"),
     (["--top-k", "9"], "top_k"),
     (["--batch-size", "7", "--grad-accum", "2"], "--batch-size"),
     (["--seq-len", "0"], "--seq-len"),
@@ -278,7 +282,7 @@ def test_a_nan_step_never_replaces_the_last_good_checkpoint(tmp_path, monkeypatc
 
 
 SAVER = """
-import sys, torch
+import dataclasses, sys, torch
 sys.path.insert(0, {root!r})
 import plumbing, train
 args = train.parse_args(["--preset", "default", "--out", {out!r}])
@@ -288,7 +292,7 @@ print("ready", flush=True)
 step = 0
 while True:
     step += 1
-    plumbing.save_checkpoint({path!r}, model, opt, step, {{"config": train.asdict(train.model_config(args))}}, proc)
+    plumbing.save_checkpoint({path!r}, model, opt, step, {{"config": dataclasses.asdict(plumbing.model_config(args))}}, proc)
 """
 
 
@@ -336,7 +340,7 @@ def test_every_preset_is_a_valid_model_for_one_and_two_processes(preset):
     balance and routing groups divide the micro-batch)."""
     args = train.parse_args(["--preset", preset])
     for world_size in (1, 2):
-        check_config(train.model_config(args), world_size, local_seqs=args.batch_size // world_size)
+        check_config(plumbing.model_config(args), world_size, local_seqs=args.batch_size // world_size)
 
 
 def test_the_run_prints_each_evaluation_and_judges_the_final_loss_against_the_unigram(tmp_path, capsys):
@@ -347,24 +351,23 @@ def test_the_run_prints_each_evaluation_and_judges_the_final_loss_against_the_un
     out = capsys.readouterr()
     text = out.out + out.err
     evals = [r for r in records if "val_loss" in r]
-    line = train.evaluation_line(3, evals[0])
+    line = plumbing.evaluation_line(3, evals[0])
     assert line in text and f"{evals[0]['val_loss']:.4f}" in line and "MaxVio_global" in line
     assert "train loss" in text and "MaxVio_batch" in text            # the bar's fields are labelled
     summary = json.load(open(tmp_path / "run" / "summary.json"))
-    verdict = train.against_unigram(summary["val_loss"], summary["unigram_loss"], 6)
+    verdict = plumbing.against_unigram(summary["val_loss"], summary["unigram_loss"], 6)
     assert verdict in text
     assert ("worse than the unigram" in verdict) == (summary["val_loss"] >= summary["unigram_loss"])
-    assert "beats the unigram" in train.against_unigram(1.0, 2.0, 10)
+    assert "beats the unigram" in plumbing.against_unigram(1.0, 2.0, 10)
 
 
 def toy_model_and_batches(balancer, **balance):
     """A two-layer toy model (untrained) and three validation batches of 4
     sequences; enough for the evaluation's arithmetic."""
-    from balancers import BalanceConfig
     from moe import GPT, GPTConfig
     torch.manual_seed(0)
     cfg = GPTConfig(vocab_size=32, seq_len=16, n_layers=2, d_model=16, n_heads=2, n_experts=4, top_k=2,
-                    d_expert=8, balancer=balancer, balance=BalanceConfig(**balance))
+                    d_expert=8, balancer=balancer, balance=dict(**balance))
     g = torch.Generator().manual_seed(0)
     batches = [(torch.randint(0, 32, (4, 16), generator=g), torch.randint(0, 32, (4, 16), generator=g),
                 torch.tensor([0, 1, 0, 1])) for _ in range(3)]
@@ -393,12 +396,24 @@ def test_computation_batch_maxvio_at_the_whole_set_equals_maxvio_global(balancer
 
 
 @pytest.mark.parametrize("balancer", [n for n, c in BALANCERS.items() if c.token_choice])
-def test_causal_evaluation_equals_teacher_forcing_exactly_for_token_choice(balancer):
+def test_causal_evaluation_equals_teacher_forcing_to_rounding_for_token_choice(balancer):
     """Token choice routes each token on its own, so computing position t
-    from its prefix alone changes nothing, to the last bit."""
+    from its prefix alone changes nothing but rounding. Not to the last bit:
+    a forward of t + 1 positions and one of T positions may use matmul and
+    attention kernels that round differently (PyTorch 2.14 does, 2.13 does
+    not), so the bound is a stated one, CAUSAL_ROUNDING, far below any leak
+    (expert choice's gap is ~1e-2). The exact property, equal-length
+    forwards that differ only in the future, is the causality probe's
+    (test_moe.py)."""
     model, batches = toy_model_and_batches(balancer)
     ev = train.causal_evaluation(model, batches, plumbing.Proc())
-    assert ev["val_loss_causal"] == ev["val_loss_forced_same_windows"] and ev["causal_windows"] == 12
+    assert math.isclose(ev["val_loss_causal"], ev["val_loss_forced_same_windows"], rel_tol=CAUSAL_ROUNDING, abs_tol=0)
+    assert ev["causal_windows"] == 12
+
+
+# Relative difference allowed between a loss computed from prefixes and from
+# whole windows: float32 rounding of a mean over ~1e3 tokens is ~1e-7.
+CAUSAL_ROUNDING = 1e-6
 
 
 @pytest.mark.parametrize("route_seqs", [1, 2])

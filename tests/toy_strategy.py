@@ -1,37 +1,40 @@
-"""A throw-away strategy, added the way the README tells a student to: one
-class and one registration line, nothing else in the project touched.
+"""toy_strategy.py -- a strategy of my own, in a file of its own.
 
-conftest.py imports this module, so the whole suite -- every test that is
-parametrised over balancers.BALANCERS, the 2-rank equality tests, the resume
-tests -- runs it beside the real strategies. If the suite passes with it, a
-student's new strategy gets the same treatment for free. Its state is called
-`ema`, not `bias`, on purpose: nothing may depend on a strategy's buffer
-names. (tests/distributed.py imports it too, for the spawned processes.)"""
+    python train.py --import toy_strategy.py --balancer toy_ema --ema-decay 0.8
+
+Top-k that steers away from experts that were busy lately: an exponential
+moving average of each expert's relative load (load / mean - 1) is
+subtracted, times `penalty`, from the scores that choose the top-k. Like
+lossfree's bias it never touches the gate weight. Not from a paper.
+"""
 
 import torch
 
-from balancers import Balancer, gate_scores, register, top_k_routing
+from balancers import Balancer, Knob, gate_scores, register, top_k_routing
 
 
 class EmaPenalty(Balancer):
-    """`toy_ema`: token choice that avoids recently busy experts. It keeps an
-    exponential moving average of each expert's relative load (load / mean - 1)
-    and subtracts a small multiple of it from the scores that choose the top-k
-    (like lossfree's bias, it never touches the gate weight). Not from a
-    paper: a test fixture."""
-    summary = "test-only: top-k steered away from experts with a high average load"
-    defaults = dict(Balancer.defaults, bias_rate=0.1)
+    summary = "top-k steered away from experts with a high average load"    # its line in --help
+    # Its own knobs, each a checked flag (--ema-decay) with a default and a range:
+    # decay 1 would freeze the average, so the range is open at 1.
+    knobs = dict(Balancer.knobs,
+                 ema_decay=Knob(0.9, "how slowly the average load forgets", low=0, high=1, open_high=True),
+                 penalty=Knob(0.05, "how hard a busy expert is avoided", low=0))
 
-    def __init__(self, n_experts, top_k, cfg, world_size=1):
-        super().__init__(n_experts, top_k, cfg, world_size)
-        self.register_buffer("ema", torch.zeros(n_experts, dtype=torch.float32))
+    def __init__(self, n_experts, top_k, knobs=None, world_size=1):
+        super().__init__(n_experts, top_k, knobs, world_size)
+        # State: a buffer, so it is logged, saved in checkpoints and checked across ranks.
+        self.register_buffer("ema", torch.zeros(n_experts))
 
     def route(self, logits):
-        return top_k_routing(logits, gate_scores(logits, self.cfg.gate), self.top_k, -0.05 * self.ema)
+        # Choose with the penalty, weigh without it.
+        choice_bias = -self.cfg.penalty * self.ema
+        return top_k_routing(logits, gate_scores(logits, self.cfg.gate), self.top_k, choice_bias)
 
     def step(self, load):
+        # Once per optimizer step, with the exact counts of the whole global batch.
         load = load.float()
-        self.ema.lerp_(load / load.mean().clamp(min=1) - 1, self.cfg.bias_rate)
+        self.ema.lerp_(load / load.mean().clamp(min=1) - 1, 1 - self.cfg.ema_decay)
 
 
 register("toy_ema", EmaPenalty)

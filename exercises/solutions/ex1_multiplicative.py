@@ -18,17 +18,17 @@ Write route() and step(). Check with `python -m pytest exercises -k ex1`.
 
 import torch
 
-from balancers import Balancer, Routing, gate_scores, register
+from balancers import Balancer, LossFree, Routing, gate_scores, register
 
 
 class MultiplicativeBias(Balancer):
     """`ex1_mult_bias`: lossfree with a per-expert multiplier on the choice scores."""
     paper = "Wang et al. 2024, Sec. 4.3 (the multiplicative variant)"
     summary = "a per-expert multiplier that only steers the top-k choice, no loss"
-    defaults = dict(Balancer.defaults, gate="sigmoid", bias_rate=1e-3)
+    knobs = dict(Balancer.knobs, gate=LossFree.knobs["gate"], bias_rate=LossFree.knobs["bias_rate"])
 
-    def __init__(self, n_experts, top_k, cfg, world_size=1):
-        super().__init__(n_experts, top_k, cfg, world_size)
+    def __init__(self, n_experts, top_k, knobs=None, world_size=1):
+        super().__init__(n_experts, top_k, knobs, world_size)
         # State, not a parameter: fp32, saved in checkpoints, never trained by
         # the optimizer (the same reasons as lossfree's bias).
         self.register_buffer("mult", torch.ones(n_experts, dtype=torch.float32))

@@ -28,7 +28,7 @@ Write loss(). Check with `python -m pytest exercises -k ex4`.
 
 import torch
 
-from balancers import Balancer, all_reduce, register
+from balancers import ALPHA, Balancer, all_reduce, register
 
 
 class GlobalAuxNoBuffer(Balancer):
@@ -37,7 +37,7 @@ class GlobalAuxNoBuffer(Balancer):
     paper = "Qiu et al. 2025, Eq. 5 without Algorithm 1's buffer"
     summary = "aux loss with f counted over all ranks of one micro-step"
     # alpha per MoE layer, as in Switch and Qiu et al.: the model adds every layer's loss (GPT.forward)
-    defaults = dict(Balancer.defaults, alpha=1e-2)
+    knobs = dict(Balancer.knobs, alpha=ALPHA)
     accum_invariant = False     # the balance batch is a micro-step: cutting the global batch changes it
 
     def loss(self, routing):

@@ -32,7 +32,7 @@ compare the causal leak and the validation loss:
 
 import torch
 
-from balancers import Balancer, Routing, all_reduce, expert_capacity, gate_scores, groups_of, register
+from balancers import Balancer, ExpertChoice, Routing, all_reduce, expert_capacity, gate_scores, groups_of, register
 
 
 class CausalExpertChoice(Balancer):
@@ -41,10 +41,11 @@ class CausalExpertChoice(Balancer):
     paper = "Zhou et al. 2022, with thresholds from past batches"
     summary = "expert choice with per-expert thresholds from past batches: causal"
     token_choice = False            # a token gets 0..E experts; causality is checked by the probe
-    defaults = dict(Balancer.defaults, capacity_factor=2.0, route_seqs=2)
+    knobs = dict(Balancer.knobs, capacity_factor=ExpertChoice.knobs["capacity_factor"],
+                 route_seqs=ExpertChoice.knobs["route_seqs"])
 
-    def __init__(self, n_experts, top_k, cfg, world_size=1):
-        super().__init__(n_experts, top_k, cfg, world_size)
+    def __init__(self, n_experts, top_k, knobs=None, world_size=1):
+        super().__init__(n_experts, top_k, knobs, world_size)
         # State kept across optimizer steps, saved in checkpoints. A softmax
         # or sigmoid score is at most 1, so before the first batch has been
         # seen no expert takes anything: the first step trains attention only.
@@ -53,13 +54,6 @@ class CausalExpertChoice(Balancer):
         # the sum of the cut-offs of every routing group seen, and their number.
         self.register_buffer("cut_sum", torch.zeros(n_experts, dtype=torch.float32), persistent=False)
         self.register_buffer("cut_groups", torch.zeros((), dtype=torch.long), persistent=False)
-
-    @classmethod
-    def check(cls, cfg, local_seqs=None):
-        cfg = super().check(cfg, local_seqs)
-        if local_seqs is not None:
-            groups_of(local_seqs, cfg.route_seqs, "route_seqs")
-        return cfg
 
     def cutoffs(self, scores):
         """scores [B, T, E] -> [G, E]: per routing group of route_seqs

@@ -1,12 +1,17 @@
 """
-compare.py -- check the papers' claims with numbers made here, the way the
-papers measured them.
+lab/compare.py -- compare training recipes honestly: the papers' claims,
+with numbers made here, the way the papers measured them, and any arms of
+your own (your strategy against the others) by the same rules.
 
-    python compare.py --pilot      # the pilot: seeds 1000-1002, about 31 min on 2 CPU cores
-    python compare.py              # the confirmatory run: at most 90 min on 2 CPU cores
-    python compare.py --quick      # a few minutes: 2 seeds, short runs
-    python compare.py --smoke      # seconds: does everything run?
-    python compare.py --publish    # copy the results to results/, docs/results.md and the README
+    python -m lab.compare --pilot      # the pilot: seeds 1000-1002, about 31 min on 2 CPU cores
+    python -m lab.compare              # the confirmatory run: at most 90 min on 2 CPU cores
+    python -m lab.compare --quick      # a few minutes: 2 seeds, short runs
+    python -m lab.compare --smoke      # seconds: does everything run?
+    python -m lab.compare --publish    # copy the results to results/, docs/results.md and the README
+    python -m lab.compare --arms mine="--import mine.py --balancer mine" lossfree="--balancer lossfree" --seeds 5
+
+Run it from the repository root: the lesson's modules (train.py,
+balancers.py, ...) import from there, and train.py runs from there.
 
 It teaches how to compare training recipes honestly:
   - each claim is tested with arms that differ only in what the paper
@@ -23,21 +28,24 @@ It teaches how to compare training recipes honestly:
     it, and is never extended; "no worse" is judged at a margin no larger
     than the paper's own effect, beside superiority; Holm-Bonferroni over
     every test of every claim holds the family-wise error at 5%.
+The rules are lab/stats.py, the claims lab/claims.py; --arms builds one
+more claim from your arms (lab.claims.strategy_comparison) and this file
+trains and judges it exactly as it does the papers'.
 
 Read it top to bottom:
-  1. the arms and the claims, each citing the table or figure it mirrors
+  1. the plan: which runs, on which seeds
   2. running the arms: train.py in parallel subprocesses, resumably
   3. reading a run, and the within-model shuffle test of expert choice
-  4. statistics: intervals, the verdict rule, seeds needed, p-values and Holm
-  5. the claims' parts, results.json and results.md
+  4. judging the claims' parts
+  5. results.json and results.md
   6. plots, one per paper figure
   7. main
 """
 
 import argparse
 import contextlib
-import dataclasses
 import hashlib
+import io
 import json
 import math
 import os
@@ -57,114 +65,15 @@ import plumbing
 import train
 from balancers import BALANCERS
 from data import load_corpus, val_batches
+from lab.claims import ARMS_SEEDS, CB_MID, MARGINS, SIZES, paper_claims, strategy_comparison
+from lab.stats import MIN_SEEDS, PILOT_SEEDS, apply_holm, combine, confirmatory_seeds, interval, resolve_note, \
+    seeds_needed
 
-HERE = Path(__file__).resolve().parent
+# The repository root: train.py, README.md, results/ and docs/ are there.
+ROOT = Path(__file__).resolve().parent.parent
 
 # ----------------------------------------------------------------------------
-# 1. The arms and the claims.
-
-# Every run: train.py's tiny preset (2 layers, width 64) on batches of 32
-# sequences of 64 bytes, validation on up to 512 windows per domain (the whole
-# split where it is smaller; the same windows for every run). Two shapes of
-# MoE layer, with about the same expert parameters and active width:
-#   "model"  16 routed experts top-2, each 64 wide (no shared expert)
-#   "fine"   the DeepSeekMoE shape both papers trained (Wang et al.: 2
-#            shared + 64 routed top-6; Qiu et al.: 4 shared + 64 routed
-#            top-4), scaled down: 2 shared + 32 routed top-4, each 32 wide.
-#            Claim 1 (lossfree), the alpha sweep and the computation batch.
-SIZES = {
-    "default": dict(steps=500, batch=32, warmup=25, val_seqs=512,
-                    model=["--preset", "tiny", "--n-experts", "16"],
-                    fine=["--n-experts", "32", "--top-k", "4", "--shared-experts", "2", "--d-expert", "32"]),
-    "quick": dict(steps=150, batch=32, warmup=10, val_seqs=128,
-                  model=["--preset", "tiny", "--n-experts", "16"],
-                  fine=["--n-experts", "32", "--top-k", "4", "--shared-experts", "2", "--d-expert", "32"]),
-    "smoke": dict(steps=3, batch=16, warmup=1, val_seqs=4,
-                  model=["--preset", "tiny", "--n-experts", "8", "--d-model", "32", "--n-heads", "2",
-                         "--d-expert", "32", "--seq-len", "32"],
-                  fine=["--n-experts", "8", "--top-k", "2", "--shared-experts", "1", "--d-expert", "16"]),
-}
-QIU_MICRO = 1      # Qiu et al.'s micro-batch here: one sequence, so one domain; the global batch is 32x larger
-CB_MID = 32        # "a moderate computation batch": the training batch, in sequences (Wang et al. Fig. 5)
-
-# Seeds. A pilot on seeds PILOT_SEEDS measures each part's paired spread;
-# the confirmatory run then uses seeds 0..n-1 with n fixed from the pilot
-# (between MIN_SEEDS and the claim's `seeds`, the most the 90-minute budget
-# allows) and never extended once results have been seen.
-PILOT_SEEDS = list(range(1000, 1003))
-MIN_SEEDS = 3
-
-
-@dataclasses.dataclass
-class Claim:
-    key: str
-    text: str            # the paper's claim, in one sentence
-    source: str          # the table or figure it mirrors
-    seeds: int           # the most seeds the confirmatory run may give it (the time budget's share)
-    arms: dict           # {label: train.py flags}; the parts below refer to them by position
-
-
-def claims(size):
-    """Every claim with its arms. A label is what a table row says; arms of
-    equal settings (the same label in two claims, or the default strategy
-    and its explicit twin) are the same runs, trained once.
-
-    Every alpha is the per-layer coefficient of the paper quoted, as in the
-    papers: GPT.forward adds each layer's balance loss with the full alpha
-    (Switch Sec. 2.2). Wang et al.'s sweep 1e-2 / 1e-3 / 1e-4 / 0 (Fig. 2),
-    their softmax alpha 3e-4 (App. C.2) and Qiu et al.'s 0.008 (Table 4)
-    are their own numbers, not rescaled."""
-    batch, fine = SIZES[size]["batch"], SIZES[size]["fine"]
-    aux = lambda alpha, *more: ["--balancer", "aux", "--alpha", alpha, *more]
-    ec = lambda seqs, *more: ["--balancer", "expert_choice", "--route-seqs", str(seqs), *more]
-    sigmoid_aux = {f"aux sigmoid alpha={x}": aux(x, "--gate", "sigmoid", *fine) for x in ("1e-2", "1e-3", "1e-4", "0")}
-    wang_lossfree = {"lossfree u=1e-3": ["--balancer", "lossfree", "--bias-rate", "1e-3", *fine]}
-    lossfree = lambda u: {f"lossfree u={u}, 16 experts": ["--balancer", "lossfree", "--bias-rate", u]}
-    # Qiu et al. (Sec. 4.1, Table 4): softmax gate, z-loss, LBL weight 0.008,
-    # every micro-batch of one domain; here micro-batches of one sequence.
-    qiu = lambda *flags: [*flags, "--gate", "softmax", "--alpha", "0.008", "--z-loss", "1e-3",
-                          "--domain-block", str(QIU_MICRO)]
-    everyone = {name: ["--balancer", name] for name in BALANCERS}
-    return [
-        Claim("lossfree", "Loss-free balancing reaches a lower MaxVio_global than the aux loss, at better or no "
-                          "worse perplexity",
-              "Wang et al. 2024, Table 2: sigmoid gate on both sides, alpha 1e-3, DeepSeekMoE shape", 10,
-              {"aux sigmoid alpha=1e-3": sigmoid_aux["aux sigmoid alpha=1e-3"], **wang_lossfree}),
-        Claim("alpha", "A large alpha balances but costs perplexity; a small alpha does not balance",
-              "Wang et al. 2024, Fig. 2: sigmoid gate, DeepSeekMoE shape", 10, {**sigmoid_aux, **wang_lossfree}),
-        Claim("computation_batch", "Loss-free's balance keeps improving as the computation batch grows; the aux "
-                                   "loss's levels off, so loss-free is better balanced from a moderate batch on",
-              "Wang et al. 2024, Sec. 5.1 and Fig. 5: claim 1's models, MaxVio over computation batches of S "
-              "validation sequences", 10,
-              {"aux sigmoid alpha=1e-3": sigmoid_aux["aux sigmoid alpha=1e-3"], **wang_lossfree}),
-        Claim("softmax", "With the softmax gate, loss-free (proportional update) also balances better at better or "
-                         "no worse perplexity", "Wang et al. 2024, App. C.2 and Table 6: softmax gate, alpha 3e-4", 10,
-              {"aux softmax alpha=3e-4": aux("3e-4", "--gate", "softmax"),
-               "lossfree softmax proportional": ["--balancer", "lossfree", "--gate", "softmax",
-                                                 "--bias-update", "proportional"]}),
-        Claim("global", f"Balancing over the global batch ({batch} sequences) instead of single-domain micro-batches "
-                        f"({QIU_MICRO} sequence) lets experts specialise by domain and lowers perplexity; a balance "
-                        f"group of micro-batch size drawn across the global batch does as well",
-              f"Qiu et al. 2025, Tables 1-2 and Fig. 1b: Balance BSZ {QIU_MICRO} -> {batch} "
-              f"({batch // QIU_MICRO}x), softmax gate, alpha 0.008, z-loss 1e-3", 8,
-              {**{f"aux, balance {n} seq{'s' * (n > 1)}": qiu("--balancer", "aux", "--balance-seqs", str(n))
-                  for n in (QIU_MICRO, 2, 8)},
-               f"global_aux, balance {batch} seqs": qiu("--balancer", "global_aux"),
-               f"Shuffle LBL_micro, {QIU_MICRO} seq of tokens": qiu("--balancer", "aux", "--balance-seqs",
-                                                                     str(QIU_MICRO), "--balance-shuffle")}),
-        Claim("expert_choice", "Expert choice leaks future tokens: the causality probe is non-zero, its "
-                               "teacher-forced loss understates its causal loss, and a model trained with small "
-                               "routing chunks relies on the leak (its loss rises when its chunks are shuffled), "
-                               "unlike one trained shuffled",
-              "Wang et al. 2024, Sec. 5.2, App. D.2 and Fig. 9", 6,
-              {"EC, chunk 1 seq": ec(1), "EC, chunk 2 seqs": ec(2), "EC, chunk 8 seqs": ec(8),
-               "EC, chunk 1 seq, trained shuffled": ec(1, "--route-shuffle")}),
-        Claim("bias_rate", "Update rate: u = 1e-4 balances too slowly, u = 1e-2 oscillates late in training",
-              "Wang et al. 2024, Sec. 4.3 and Fig. 4", 6, {**lossfree("1e-4"), **lossfree("1e-3"), **lossfree("1e-2")}),
-        Claim("main", "Every registered strategy at its own defaults; token choice is exactly causal", "all papers", 3,
-              everyone),
-    ]
-
+# 1. The plan.
 
 def planned_seeds(claim, size, pilot=None):
     """How many seeds the confirmatory run gives a claim: from the pilot when
@@ -178,14 +87,11 @@ def planned_seeds(claim, size, pilot=None):
     return claim.seeds
 
 
-# ----------------------------------------------------------------------------
-# 2. Running the arms.
-
 def settings_key(flags, common):
     """What makes two runs the same run: the strategy's resolved settings and
     every other train.py flag. Two labels with equal keys share runs."""
     args = train.parse_args(common + flags)
-    resolved = dataclasses.asdict(BALANCERS[args.balancer].settings(train.balance_config(args)))
+    resolved = plumbing.strategy_settings(args)
     rest = {k: v for k, v in vars(args).items() if k not in resolved and k not in ("out", "seed")}
     return json.dumps({"strategy": resolved, **rest}, sort_keys=True, default=str)
 
@@ -194,13 +100,16 @@ class Plan:
     """Which runs to train. claim_seeds: {claim key: [seed, ...]}, the seeds
     every arm of that claim has (all its rows, parts and plots use exactly
     these); an arm gets the union of its claims' seeds. runs: {folder:
-    (flags, seed)}; labels: {label: folder stem}; seeds: {label: [seed, ...]}.
-    `only_seeds` (N) gives every claim seeds 0..N-1; `seed_lists` ({key:
-    [seeds]}) sets them per claim (the pilot, or the frozen confirmatory plan)."""
+    (flags, seed)}; labels: {label: folder stem}; seeds: {label: [seed, ...]};
+    token_choice: {label: whether its strategy is token choice}.
+    `claims` (default: the papers', lab.claims.paper_claims) and `keys`
+    choose the claims; `only_seeds` (N) gives every claim seeds 0..N-1;
+    `seed_lists` ({key: [seeds]}) sets them per claim (the pilot, or the
+    frozen confirmatory plan)."""
 
-    def __init__(self, size, common, only_seeds=None, keys=None, seed_lists=None):
+    def __init__(self, size, common, only_seeds=None, keys=None, seed_lists=None, claims=None):
         self.size, self.common = size, common
-        self.claims = [c for c in claims(size) if keys is None or c.key in keys]
+        self.claims = [c for c in (paper_claims(size) if claims is None else claims) if keys is None or c.key in keys]
         self.arms = {label: flags for c in self.claims for label, flags in c.arms.items()}
         self.claim_seeds = {}
         for c in self.claims:
@@ -210,11 +119,13 @@ class Plan:
         for c in self.claims:
             for label in c.arms:
                 self.seeds[label] = sorted(set(self.seeds.get(label, [])) | set(self.claim_seeds[c.key]))
-        self.stem, self.runs = {}, {}
+        self.stem, self.runs, self.token_choice = {}, {}, {}
         for label, seeds in self.seeds.items():
             flags = self.arms[label]
+            strategy = train.parse_args(common + flags).balancer
+            self.token_choice[label] = BALANCERS[strategy].token_choice
             digest = hashlib.sha1(settings_key(flags, common).encode()).hexdigest()[:8]
-            self.stem[label] = f"{flags[1]}-{digest}"
+            self.stem[label] = f"{strategy}-{digest}"
             for s in seeds:
                 self.runs.setdefault(f"{self.stem[label]}-s{s}", (flags, s))
 
@@ -245,6 +156,9 @@ def run_seconds(argv):
     causal = 0 if BALANCERS[args.balancer].token_choice else CAUSAL_EVAL_S
     return args.steps * STEP_SECONDS[shape] * (args.batch_size * args.seq_len) / 2048 + RUN_OVERHEAD_S + causal
 
+
+# ----------------------------------------------------------------------------
+# 2. Running the arms.
 
 def run_state(run_dir, argv):
     """done: summary.json from exactly these flags; resume: an interrupted run
@@ -279,9 +193,12 @@ def train_one(run_dir, argv, state, launcher):
     start = time.time()
     with open(run_dir / "train.txt", "a") as log:
         if launcher:
+            # train.py by its path, so that its own folder (the repository
+            # root) heads its sys.path wherever this runs from; the working
+            # folder stays the caller's, where --out, --data and --import
+            # paths were given, as for the runs made in this process.
             env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-            code = subprocess.call(launcher + [str(HERE / "train.py"), *flags], stdout=log, stderr=log, env=env,
-                                   cwd=HERE)
+            code = subprocess.call(launcher + [str(ROOT / "train.py"), *flags], stdout=log, stderr=log, env=env)
         else:                       # one run at a time: in this process, which saves starting Python
             with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
                 try:
@@ -293,10 +210,7 @@ def train_one(run_dir, argv, state, launcher):
                 return None
     if code != 0:
         return False
-    extra = {}
-    if not BALANCERS[train.parse_args(argv).balancer].token_choice:
-        extra = shuffled_routing_eval(run_dir)
-    (run_dir / "extra.json").write_text(json.dumps(extra))
+    (run_dir / "extra.json").write_text(json.dumps(checkpoint_evals(run_dir)))
     (run_dir / "ckpt.pt").unlink(missing_ok=True)         # the report needs only the logs
     shutil.rmtree(run_dir / "ckpt", ignore_errors=True)   # (the index first: then no index names a lost folder)
     (run_dir / "run.json").write_text(json.dumps({"argv": argv, "finished": True, "elapsed_s": time.time() - start}))
@@ -361,10 +275,30 @@ def run_plan(plan, root, jobs, launcher, reuse=None):
     return len(todo)
 
 
+
 # ----------------------------------------------------------------------------
 # 3. Reading a run.
 
-def shuffled_routing_eval(run_dir):
+def checkpoint_evals(run_dir):
+    """The measurements that need a run's model, made once before its
+    checkpoint is deleted. Expert choice (any strategy that is not token
+    choice): the within-model shuffle test below. Token choice: its val loss
+    on the windows the causal evaluation of expert choice covers (the first
+    train.CAUSAL_BATCHES validation batches). Token choice is exactly
+    causal, so that is its causal loss there: what an expert-choice arm's
+    causal loss is paired with, window for window."""
+    model, ckpt = plumbing.load_model(run_dir)
+    args = argparse.Namespace(**ckpt["args"])
+    proc = plumbing.Proc()
+    corpus = load_corpus(args.data, seq_len=args.seq_len, log=lambda *a: None)
+    batches = val_batches(corpus, args.seq_len, args.batch_size // args.grad_accum, args.val_seqs)
+    if BALANCERS[model.cfg.balancer].token_choice:
+        windows = batches[:train.CAUSAL_BATCHES]
+        return {"val_loss_causal_windows": train.evaluate(model, corpus, windows, proc, causal_batches=0)["val_loss"]}
+    return shuffled_routing_eval(model, corpus, batches, proc)
+
+
+def shuffled_routing_eval(model, corpus, batches, proc):
     """Wang et al. 2024's control for expert choice, within one trained model:
     its validation loss with routing groups made of whole sequences (as
     trained with small chunks) and with the tokens shuffled across groups,
@@ -373,15 +307,10 @@ def shuffled_routing_eval(run_dir):
     The evaluation draws a fresh permutation per batch, never one its
     training used (balancers.fresh_permutation), so a model trained shuffled
     is not evaluated on its own training regime."""
-    model, ckpt = plumbing.load_model(run_dir)
-    args = argparse.Namespace(**ckpt["args"])
-    proc = plumbing.Proc()
-    corpus = load_corpus(args.data, seq_len=args.seq_len, log=lambda *a: None)
-    batches = val_batches(corpus, args.seq_len, args.batch_size // args.grad_accum, args.val_seqs)
     out = {}
     for shuffle in (False, True):
         for layer in model.moe_layers():
-            layer.balancer.cfg = dataclasses.replace(layer.balancer.cfg, route_shuffle=shuffle)
+            layer.balancer.cfg.route_shuffle = shuffle
         out["val_loss_" + ("shuffled" if shuffle else "grouped")] = \
             train.evaluate(model, corpus, batches, proc, causal_batches=0)["val_loss"]
     return out
@@ -406,159 +335,26 @@ def reversal_rate(log):
 
 
 def metrics(run_dir):
-    """The figures a claim may use, for one run."""
+    """The figures a claim may use, for one run. val_loss_as_generated is the
+    causal loss on the causal evaluation's windows, for every strategy."""
     s, log, extra = read_json(run_dir / "summary.json"), load_log(run_dir), read_json(run_dir / "extra.json") or {}
     vio = [r["maxvio_batch"] for r in log]
     q = max(1, len(vio) // 4)
     cb = dict(zip(s["maxvio_computation_batch"]["sizes"], s["maxvio_computation_batch"]["maxvio"]))
     mid = cb.get(CB_MID, cb[max(S for S in cb if S <= CB_MID)])
-    causal = {"val_loss_causal": s["val_loss_causal"], "val_loss_forced_same_windows": s["val_loss_forced_same_windows"],
+    causal = {"val_loss_causal": s["val_loss_causal"],
+              "val_loss_forced_same_windows": s["val_loss_forced_same_windows"],
               "causal_gap": s["val_loss_causal"] - s["val_loss_forced_same_windows"]} if "val_loss_causal" in s else {}
     return {"val_loss": s["val_loss"], "val_ppl": s["val_ppl"], **causal,
+            "val_loss_as_generated": s.get("val_loss_causal", extra.get("val_loss_causal_windows")),
             "cb_mid": mid, "cb_all": cb[max(cb)], "cb_fall": cb[max(cb)] - mid,
             **{f"loss_{d}": s["val_loss_by_domain"][d] for d in s["domains"]},
             "maxvio_global": s["maxvio_global"], "maxvio_batch": s["maxvio_batch"],
             "maxvio_early": sum(vio[:q]) / q, "maxvio_late": sum(vio[-q:]) / q,
             "specialization": s["specialization"], "causal_leak": s["causal_leak"],
             "tokens_per_second": s["tokens_per_second"], "bias_reversals": reversal_rate(log),
-            **({"shuffle_cost": extra["val_loss_shuffled"] - extra["val_loss_grouped"]} if extra else {})}
-
-
-# ----------------------------------------------------------------------------
-# 4. Statistics.
-
-# Student t quantiles by degrees of freedom: two-sided 95% (for the interval)
-# and one-sided 80% (for the power estimate). Beyond 30: the normal's.
-T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
-        2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
-        2.045, 2.042]
-T80 = [1.376, 1.061, 0.978, 0.941, 0.920, 0.906, 0.896, 0.889, 0.883, 0.879, 0.876, 0.873, 0.870, 0.868,
-       0.866, 0.865, 0.863, 0.862, 0.861, 0.860, 0.859, 0.858, 0.858, 0.857, 0.856, 0.856, 0.855, 0.855,
-       0.854, 0.854]
-
-
-def t_quantile(table, df, normal):
-    return table[df - 1] if df <= len(table) else normal
-
-
-def interval(values):
-    """Mean, sample std and 95% t-interval of the mean; no interval for one value."""
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return mean, None, None, None
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    half = t_quantile(T975, n - 1, 1.960) * sd / math.sqrt(n)
-    return mean, sd, mean - half, mean + half
-
-
-MAX_SEEDS = 1000   # beyond this, "more seeds" is no longer a plan
-
-
-def seeds_needed(mean, sd, target):
-    """Seeds at which a difference of this mean and spread would leave `target`
-    outside its 95% interval 80% of the time, taking the measured mean and
-    spread as the truth (a rough guide: the spread itself comes from a few
-    seeds). It would settle the claim on the side the mean lies on, which may
-    be the side against it. None if the mean sits on the target or more than
-    MAX_SEEDS would be needed."""
-    gap = abs(mean - target)
-    if sd is None or gap == 0:
-        return None
-    for n in range(2, MAX_SEEDS + 1):
-        if (t_quantile(T975, n - 1, 1.960) + t_quantile(T80, n - 1, 0.842)) * sd / math.sqrt(n) < gap:
-            return n
-    return None
-
-
-def t_two_sided_p(t, df):
-    """P(|T| >= |t|) for Student's t with integer df, in closed form
-    (Abramowitz & Stegun 26.7.3-4: a finite series in theta = atan(t/sqrt(df)))."""
-    theta = math.atan(abs(t) / math.sqrt(df))
-    s, c2 = math.sin(theta), math.cos(theta) ** 2
-    if df % 2:
-        term = total = math.cos(theta)
-        for j in range(1, (df - 3) // 2 + 1):
-            term *= 2 * j / (2 * j + 1) * c2
-            total += term
-        inside = 2 / math.pi * (theta + (s * total if df > 1 else 0.0))
-    else:
-        term = total = 1.0
-        for j in range(1, (df - 2) // 2 + 1):
-            term *= (2 * j - 1) / (2 * j) * c2
-            total += term
-        inside = s * total
-    return min(1.0, max(0.0, 1.0 - inside))
-
-
-def p_value(diffs, target):
-    """Two-sided p of the t-test that the mean difference equals `target`
-    (0, or the margin): p < 0.05 exactly when the 95% interval excludes it."""
-    mean, sd, _, _ = interval(diffs)
-    if sd is None:
-        return None
-    if sd == 0:
-        return 0.0 if mean != target else 1.0
-    return t_two_sided_p((mean - target) / (sd / math.sqrt(len(diffs))), len(diffs) - 1)
-
-
-def verdict(diffs, side, margin=0.0):
-    """The rule, for d = a - b per seed and the claim "d < margin" (side "<")
-    or "d > margin" (side ">"): holds if the 95% interval lies wholly on the
-    claimed side of the margin, contradicted if wholly on the other side,
-    unresolved otherwise. For "a is no worse than b" the margin is the
-    non-inferiority margin, stated with the result."""
-    mean, sd, low, high = interval(diffs)
-    if low is None:
-        v = "unresolved"
-    elif (high < margin) if side == "<" else (low > margin):
-        v = "holds"
-    elif (low > margin) if side == "<" else (high < margin):
-        v = "contradicted"
-    else:
-        v = "unresolved"
-    return {"diff": mean, "sd": sd, "ci_low": low, "ci_high": high, "seeds": len(diffs), "verdict": v,
-            "claim": f"{side} {margin:g}", "p": p_value(diffs, margin),
-            "seeds_to_resolve": seeds_needed(mean, sd, margin) if v == "unresolved" else None}
-
-
-def holm(p_values, level=0.05):
-    """Holm-Bonferroni: which of m hypotheses are rejected with the
-    family-wise error held at `level`. Sorted p_(1) <= ... <= p_(m); reject
-    p_(i) while p_(i) <= level / (m - i + 1), and stop at the first that
-    is not. Returns the adjusted p-values (in the input order) and which are
-    rejected: those whose adjusted p is at most `level`."""
-    m = len(p_values)
-    order = sorted(range(m), key=lambda i: p_values[i])
-    adjusted, running = [0.0] * m, 0.0
-    for rank, i in enumerate(order):
-        running = max(running, min(1.0, (m - rank) * p_values[i]))
-        adjusted[i] = running
-    return adjusted, [a <= level for a in adjusted]
-
-
-def apply_holm(judged):
-    """verdict_holm for every statistical test of every part of every claim
-    (each part's own test, and the superiority test of a "no worse" part),
-    as one family: a part holds or is contradicted only if its test survives
-    Holm's adjustment; the side is the one its interval lies on. Exact parts
-    have no noise and keep their verdict."""
-    tests = [t for c in judged for p in c["parts"] for t in (p, p.get("superiority")) if t and t.get("p") is not None]
-    adjusted, rejected = holm([t["p"] for t in tests])
-    for t, p_adj, rej in zip(tests, adjusted, rejected):
-        t["p_holm"], t["verdict_holm"] = p_adj, t["verdict"] if rej else "unresolved"
-    for c in judged:
-        for p in c["parts"]:
-            for t in (p, p.get("superiority")):
-                if t is not None:
-                    t.setdefault("verdict_holm", "unresolved" if "diff" in t else t["verdict"])
-        c["verdict_holm"] = combine([p["verdict_holm"] for p in c["parts"]]) if c["parts"] else None
-    return len(tests)
-
-
-def combine(verdicts):
-    """A claim holds if every part holds, is contradicted if any part is."""
-    return "contradicted" if "contradicted" in verdicts else "holds" if all(v == "holds" for v in verdicts) else "unresolved"
+            **({"shuffle_cost": extra["val_loss_shuffled"] - extra["val_loss_grouped"]} if "val_loss_shuffled" in extra
+               else {})}
 
 
 def maxvio_noise_floor(n_tokens, n_experts, top_k, draws=200):
@@ -574,16 +370,7 @@ def maxvio_noise_floor(n_tokens, n_experts, top_k, draws=200):
 
 
 # ----------------------------------------------------------------------------
-# 5. The claims' parts.
-
-# Non-inferiority margins, declared before any run, each no larger than the
-# effect the paper itself reports for that comparison (nats of val loss).
-MARGINS = {
-    "lossfree": (math.log(9.56 / 9.50), "Wang et al. Table 2 (1B): ln(9.56 / 9.50)"),
-    "softmax": (math.log(9.604 / 9.599), "Wang et al. Table 6: ln(9.604 / 9.599)"),
-    "global": (math.log(7.214 / 7.198), "Qiu et al. Table 2 (400B): shuffle vs global, ln(7.214 / 7.198)"),
-}
-
+# 4. Judging the claims' parts.
 
 class Results:
     """metrics of every run, by label and seed."""
@@ -593,99 +380,30 @@ class Results:
         self.rows = {name: metrics(root / "runs" / name) for name in plan.runs}
 
     def values(self, label, column, seeds=None):
-        return [self.rows[self.plan.folder(label, s)][column]
-                for s in (self.plan.seeds[label] if seeds is None else seeds)]
+        """One figure per seed, in the order of `seeds` (default: all the arm's)."""
+        out = []
+        for s in (self.plan.seeds[label] if seeds is None else seeds):
+            value = self.rows[self.plan.folder(label, s)].get(column)
+            if value is None:
+                raise ValueError(f"run {self.plan.folder(label, s)} has no {column}: it finished before this "
+                                 f"figure was recorded; delete that run folder to train it again")
+            out.append(value)
+        return out
 
-    def part(self, what, a, b, column, side, margin=0.0, unit="", seeds=None, paper=None):
-        """A paired difference a - b over `seeds` (a claim's seeds, which
-        both arms have). With a margin ("no worse"), also the superiority
-        test: the same difference against 0."""
-        seeds = seeds or [s for s in self.plan.seeds[a] if s in self.plan.seeds[b]]
-        if not seeds:
-            raise ValueError(f"arms {a!r} and {b!r} share no seed: nothing to pair")
-        d = [x - y for x, y in zip(self.values(a, column, seeds), self.values(b, column, seeds))]
-        out = {"part": what, "a": a, "b": b, "metric": column, "unit": unit, **verdict(d, side, margin)}
-        if margin:
-            out.update(margin=margin, superiority=verdict(d, side, 0.0))
-        return {**out, **({"paper": paper} if paper else {})}
-
-    def single(self, what, a, column, side, unit="", seeds=None, paper=None):
-        """One arm's own figure against zero (e.g. a within-model difference)."""
-        return {"part": what, "a": a, "b": None, "metric": column, "unit": unit,
-                **verdict(self.values(a, column, seeds), side), **({"paper": paper} if paper else {})}
-
-    def exact(self, what, ok):
-        """A part that is not statistical (the causality probe is exactly 0 or
-        not): no noise to wait out, so a single failed check contradicts it."""
-        return {"part": what, "verdict": "holds" if all(ok) else "contradicted",
-                "seeds": len(ok), "unit": "", "metric": "causal_leak"}
-
-
-def claim_parts(c, r):
-    """The parts of a claim, from its arms in the order claims() lists them,
-    each on the claim's own seeds (every arm of the claim has them)."""
-    seeds = r.plan.claim_seeds[c.key]
-    part = lambda *a, **k: r.part(*a, seeds=seeds, **k)
-    if c.key in ("lossfree", "softmax"):
-        aux, lossfree = list(c.arms)
-        margin, why = MARGINS[c.key]
-        vio = "0.72 -> 0.04" if c.key == "lossfree" else "0.937 -> 0.027"
-        return [part("MaxVio_global lower", lossfree, aux, "maxvio_global", "<", paper=f"MaxVio_global {vio}"),
-                part(f"val loss better or no worse (margin {margin:.4f} nats: {why})", lossfree, aux, "val_loss",
-                     "<", margin, "nats", paper=f"{-margin:+.4f} nats")]
-    if c.key == "alpha":
-        big, _, small, _, lossfree = list(c.arms)
-        return [part("alpha 1e-2 balances better than 1e-4 (MaxVio_global)", big, small, "maxvio_global", "<"),
-                part("alpha 1e-2 costs loss against 1e-4", big, small, "val_loss", ">", 0.0, "nats"),
-                part("alpha 1e-4 balances worse than loss-free (MaxVio_global)", small, lossfree, "maxvio_global", ">")]
-    if c.key == "computation_batch":
-        aux, lossfree = list(c.arms)
-        return [r.single(f"loss-free's MaxVio falls from S = {CB_MID} sequences to the whole set", lossfree,
-                         "cb_fall", "<", seeds=seeds, paper="keeps improving (Fig. 5)"),
-                part("the aux loss's falls less over the same range (levels off)", lossfree, aux, "cb_fall", "<",
-                     paper="approximately constant when large (Fig. 5)"),
-                part(f"loss-free lower at S = {CB_MID} sequences", lossfree, aux, "cb_mid", "<",
-                     paper="Fig. 5, computation batches of 2048-token sequences")]
-    if c.key == "global":
-        micro, _, _, glob, shuffle = list(c.arms)
-        margin, why = MARGINS["global"]
-        return [part("specialisation higher (global vs micro)", glob, micro, "specialization", ">",
-                     paper="domain-specific experts (Fig. 1b)"),
-                part("val loss lower (global vs micro)", glob, micro, "val_loss", "<", 0.0, "nats",
-                     paper=f"{math.log(7.214 / 7.347):+.4f} nats at the same 32x (Table 1, 400B: BSZ 4 -> 128)"),
-                part("shuffle better than micro", shuffle, micro, "val_loss", "<", 0.0, "nats",
-                     paper=f"{math.log(8.041 / 8.167):+.4f} nats (Table 2, 120B: micro 4, global 512, 128x)"),
-                part(f"shuffle no worse than global (margin {margin:.4f} nats: {why})", shuffle, glob, "val_loss",
-                     "<", margin, "nats", paper=f"{margin:+.4f} nats (400B, 512x)")]
-    if c.key == "expert_choice":
-        leaky, _, _, control = list(c.arms)
-        probe_ok = [v > 0 for lbl in c.arms for v in r.values(lbl, "causal_leak", seeds)]
-        return [r.exact("causality probe > 0 for every expert-choice arm", probe_ok),
-                r.single("teacher-forced loss understates the causal loss (chunk 1)", leaky, "causal_gap", ">",
-                         "nats", seeds=seeds, paper="leakage \"prevents reliable evaluation\" (Sec. 5.2)"),
-                r.single("trained with 1-sequence chunks: loss rises when its chunks are shuffled", leaky,
-                         "shuffle_cost", ">", "nats", seeds=seeds),
-                part("that rise exceeds the control's (trained shuffled)", leaky, control, "shuffle_cost", ">",
-                     0.0, "nats", paper="the ~10% drop at chunk 512 vanishes when shuffled (Fig. 9)")]
-    if c.key == "bias_rate":
-        slow, mid, fast = list(c.arms)
-        return [part("u=1e-4 less balanced early (MaxVio_batch, first quarter)", slow, mid, "maxvio_early", ">"),
-                part("u=1e-2 less balanced late (MaxVio_batch, last quarter)", fast, mid, "maxvio_late", ">"),
-                part("u=1e-2's bias reverses direction more often late", fast, mid, "bias_reversals", ">")]
-    if c.key == "main":
-        causal = [BALANCERS[r.plan.arms[lbl][1]].token_choice for lbl in c.arms]
-        ok = [(v == 0) == tc for lbl, tc in zip(c.arms, causal) for v in r.values(lbl, "causal_leak", seeds)]
-        return [r.exact("causality probe exactly 0 for every token-choice strategy, > 0 for expert choice", ok)]
-    return []
+    def token_choice(self, label):
+        return self.plan.token_choice[label]
 
 
 def judge(r):
+    """Every claim of the plan: each part judged on the claim's own seeds
+    (every arm of the claim has them), the claim's verdict from its parts,
+    and Holm over every test of every claim as one family."""
     out = []
     for c in r.plan.claims:
-        parts = claim_parts(c, r)
+        seeds = r.plan.claim_seeds[c.key]
+        parts = [p.judge(r.values, seeds, r.token_choice) for p in c.parts]
         out.append({"key": c.key, "claim": c.text, "source": c.source, "parts": parts, "arm_labels": list(c.arms),
-                    "verdict": combine([p["verdict"] for p in parts]) if parts else None,
-                    "seeds": r.plan.claim_seeds[c.key]})
+                    "verdict": combine([p["verdict"] for p in parts]) if parts else None, "seeds": seeds})
     apply_holm(out)
     return out
 
@@ -693,20 +411,17 @@ def judge(r):
 def pilot_summary(judged, plan, root):
     """What the pilot measured and what it fixes: each part's paired mean and
     spread, the seeds that would resolve it at that spread (80% power, the
-    mean taken as the truth), and each claim's confirmatory seed count: the
-    most its parts need, at least MIN_SEEDS and at most the claim's budget
-    share. Also the runs' own times, which size the confirmatory plan."""
-    budget = {c.key: c.seeds for c in claims(plan.size)}
+    mean taken as the truth), and each claim's confirmatory seed count
+    (stats.confirmatory_seeds, within the claim's budget share). Also the
+    runs' own times, which size the confirmatory plan."""
+    budget = {c.key: c.seeds for c in plan.claims}
     spreads, seeds = {}, {}
     for c in judged:
-        need = []
         for p in c["parts"]:
-            if "diff" not in p:
-                continue
-            n = seeds_needed(p["diff"], p["sd"], float(p["claim"].split()[1])) if p["sd"] else None
-            spreads[f"{c['key']}: {p['part']}"] = {"diff": p["diff"], "sd": p["sd"], "seeds_needed": n}
-            need.append(n if n is not None else budget[c["key"]])
-        seeds[c["key"]] = max(MIN_SEEDS, min(budget[c["key"]], max(need, default=MIN_SEEDS)))
+            if "diff" in p:
+                n = seeds_needed(p["diff"], p["sd"], float(p["claim"].split()[1])) if p["sd"] else None
+                spreads[f"{c['key']}: {p['part']}"] = {"diff": p["diff"], "sd": p["sd"], "seeds_needed": n}
+        seeds[c["key"]] = confirmatory_seeds(c["parts"], budget[c["key"]])
     elapsed = {}
     for name in plan.runs:
         rec = read_json(root / "runs" / name / "run.json") or {}
@@ -714,6 +429,9 @@ def pilot_summary(judged, plan, root):
     return {"seeds_used": PILOT_SEEDS, "parts": spreads, "seeds": seeds,
             "run_seconds": {stem: sum(v) / len(v) for stem, v in elapsed.items()}}
 
+
+# ----------------------------------------------------------------------------
+# 5. results.json and results.md.
 
 def results_json(root, r, plan, judged, args, wall):
     runs = []
@@ -726,11 +444,13 @@ def results_json(root, r, plan, judged, args, wall):
     floors = {}
     for lbl in plan.seeds:
         a = train.parse_args(plan.common + plan.arms[lbl])
-        if BALANCERS[a.balancer].token_choice:
+        if plan.token_choice[lbl]:
             floors[lbl] = maxvio_noise_floor(a.batch_size * a.seq_len, a.n_experts, a.top_k)
-    return {"command": " ".join(["python compare.py"] + [shlex.quote(a) for a in args.argv]),
-            "size": args.size, "steps": SIZES[args.size]["steps"], "wall_time_s": wall,
-            "val_windows_per_domain": SIZES[args.size]["val_seqs"],
+    common = train.parse_args(plan.common)
+    return {"command": " ".join(["python -m lab.compare"] + [shlex.quote(a) for a in args.argv]),
+            "kind": "arms" if args.arms else "claims",
+            "size": args.size, "steps": common.steps, "wall_time_s": wall,
+            "val_windows_per_domain": common.val_seqs,
             "margins_nats": {k: {"margin": m, "source": why} for k, (m, why) in MARGINS.items()},
             "maxvio_batch_noise_floor": floors,
             "machine": {"cpus": os.cpu_count(), "arch": platform.machine(), "torch": torch.__version__,
@@ -738,19 +458,6 @@ def results_json(root, r, plan, judged, args, wall):
             "claims": judged, "claim_seeds": plan.claim_seeds,
             "arms": {lbl: {"flags": plan.arms[lbl], "seeds": plan.seeds[lbl]} for lbl in plan.seeds},
             "runs": runs}
-
-
-def resolve_note(part):
-    """What more seeds would do for an unresolved part, and which way."""
-    if "diff" not in part or part.get("sd") is None:
-        return ""
-    n = part.get("seeds_to_resolve")
-    if not n:
-        return f" (more than {MAX_SEEDS} seeds: too small an effect for its spread)"
-    side, margin = part["claim"].split()
-    on_claimed_side = part["diff"] < float(margin) if side == "<" else part["diff"] > float(margin)
-    at = " at the paper's margin" if float(margin) else ""
-    return f" (unresolved{at}: ~{n} seeds would resolve it, as {'holds' if on_claimed_side else 'contradicted'})"
 
 
 def fmt(x, spec=".3f"):
@@ -784,6 +491,32 @@ def claim_table(res, c):
     return lines
 
 
+def parts_table(c, paper=True):
+    """One row per part: the paired difference, its 95% interval, the seeds,
+    the verdict (with what more seeds would do when unresolved), after Holm,
+    and (paper) what the paper reports for the same comparison."""
+    lines = ["| part | difference | 95% interval | seeds | verdict | Holm |" + " paper |" * paper,
+             "|---|---|---|---|---|---|" + "---|" * paper]
+    for p in c["parts"]:
+        diff = f"{fmt(p.get('diff'), '+.4f')} {p['unit']}".strip() if "diff" in p else "exact"
+        ci = f"[{fmt(p.get('ci_low'), '+.4f')}, {fmt(p.get('ci_high'), '+.4f')}]" if "diff" in p else "-"
+        more = resolve_note(p) if p["verdict"] == "unresolved" else ""
+        sup = p.get("superiority")
+        sup_note = f"; superiority: {sup['verdict']} (Holm: {sup['verdict_holm']})" if sup else ""
+        lines.append(f"| {p['part']} | {diff} | {ci} | {p['seeds']} | {p['verdict']}{more}{sup_note} | "
+                     f"{p['verdict_holm']} |" + f" {p.get('paper', '-')} |" * paper)
+    return lines
+
+
+def claim_section(res, c, i):
+    """A claim's heading, its arms' table and its parts' table."""
+    n = len(c["seeds"])
+    return [f"{i}. *{c['claim']}* ({c['source']}; {n} seed{'s' * (n > 1)}): **{c['verdict']}** "
+            f"(Holm: {c['verdict_holm']})", ""] + \
+        ["   " + line for line in claim_table(res, c)] + [""] + \
+        ["   " + line for line in parts_table(c, paper=res.get("kind") != "arms")] + [""]
+
+
 def markdown(res):
     """results.md (and the README's Results section) from results.json alone."""
     # A second invocation only trains what is missing: say so, or its wall
@@ -793,7 +526,8 @@ def markdown(res):
         if trained < len(res["runs"]) else ""
     lines = [f"Produced by `{res['command']}` in {res['wall_time_s'] / 60:.1f} min{earlier} "
              f"({res['machine']['cpus']} CPUs, "
-             f"{res['machine']['jobs']} runs at a time, torch {res['machine']['torch']}); {res['steps']} steps per run, "
+             f"{res['machine']['jobs']} runs at a time, torch {res['machine']['torch']}); "
+             f"{res['steps']} steps per run, "
              f"validation on up to {res['val_windows_per_domain']} windows per domain. Each claim's table and "
              f"differences use exactly the claim's seeds; rows: mean ± std over them. The MaxVio_batch floor is "
              f"what a perfectly random balanced router reads at the run's batch size.", ""]
@@ -808,21 +542,7 @@ def markdown(res):
               "non-inferiority at a margin no larger than the paper's own effect and superiority (below 0). "
               "Holm: the verdict after Holm-Bonferroni over every test of every claim (family-wise 5%).", ""]
     for i, c in enumerate([c for c in res["claims"] if c["verdict"]], 1):
-        n = len(c["seeds"])
-        lines += [f"{i}. *{c['claim']}* ({c['source']}; {n} seed{'s' * (n > 1)}): **{c['verdict']}** "
-                  f"(Holm: {c['verdict_holm']})", ""]
-        lines += ["   " + line for line in claim_table(res, c)] + [""]
-        lines += ["   | part | difference | 95% interval | seeds | verdict | Holm | paper |",
-                  "   |---|---|---|---|---|---|---|"]
-        for p in c["parts"]:
-            diff = f"{fmt(p.get('diff'), '+.4f')} {p['unit']}".strip() if "diff" in p else "exact"
-            ci = f"[{fmt(p.get('ci_low'), '+.4f')}, {fmt(p.get('ci_high'), '+.4f')}]" if "diff" in p else "-"
-            more = resolve_note(p) if p["verdict"] == "unresolved" else ""
-            sup = p.get("superiority")
-            sup_note = f"; superiority: {sup['verdict']} (Holm: {sup['verdict_holm']})" if sup else ""
-            lines.append(f"   | {p['part']} | {diff} | {ci} | {p['seeds']} | {p['verdict']}{more}{sup_note} | "
-                         f"{p['verdict_holm']} | {p.get('paper', '-')} |")
-        lines.append("")
+        lines += claim_section(res, c, i)
     return "\n".join(lines)
 
 
@@ -912,7 +632,8 @@ def plot_maxvio_batch(root, r):
     a = train.parse_args(r.plan.common + r.plan.arms[labels[0]])
     ax.axhline(maxvio_noise_floor(a.batch_size * a.seq_len, a.n_experts, a.top_k), color="grey", ls="--",
                label="noise floor (random balanced router)")
-    ax.set(xlabel="step", ylabel="MaxVio_batch (mean over layers and seeds)", title="Load imbalance of each training batch")
+    ax.set(xlabel="step", ylabel="MaxVio_batch (mean over layers and seeds)",
+           title="Load imbalance of each training batch")
     ax.legend()
     return save(fig, root, "maxvio_batch.png")
 
@@ -1016,15 +737,16 @@ PLOTS = [(plot_alpha, {"alpha"}), (plot_softmax, {"softmax"}), (plot_maxvio_batc
          (plot_computation_batch, {"computation_batch"}), (plot_bias_rate, {"bias_rate"}),
          (plot_global, {"global"}), (plot_expert_choice, {"expert_choice", "main"})]
 
-
 # ----------------------------------------------------------------------------
 # 7. main.
 
+# The README's markers around the verdict table that --publish rewrites.
 README_BEGIN, README_END = "<!-- compare.py results: begin -->", "<!-- compare.py results: end -->"
 
 
 def results_md(res):
-    return ("# The papers' claims, measured here\n\n" + markdown(res) + "\n" +
+    title = "Your arms, compared on paired seeds" if res.get("kind") == "arms" else "The papers' claims, measured here"
+    return (f"# {title}\n\n" + markdown(res) + "\n" +
             "\n".join(f"![{p}]({p})" for p in res["plots"]) + "\n")
 
 
@@ -1034,23 +756,25 @@ def checked_results(root):
     before anything is copied, so a damaged run never replaces a good one."""
     path = root / "results.json"
     if not path.is_file():
-        raise ValueError(f"no {path} to publish: run python compare.py first")
+        raise ValueError(f"no {path} to publish: run python -m lab.compare first")
     try:
         res = json.loads(path.read_bytes())
         plots = res["plots"]
-        if not plots or not all(isinstance(p, str) and p and Path(p).name == p for p in plots):
-            raise ValueError("no plots")
         pages = results_md(res), markdown(res)
     except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
         raise ValueError(f"{path} is damaged or incomplete ({type(e).__name__}: {plumbing.first_line(e)[:80]}); "
-                         f"run python compare.py again to rewrite it") from None
+                         f"run python -m lab.compare again to rewrite it") from None
+    if res.get("kind") == "arms":
+        raise ValueError(f"{path} compares arms of your own (--arms), not the papers' claims: --publish copies "
+                         f"only the claims' results")
+    if not plots or not all(isinstance(p, str) and p and Path(p).name == p for p in plots):
+        raise ValueError(f"{path} is damaged or incomplete (it lists no plots); "
+                         f"run python -m lab.compare again to rewrite it")
     missing = [p for p in plots if not (root / p).is_file()]
     if missing:
         raise ValueError(f"{path} lists plots that are not in {root}: {', '.join(missing)}; "
-                         f"run python compare.py again to redraw them")
+                         f"run python -m lab.compare again to redraw them")
     return res, pages
-
-
 def verdict_table(res):
     """The README's short form: one row per part of every judged claim, its
     difference with the 95% interval, and its verdict before and after Holm.
@@ -1074,14 +798,14 @@ def publish(root):
     and docs/results.md (the whole page) from results.json, and the verdict
     table into the README between its markers. Everything is rendered and
     checked before the first file is written."""
-    dest, docs = HERE / "results", HERE / "docs"
+    dest, docs = ROOT / "results", ROOT / "docs"
     res, (page, table) = checked_results(root)
-    readme = (HERE / "README.md").read_text()
+    readme = (ROOT / "README.md").read_text()
     if README_BEGIN not in readme or README_END not in readme:
         raise ValueError("README.md has no results markers to write between")
     head, rest = readme.split(README_BEGIN, 1)
-    readme = (head + README_BEGIN + "\n" + verdict_table(res) + "\n" + f"![{res['plots'][0]}](results/{res['plots'][0]})\n"
-              + README_END + rest.split(README_END, 1)[1])
+    readme = (head + README_BEGIN + "\n" + verdict_table(res) + "\n"
+              + f"![{res['plots'][0]}](results/{res['plots'][0]})\n" + README_END + rest.split(README_END, 1)[1])
     docs_page = ("# Results: the papers' claims, measured\n\n" + table.replace("](", "](../results/") + "\n"
                  + "\n".join(f"![{p}](../results/{p})" for p in res["plots"]) + "\n")
     dest.mkdir(exist_ok=True)
@@ -1090,16 +814,27 @@ def publish(root):
         shutil.copy(root / name, dest / name)
     (dest / "results.md").write_text(page)
     (docs / "results.md").write_text(docs_page)
-    (HERE / "README.md").write_text(readme)
+    (ROOT / "README.md").write_text(readme)
     print(f"copied the results to {dest}/, wrote docs/results.md and the README's verdict table")
+
+
+
+def chosen_claims(args, common):
+    """What this invocation judges: your arms as one claim (--arms), or the
+    papers' claims (all, or those --claims names)."""
+    if args.arms:
+        token_choice = {lbl: BALANCERS[train.parse_args(common + flags).balancer].token_choice
+                        for lbl, flags in args.arms.items()}
+        return [strategy_comparison(args.arms, token_choice)]
+    return [c for c in paper_claims(args.size) if args.claims is None or c.key in args.claims]
 
 
 def pilot_plan(args, common):
     """Every claim on the pilot seeds (>= 1000, never used by a confirmatory
     run); two of them at the quick and smoke sizes."""
     seeds = PILOT_SEEDS if args.size == "default" else PILOT_SEEDS[:2]
-    return Plan(args.size, common, keys=args.claims,
-                seed_lists={c.key: seeds for c in claims(args.size)})
+    chosen = chosen_claims(args, common)
+    return Plan(args.size, common, claims=chosen, seed_lists={c.key: seeds for c in chosen})
 
 
 def confirmatory_plan(args, common, root, pilot):
@@ -1107,8 +842,8 @@ def confirmatory_plan(args, common, root, pilot):
     claim's budget share; fixed in OUT/seeds.json by the first run into OUT.
     A later run into the same folder must ask for the same seeds: a
     confirmatory result is never extended after its numbers have been seen."""
-    keys = [c.key for c in claims(args.size) if args.claims is None or c.key in args.claims]
-    wanted = {c.key: args.seeds or planned_seeds(c, args.size, pilot) for c in claims(args.size) if c.key in keys}
+    chosen = chosen_claims(args, common)
+    wanted = {c.key: args.seeds or planned_seeds(c, args.size, pilot) for c in chosen}
     frozen = read_json(root / "seeds.json") or {}
     changed = {k: (frozen[k], n) for k, n in wanted.items() if k in frozen and frozen[k] != n}
     if changed:
@@ -1116,10 +851,11 @@ def confirmatory_plan(args, common, root, pilot):
         raise ValueError(f"{root} holds a confirmatory run with {was} seeds for '{k}' (now {now}): a confirmatory "
                          f"run is never extended; use another --out (and --reuse {root} to copy finished runs)")
     if not args.seeds:
-        wanted = fit_budget(args, common, wanted, {k for k in wanted if k not in frozen}, (pilot or {}).get("run_seconds"))
+        wanted = fit_budget(args, common, wanted, {k for k in wanted if k not in frozen},
+                            (pilot or {}).get("run_seconds"))
     root.mkdir(parents=True, exist_ok=True)
     (root / "seeds.json").write_text(json.dumps({**frozen, **wanted}, indent=1))
-    return Plan(args.size, common, keys=args.claims, seed_lists={k: range(n) for k, n in wanted.items()})
+    return Plan(args.size, common, claims=chosen, seed_lists={k: range(n) for k, n in wanted.items()})
 
 
 BUDGET_MINUTES = 90    # what the default confirmatory run may take on a 2-core machine
@@ -1130,35 +866,83 @@ def fit_budget(args, common, wanted, free, measured):
     BUDGET_MINUTES, take one seed at a time from the claim in `free` (not yet
     fixed) with the most, down to MIN_SEEDS. Done before any confirmatory
     run, from times alone: no result is looked at."""
-    wanted = dict(wanted)
+    wanted, chosen = dict(wanted), chosen_claims(args, common)
     while True:
-        plan = Plan(args.size, common, keys=args.claims, seed_lists={k: range(n) for k, n in wanted.items()})
+        plan = Plan(args.size, common, claims=chosen, seed_lists={k: range(n) for k, n in wanted.items()})
         cut = [k for k in free if wanted[k] > MIN_SEEDS]
         if plan.estimate_minutes(args.jobs, measured) <= BUDGET_MINUTES or not cut:
             return wanted
         wanted[max(cut, key=lambda k: wanted[k])] -= 1
 
 
+# The flags the comparison sets on every run itself.
+RUNNER_FLAGS = ("--seed", "--out", "--resume", "--overwrite", "--stop-at")
+
+
+def arm(text):
+    """One --arms value: LABEL="train.py flags", or a bare strategy NAME,
+    short for NAME="--balancer NAME"."""
+    label, eq, rest = text.partition("=")
+    label = label.strip()
+    if not label:
+        raise argparse.ArgumentTypeError(f"{text!r}: an arm is LABEL=\"FLAGS\", e.g. lossfree=\"--balancer lossfree\"")
+    try:
+        flags = shlex.split(rest) if eq else ["--balancer", label]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"arm {label!r}: {e}") from None
+    taken = sorted({f.split("=")[0] for f in flags} & set(RUNNER_FLAGS))
+    if taken:
+        raise argparse.ArgumentTypeError(f"arm {label!r}: {', '.join(taken)} is set by the comparison for every "
+                                         f"run; leave it out")
+    return label, flags
+
+
+def check_arm(label, flags, common, nproc):
+    """An arm's flags, checked as train.py will check them, before anything
+    is trained; a mistake is one line naming the arm."""
+    said = io.StringIO()
+    try:
+        # train.py's parser prints its own one-line error and exits: keep the
+        # line, to say which arm it is about.
+        with contextlib.redirect_stderr(said), contextlib.redirect_stdout(said):
+            args = train.parse_args(common + flags)
+        plumbing.check_args(args, nproc)
+    except SystemExit:
+        why = said.getvalue().strip().splitlines() or ["not train.py flags"]
+        raise ValueError(f"--arms {label}: {why[-1].split('error: ', 1)[-1]}") from None
+    except ValueError as e:
+        raise ValueError(f"--arms {label}: {plumbing.first_line(e)}") from None
+
+
 def parse_args(argv=None):
     p = plumbing.OneLineParser(
         description="Train the arms of every paper claim (same data, model and seeds; each claim's arms differ "
-                    "only in what the paper varied), then write results.json, results.md (tables and a three-way "
-                    "verdict per claim) and the plots. Finished runs are kept: run the same command again to "
-                    "resume or redraw.")
+                    "only in what the paper varied), or your own --arms, then write results.json, results.md "
+                    "(tables and a three-way verdict per claim) and, for the claims, the plots. Finished runs are "
+                    "kept: run the same command again to resume or redraw.")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="a few minutes: 2 seeds, 150 steps")
     size.add_argument("--smoke", action="store_true", help="seconds: 1 seed, 3 steps, a toy model (tests)")
-    p.add_argument("--out", default="compare_out", metavar="DIR", help="results and runs/ go here (default: compare_out)")
+    size.add_argument("--preset", choices=list(train.PRESETS),
+                      help="with --arms: every run takes this train.py preset's sizes and schedule instead of the "
+                           "claims' (e.g. tiny: seconds per run)")
+    p.add_argument("--arms", nargs="+", type=arm, metavar='LABEL="FLAGS"',
+                   help="compare these arms instead of the papers' claims: each LABEL=\"train.py flags\" (a bare "
+                        "NAME is NAME=\"--balancer NAME\"), e.g. mine=\"--import mine.py --balancer mine\" "
+                        "lossfree=\"--balancer lossfree\". Every arm trains on the same seeds; each arm after the "
+                        "first is paired with the first (B - A) on val loss, MaxVio_global and specialisation")
+    p.add_argument("--out", default="compare_out", metavar="DIR",
+                   help="results and runs/ go here (default: compare_out)")
     p.add_argument("--claims", type=lambda text: text.split(","), metavar="KEY,...",
                    help="only these claims' runs and verdicts, e.g. 'softmax' "
-                        f"(keys: {', '.join(c.key for c in claims('default'))}; main: every strategy at its "
+                        f"(keys: {', '.join(c.key for c in paper_claims('default'))}; main: every strategy at its "
                         f"defaults and the exact causality check of token choice)")
     p.add_argument("--reuse", type=Path, metavar="DIR",
                    help="copy runs that finished with the same flags from DIR (another --out) instead of "
                         "training them again, e.g. to add seeds to one claim in a new folder")
     p.add_argument("--seeds", type=int, metavar="N", help="N seeds for every arm (default: per claim, fixed from "
-                                                          "OUT/pilot.json, else the claim's budget share; quick 2; "
-                                                          "smoke 1)")
+                                                          "OUT/pilot.json, else the claim's budget share, "
+                                                          f"{ARMS_SEEDS} for --arms; quick 2; smoke 1)")
     p.add_argument("--pilot", action="store_true",
                    help=f"train every arm on the pilot seeds {PILOT_SEEDS[0]}..{PILOT_SEEDS[-1]} and write "
                         f"OUT/pilot.json: each part's spread and the seeds per claim the confirmatory run "
@@ -1169,7 +953,8 @@ def parse_args(argv=None):
                    help="processes per run (torchrun, expert parallel; default: 1)")
     p.add_argument("--train-args", default="", metavar="'FLAGS'", help="extra train.py flags for every run, "
                                                                       "e.g. '--data mytext/' or '--device cuda'")
-    p.add_argument("--publish", action="store_true", help="copy OUT's results to results/, docs/results.md and the README's verdict table, then stop")
+    p.add_argument("--publish", action="store_true",
+                   help="copy OUT's results to results/, docs/results.md and the README's verdict table, then stop")
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     args.size = "quick" if args.quick else "smoke" if args.smoke else "default"
@@ -1177,14 +962,41 @@ def parse_args(argv=None):
         raise ValueError(f"--out {args.out} is a file, not a folder: choose another --out")
     if args.reuse is not None and not (args.reuse / "runs").is_dir():
         raise ValueError(f"--reuse {args.reuse}: no runs/ folder there to copy finished runs from")
-    unknown = set(args.claims or []) - {c.key for c in claims("default")}
+    unknown = set(args.claims or []) - {c.key for c in paper_claims("default")}
     if unknown:
         raise ValueError(f"--claims: no claim {', '.join(sorted(unknown))}; see --help for the keys")
     for flag in ("seeds", "jobs", "nproc"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise ValueError(f"--{flag} must be >= 1 (got {value})")
+    if args.arms is not None:
+        labels = [label for label, _ in args.arms]
+        twice = sorted({label for label in labels if labels.count(label) > 1})
+        if twice:
+            raise ValueError(f"--arms: the label {twice[0]!r} names two arms; give each arm its own label")
+        if len(labels) < 2:
+            raise ValueError("--arms: give at least two arms to compare, e.g. mine=\"--balancer aux\" "
+                             "lossfree=\"--balancer lossfree\"")
+        if args.claims is not None:
+            raise ValueError("--arms and --claims: choose one (your arms, or the papers' claims)")
+        args.arms = dict(args.arms)
+    elif args.preset:
+        raise ValueError("--preset: only with --arms (the papers' claims fix their own sizes: --quick, --smoke)")
     return args
+
+
+def common_flags(args):
+    """The train.py flags every run shares: the claims' size, or with
+    --preset that train.py preset; every run logs each step and evaluates
+    once, at the end. Then --train-args."""
+    if args.preset:
+        base = ["--preset", args.preset, "--eval-every", "0", "--log-every", "1"]
+    else:
+        size = SIZES[args.size]
+        base = size["model"] + ["--batch-size", str(size["batch"]), "--steps", str(size["steps"]),
+                                "--warmup", str(size["warmup"]), "--eval-every", "0", "--log-every", "1",
+                                "--val-seqs", str(size["val_seqs"]), "--ckpt-every", str(max(1, size["steps"] // 4))]
+    return base + shlex.split(args.train_args)
 
 
 def main(argv=None):
@@ -1193,12 +1005,10 @@ def main(argv=None):
     if args.publish:
         publish(root)
         return 0
-    size = SIZES[args.size]
-    common = size["model"] + ["--batch-size", str(size["batch"]), "--steps", str(size["steps"]),
-                              "--warmup", str(size["warmup"]), "--eval-every", "0", "--log-every", "1",
-                              "--val-seqs", str(size["val_seqs"]), "--ckpt-every", str(max(1, size["steps"] // 4)),
-                              *shlex.split(args.train_args)]
-    train.check_args(train.parse_args(common), args.nproc)
+    common = common_flags(args)
+    plumbing.check_args(train.parse_args(common), args.nproc)
+    for label, flags in (args.arms or {}).items():
+        check_arm(label, flags, common, args.nproc)
     pilot = read_json(root / "pilot.json")
     plan = pilot_plan(args, common) if args.pilot else confirmatory_plan(args, common, root, pilot)
     measured = (pilot or {}).get("run_seconds")
@@ -1231,11 +1041,19 @@ def main(argv=None):
     res["plots"] = [plot(root, r) for plot, needs in PLOTS if needs <= keys]
     (root / "results.json").write_text(plumbing.finite_json(res, indent=1))
     (root / "results.md").write_text(results_md(res))
-    for c in judged:
-        if c["verdict"]:
-            print(f"{c['key']}: {c['verdict']} -- {c['claim']}")
-    print(f"wall time {wall / 60:.1f} min; wrote {root / 'results.json'}, {root / 'results.md'} and "
-          f"{len(res['plots'])} plots (python compare.py --publish copies them to results/, docs/results.md and the README)")
+    if args.arms:
+        first = next(iter(args.arms))
+        print(f"\nEvery arm against the first, {first}: each difference is B - {first} within seed, mean and 95% "
+              f"t-interval; holds: B is better on that measure, contradicted: worse, unresolved: the seeds cannot "
+              f"tell. Holm: after Holm-Bonferroni over every row.\n")
+        print("\n".join(claim_section(res, judged[0], 1)))
+    else:
+        for c in judged:
+            if c["verdict"]:
+                print(f"{c['key']}: {c['verdict']} -- {c['claim']}")
+    print(f"wall time {wall / 60:.1f} min; wrote {root / 'results.json'}, {root / 'results.md'}"
+          + (f" and {len(res['plots'])} plots (python -m lab.compare --publish copies them to results/, "
+             f"docs/results.md and the README)" if not args.arms else ""))
     return 0
 
 

@@ -1,9 +1,9 @@
 """
-plan.py -- what one training step moves and stores on a GPU cluster, on
+lab/plan.py -- what one training step moves and stores on a GPU cluster, on
 paper: bytes counted from the model's shapes, times from stated link speeds.
 
-    python plan.py --nodes 8 --gpus-per-node 8 --ep-size 8 --preset gpu
-    python plan.py --nodes 64 --gpus-per-node 8 --ep-size 8 --preset gpu --batch-size 4096
+    python -m lab.plan --nodes 8 --gpus-per-node 8 --ep-size 8 --preset gpu
+    python -m lab.plan --nodes 64 --gpus-per-node 8 --ep-size 8 --preset gpu --batch-size 4096
 
 Any train.py flag that shapes the model or the batch (--batch-size,
 --n-experts, --grad-accum, ...) may follow; --ep-size defaults to all GPUs,
@@ -237,18 +237,18 @@ def check(args):
     """The checks train.py would make on this many processes (but not this
     machine's memory: the plan is for other machines)."""
     W = args.nodes * args.gpus_per_node
-    ep = train.expert_parallel_size(args, W)
+    ep = plumbing.expert_parallel_size(args, W)
     if args.batch_size % (W * args.grad_accum):
         raise ValueError(f"--batch-size {args.batch_size} is not divisible by {W} GPUs x --grad-accum "
                          f"{args.grad_accum}: use a multiple of {W * args.grad_accum}")
-    check_config(train.model_config(args), ep, local_seqs=args.batch_size // (W * args.grad_accum))
+    check_config(plumbing.model_config(args), ep, local_seqs=args.batch_size // (W * args.grad_accum))
     return ep
 
 
 def main(argv=None):
     args = parse_args(argv)
     ep = check(args)
-    cfg = train.model_config(args)
+    cfg = plumbing.model_config(args)
     links = Links(args.nvlink_GBps, args.ib_Gbps, args.fs_GBps, args.tflops, args.mfu)
     p = plan(cfg, args.batch_size, args.grad_accum, args.nodes, args.gpus_per_node, ep)
     print("\n".join(report(p, times(p, links), cfg, args, links)))

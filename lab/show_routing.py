@@ -1,8 +1,8 @@
 """
-show_routing.py -- routing made visible: which expert did every byte go to?
+lab/show_routing.py -- routing made visible: which expert did every byte go to?
 
-    python show_routing.py runs/aux/ckpt.pt runs/global_aux/ckpt.pt
-    python show_routing.py runs/*/ckpt.pt --text notes.txt --layer 1 --out notes
+    python -m lab.show_routing runs/aux/ckpt.pt runs/global_aux/ckpt.pt
+    python -m lab.show_routing runs/*/ckpt.pt --text notes.txt --layer 1 --out notes
 
 writes PREFIX.html (one self-contained page, no network, no script; hover a
 byte to see all its experts and weights) and PREFIX.png (the same picture,
@@ -51,7 +51,7 @@ import os
 import re
 import textwrap
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -140,14 +140,19 @@ def windows(n, T):
     return [(s, T, 0 if i == 0 else starts[i - 1] + T - s) for i, s in enumerate(starts)]
 
 
+def group_knobs(balancer):
+    """The strategy's group knobs and their values: the knobs its class
+    declares with divides_batch=True (aux's balance groups, expert choice's
+    routing groups), in sequences."""
+    return {name: getattr(balancer.cfg, name) for name, knob in type(balancer).knobs.items()
+            if knob.divides_batch and getattr(balancer.cfg, name) is not None}
+
+
 def group_size(model):
-    """Sequences the batch must hold a whole number of: the strategy's group
-    knobs (aux's balance groups, expert choice's routing groups; those with
-    group=True in balancers.BalanceConfig), 1 for strategies that route each
+    """Sequences the batch must hold a whole number of: the least common
+    multiple of the strategy's group knobs, 1 for strategies that route each
     token alone."""
-    cfg = model.moe_layers()[0].balancer.cfg
-    return math.lcm(1, *[getattr(cfg, f.name) for f in fields(cfg)
-                         if f.metadata["group"] and getattr(cfg, f.name) is not None])
+    return math.lcm(1, *group_knobs(model.moe_layers()[0].balancer).values())
 
 
 @torch.no_grad()
@@ -358,8 +363,7 @@ def balance_scope(model):
     """What the strategy is, and over how many sequences it balances or
     routes (its group knobs, e.g. aux's balance_seqs: the knob Qiu et al. turn)."""
     bal = model.moe_layers()[0].balancer
-    groups = [f"{f.name} {getattr(bal.cfg, f.name)}" for f in fields(bal.cfg)
-              if f.metadata["group"] and getattr(bal.cfg, f.name) is not None]
+    groups = [f"{name} {value}" for name, value in group_knobs(bal).items()]
     return bal.summary + (f" ({', '.join(groups)})" if groups else "")
 
 

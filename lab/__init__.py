@@ -1,0 +1,12 @@
+"""The lab: tools that study the lesson (train.py, balancers.py, moe.py,
+data.py) from outside it. Each runs as a module from the repository root,
+where the lesson's modules import as they do for train.py:
+
+    python -m lab.compare        the papers' claims, or your strategy against others, on paired seeds
+    python -m lab.show_routing   which expert every byte went to, drawn
+    python -m lab.plan           a GPU cluster's bytes and memory per step, on paper
+
+lab.stats holds the statistics every comparison uses (paired differences,
+intervals, the three-way verdict, Holm, seed counts); lab.claims the papers'
+claims, written as data over it.
+"""

@@ -1,0 +1,300 @@
+"""
+lab/claims.py -- the papers' claims as data: for each, the sentence, the
+table or figure it mirrors, its arms (train.py flags that differ only in
+what the paper varied) and its parts (which difference of which measure,
+on which side). lab/compare.py trains the arms and judges the parts with
+lab/stats.py; a comparison of your own arms (--arms) is one more Claim
+built the same way, by strategy_comparison.
+
+A part names its arms by label:
+  Paired  d = a - b within seed, judged against a side of 0 or of a margin
+  Single  one arm's own figure (itself a within-model difference) against 0
+  Exact   a check with no noise (the causality probe), on every run of its arms
+"""
+
+import dataclasses
+import math
+
+from balancers import BALANCERS
+from lab import stats
+
+# Every run: train.py's tiny preset (2 layers, width 64) on batches of 32
+# sequences of 64 bytes, validation on up to 512 windows per domain (the whole
+# split where it is smaller; the same windows for every run). Two shapes of
+# MoE layer, with about the same expert parameters and active width:
+#   "model"  16 routed experts top-2, each 64 wide (no shared expert)
+#   "fine"   the DeepSeekMoE shape both papers trained (Wang et al.: 2
+#            shared + 64 routed top-6; Qiu et al.: 4 shared + 64 routed
+#            top-4), scaled down: 2 shared + 32 routed top-4, each 32 wide.
+#            Claim 1 (lossfree), the alpha sweep and the computation batch.
+SIZES = {
+    "default": dict(steps=500, batch=32, warmup=25, val_seqs=512,
+                    model=["--preset", "tiny", "--n-experts", "16"],
+                    fine=["--n-experts", "32", "--top-k", "4", "--shared-experts", "2", "--d-expert", "32"]),
+    "quick": dict(steps=150, batch=32, warmup=10, val_seqs=128,
+                  model=["--preset", "tiny", "--n-experts", "16"],
+                  fine=["--n-experts", "32", "--top-k", "4", "--shared-experts", "2", "--d-expert", "32"]),
+    "smoke": dict(steps=3, batch=16, warmup=1, val_seqs=4,
+                  model=["--preset", "tiny", "--n-experts", "8", "--d-model", "32", "--n-heads", "2",
+                         "--d-expert", "32", "--seq-len", "32"],
+                  fine=["--n-experts", "8", "--top-k", "2", "--shared-experts", "1", "--d-expert", "16"]),
+}
+QIU_MICRO = 1      # Qiu et al.'s micro-batch here: one sequence, so one domain; the global batch is 32x larger
+CB_MID = 32        # "a moderate computation batch": the training batch, in sequences (Wang et al. Fig. 5)
+
+# Non-inferiority margins, declared before any run, each no larger than the
+# effect the paper itself reports for that comparison (nats of val loss).
+MARGINS = {
+    "lossfree": (math.log(9.56 / 9.50), "Wang et al. Table 2 (1B): ln(9.56 / 9.50)"),
+    "softmax": (math.log(9.604 / 9.599), "Wang et al. Table 6: ln(9.604 / 9.599)"),
+    "global": (math.log(7.214 / 7.198), "Qiu et al. Table 2 (400B): shuffle vs global, ln(7.214 / 7.198)"),
+}
+
+# The most seeds a comparison of your own arms gets when --seeds is not given
+# (the pilot may lower it, never below stats.MIN_SEEDS).
+ARMS_SEEDS = 5
+
+
+# ----------------------------------------------------------------------------
+# The parts. Each judges itself from `values(label, metric, seeds)` (one
+# figure per seed, in the order of `seeds`) and `token_choice(label)`.
+
+def with_paper(out, paper):
+    return {**out, **({"paper": paper} if paper else {})}
+
+
+@dataclasses.dataclass
+class Paired:
+    """The claim "a - b is on `side` of `margin`", seed by seed. A margin
+    makes it a "no worse" claim, reported beside superiority (against 0)."""
+    what: str
+    a: str
+    b: str
+    metric: str
+    side: str                   # "<" or ">"
+    margin: float = 0.0
+    unit: str = ""
+    paper: str | None = None    # what the paper reports for the same comparison
+
+    def arms(self):
+        return [self.a, self.b]
+
+    def judge(self, values, seeds, token_choice):
+        out = {"part": self.what, "a": self.a, "b": self.b, "metric": self.metric, "unit": self.unit,
+               **stats.paired(values(self.a, self.metric, seeds), values(self.b, self.metric, seeds),
+                              self.side, self.margin)}
+        return with_paper(out, self.paper)
+
+
+@dataclasses.dataclass
+class Single:
+    """One arm's own figure against zero, seed by seed: a difference taken
+    inside each run (the causal gap, the shuffle cost, a fall along S)."""
+    what: str
+    a: str
+    metric: str
+    side: str
+    unit: str = ""
+    paper: str | None = None
+
+    def arms(self):
+        return [self.a]
+
+    def judge(self, values, seeds, token_choice):
+        out = {"part": self.what, "a": self.a, "b": None, "metric": self.metric, "unit": self.unit,
+               **stats.verdict(values(self.a, self.metric, seeds), self.side)}
+        return with_paper(out, self.paper)
+
+
+def leaks(leak, token_choice):
+    return leak > 0
+
+
+def causal_exactly_when_token_choice(leak, token_choice):
+    return (leak == 0) == token_choice
+
+
+@dataclasses.dataclass
+class Exact:
+    """A check with no noise to wait out: `rule(value, token_choice)` on every
+    run of every arm in `labels`. A single failure contradicts the claim."""
+    what: str
+    labels: list
+    metric: str
+    rule: object
+
+    def arms(self):
+        return list(self.labels)
+
+    def judge(self, values, seeds, token_choice):
+        ok = [self.rule(v, token_choice(lbl)) for lbl in self.labels for v in values(lbl, self.metric, seeds)]
+        return {"part": self.what, "verdict": "holds" if ok and all(ok) else "contradicted",
+                "seeds": len(ok), "unit": "", "metric": self.metric}
+
+
+@dataclasses.dataclass
+class Claim:
+    key: str
+    text: str            # the paper's claim, in one sentence
+    source: str          # the table or figure it mirrors
+    seeds: int           # the most seeds the confirmatory run may give it (the time budget's share)
+    arms: dict           # {label: train.py flags}
+    parts: list = dataclasses.field(default_factory=list)   # Paired, Single and Exact, over the arms' labels
+
+    def __post_init__(self):
+        unknown = {lbl for p in self.parts for lbl in p.arms()} - set(self.arms)
+        if unknown:
+            raise ValueError(f"claim {self.key!r}: a part names an arm it does not have: {', '.join(sorted(unknown))}")
+
+
+# ----------------------------------------------------------------------------
+# The papers' claims.
+
+def paper_claims(size):
+    """Every claim with its arms and parts. A label is what a table row
+    says; arms of equal settings (the same label in two claims, or the
+    default strategy and its explicit twin) are the same runs, trained once.
+
+    Every alpha is the per-layer coefficient of the paper quoted, as in the
+    papers: GPT.forward adds each layer's balance loss with the full alpha
+    (Switch Sec. 2.2). Wang et al.'s sweep 1e-2 / 1e-3 / 1e-4 / 0 (Fig. 2),
+    their softmax alpha 3e-4 (App. C.2) and Qiu et al.'s 0.008 (Table 4)
+    are their own numbers, not rescaled."""
+    batch, fine = SIZES[size]["batch"], SIZES[size]["fine"]
+    aux = lambda alpha, *more: ["--balancer", "aux", "--alpha", alpha, *more]
+    ec = lambda seqs, *more: ["--balancer", "expert_choice", "--route-seqs", str(seqs), *more]
+    sigmoid_aux = {f"aux sigmoid alpha={x}": aux(x, "--gate", "sigmoid", *fine) for x in ("1e-2", "1e-3", "1e-4", "0")}
+    big, aux_1e3, small, _ = sigmoid_aux
+    wang_lossfree = "lossfree u=1e-3"
+    lossfree_arm = {wang_lossfree: ["--balancer", "lossfree", "--bias-rate", "1e-3", *fine]}
+    lossfree = lambda u: (f"lossfree u={u}, 16 experts", ["--balancer", "lossfree", "--bias-rate", u])
+    # Qiu et al. (Sec. 4.1, Table 4): softmax gate, z-loss, LBL weight 0.008,
+    # every micro-batch of one domain; here micro-batches of one sequence.
+    qiu = lambda *flags: [*flags, "--gate", "softmax", "--alpha", "0.008", "--z-loss", "1e-3",
+                          "--domain-block", str(QIU_MICRO)]
+
+    def better_balanced_at_no_worse_loss(key, lf, aux_label, vio):
+        margin, why = MARGINS[key]
+        return [Paired("MaxVio_global lower", lf, aux_label, "maxvio_global", "<", paper=f"MaxVio_global {vio}"),
+                Paired(f"val loss better or no worse (margin {margin:.4f} nats: {why})", lf, aux_label, "val_loss",
+                       "<", margin, "nats", paper=f"{-margin:+.4f} nats")]
+
+    lf = wang_lossfree
+    claim_lossfree = Claim(
+        "lossfree", "Loss-free balancing reaches a lower MaxVio_global than the aux loss, at better or no worse "
+                    "perplexity",
+        "Wang et al. 2024, Table 2: sigmoid gate on both sides, alpha 1e-3, DeepSeekMoE shape", 10,
+        {aux_1e3: sigmoid_aux[aux_1e3], **lossfree_arm},
+        better_balanced_at_no_worse_loss("lossfree", lf, aux_1e3, "0.72 -> 0.04"))
+
+    claim_alpha = Claim(
+        "alpha", "A large alpha balances but costs perplexity; a small alpha does not balance",
+        "Wang et al. 2024, Fig. 2: sigmoid gate, DeepSeekMoE shape", 10, {**sigmoid_aux, **lossfree_arm},
+        [Paired("alpha 1e-2 balances better than 1e-4 (MaxVio_global)", big, small, "maxvio_global", "<"),
+         Paired("alpha 1e-2 costs loss against 1e-4", big, small, "val_loss", ">", 0.0, "nats"),
+         Paired("alpha 1e-4 balances worse than loss-free (MaxVio_global)", small, lf, "maxvio_global", ">")])
+
+    claim_cb = Claim(
+        "computation_batch", "Loss-free's balance keeps improving as the computation batch grows; the aux loss's "
+                             "levels off, so loss-free is better balanced from a moderate batch on",
+        "Wang et al. 2024, Sec. 5.1 and Fig. 5: claim 1's models, MaxVio over computation batches of S "
+        "validation sequences", 10,
+        {aux_1e3: sigmoid_aux[aux_1e3], **lossfree_arm},
+        [Single(f"loss-free's MaxVio falls from S = {CB_MID} sequences to the whole set", lf, "cb_fall", "<",
+                paper="keeps improving (Fig. 5)"),
+         Paired("the aux loss's falls less over the same range (levels off)", lf, aux_1e3, "cb_fall", "<",
+                paper="approximately constant when large (Fig. 5)"),
+         Paired(f"loss-free lower at S = {CB_MID} sequences", lf, aux_1e3, "cb_mid", "<",
+                paper="Fig. 5, computation batches of 2048-token sequences")])
+
+    aux_softmax, lf_softmax = "aux softmax alpha=3e-4", "lossfree softmax proportional"
+    claim_softmax = Claim(
+        "softmax", "With the softmax gate, loss-free (proportional update) also balances better at better or no "
+                   "worse perplexity", "Wang et al. 2024, App. C.2 and Table 6: softmax gate, alpha 3e-4", 10,
+        {aux_softmax: aux("3e-4", "--gate", "softmax"),
+         lf_softmax: ["--balancer", "lossfree", "--gate", "softmax", "--bias-update", "proportional"]},
+        better_balanced_at_no_worse_loss("softmax", lf_softmax, aux_softmax, "0.937 -> 0.027"))
+
+    balance = lambda n: f"aux, balance {n} seq{'s' * (n > 1)}"
+    micro, glob, shuffle = balance(QIU_MICRO), f"global_aux, balance {batch} seqs", \
+        f"Shuffle LBL_micro, {QIU_MICRO} seq of tokens"
+    margin, why = MARGINS["global"]
+    claim_global = Claim(
+        "global", f"Balancing over the global batch ({batch} sequences) instead of single-domain micro-batches "
+                  f"({QIU_MICRO} sequence) lets experts specialise by domain and lowers perplexity; a balance group "
+                  f"of micro-batch size drawn across the global batch does as well",
+        f"Qiu et al. 2025, Tables 1-2 and Fig. 1b: Balance BSZ {QIU_MICRO} -> {batch} ({batch // QIU_MICRO}x), "
+        f"softmax gate, alpha 0.008, z-loss 1e-3", 8,
+        {**{balance(n): qiu("--balancer", "aux", "--balance-seqs", str(n)) for n in (QIU_MICRO, 2, 8)},
+         glob: qiu("--balancer", "global_aux"),
+         shuffle: qiu("--balancer", "aux", "--balance-seqs", str(QIU_MICRO), "--balance-shuffle")},
+        [Paired("specialisation higher (global vs micro)", glob, micro, "specialization", ">",
+                paper="domain-specific experts (Fig. 1b)"),
+         Paired("val loss lower (global vs micro)", glob, micro, "val_loss", "<", 0.0, "nats",
+                paper=f"{math.log(7.214 / 7.347):+.4f} nats at the same 32x (Table 1, 400B: BSZ 4 -> 128)"),
+         Paired("shuffle better than micro", shuffle, micro, "val_loss", "<", 0.0, "nats",
+                paper=f"{math.log(8.041 / 8.167):+.4f} nats (Table 2, 120B: micro 4, global 512, 128x)"),
+         Paired(f"shuffle no worse than global (margin {margin:.4f} nats: {why})", shuffle, glob, "val_loss",
+                "<", margin, "nats", paper=f"{margin:+.4f} nats (400B, 512x)")])
+
+    chunks = {"EC, chunk 1 seq": ec(1), "EC, chunk 2 seqs": ec(2), "EC, chunk 8 seqs": ec(8),
+              "EC, chunk 1 seq, trained shuffled": ec(1, "--route-shuffle")}
+    leaky, _, _, control = chunks
+    claim_ec = Claim(
+        "expert_choice", "Expert choice leaks future tokens: the causality probe is non-zero, its teacher-forced "
+                         "loss understates its causal loss, and a model trained with small routing chunks relies "
+                         "on the leak (its loss rises when its chunks are shuffled), unlike one trained shuffled",
+        "Wang et al. 2024, Sec. 5.2, App. D.2 and Fig. 9", 6, chunks,
+        [Exact("causality probe > 0 for every expert-choice arm", list(chunks), "causal_leak", leaks),
+         Single("teacher-forced loss understates the causal loss (chunk 1)", leaky, "causal_gap", ">", "nats",
+                paper="leakage \"prevents reliable evaluation\" (Sec. 5.2)"),
+         Single("trained with 1-sequence chunks: loss rises when its chunks are shuffled", leaky, "shuffle_cost",
+                ">", "nats"),
+         Paired("that rise exceeds the control's (trained shuffled)", leaky, control, "shuffle_cost", ">", 0.0,
+                "nats", paper="the ~10% drop at chunk 512 vanishes when shuffled (Fig. 9)")])
+
+    (slow, slow_flags), (mid, mid_flags), (fast, fast_flags) = lossfree("1e-4"), lossfree("1e-3"), lossfree("1e-2")
+    claim_bias_rate = Claim(
+        "bias_rate", "Update rate: u = 1e-4 balances too slowly, u = 1e-2 oscillates late in training",
+        "Wang et al. 2024, Sec. 4.3 and Fig. 4", 6, {slow: slow_flags, mid: mid_flags, fast: fast_flags},
+        [Paired("u=1e-4 less balanced early (MaxVio_batch, first quarter)", slow, mid, "maxvio_early", ">"),
+         Paired("u=1e-2 less balanced late (MaxVio_batch, last quarter)", fast, mid, "maxvio_late", ">"),
+         Paired("u=1e-2's bias reverses direction more often late", fast, mid, "bias_reversals", ">")])
+
+    everyone = {name: ["--balancer", name] for name in BALANCERS}
+    claim_main = Claim(
+        "main", "Every registered strategy at its own defaults; token choice is exactly causal", "all papers", 3,
+        everyone,
+        [Exact("causality probe exactly 0 for every token-choice strategy, > 0 for expert choice", list(everyone),
+               "causal_leak", causal_exactly_when_token_choice)])
+
+    return [claim_lossfree, claim_alpha, claim_cb, claim_softmax, claim_global, claim_ec, claim_bias_rate,
+            claim_main]
+
+
+# ----------------------------------------------------------------------------
+# Your own arms, as one more claim.
+
+def strategy_comparison(arms, token_choice):
+    """A comparison of any arms (--arms): every arm B against the first arm A,
+    d = B - A within seed, on three measures, each claimed in the direction
+    that is better for B: val loss lower, MaxVio_global lower, specialisation
+    higher. "holds" says B is better than A on that measure, "contradicted"
+    that it is worse, "unresolved" that the seeds cannot tell.
+
+    The loss is the one generation sees: a pair with an arm whose strategy
+    is not token choice (expert choice reads the future of its routing group
+    under teacher forcing) compares causal losses, on the windows the causal
+    evaluation covers, for both arms (token_choice: {label: bool})."""
+    labels = list(arms)
+    a = labels[0]
+    parts = []
+    for b in labels[1:]:
+        causal = not (token_choice[a] and token_choice[b])
+        loss = ("val loss as generated (causal, on the causal evaluation's windows)", "val_loss_as_generated") \
+            if causal else ("val loss", "val_loss")
+        parts += [Paired(f"{b} - {a}: {loss[0]} lower", b, a, loss[1], "<", unit="nats"),
+                  Paired(f"{b} - {a}: MaxVio_global lower", b, a, "maxvio_global", "<"),
+                  Paired(f"{b} - {a}: specialisation higher", b, a, "specialization", ">")]
+    return Claim("arms", f"Each arm against {a}: lower val loss, lower MaxVio_global, higher specialisation",
+                 "your arms (--arms), on paired seeds", ARMS_SEEDS, dict(arms), parts)
