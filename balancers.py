@@ -36,13 +36,15 @@ or call `register("name", Class)` from a file of your own and pass
 comparison, the benchmarks and the tests find it there.
 """
 
-import math
 from dataclasses import dataclass, replace
 from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+
+from plumbing.knobs import (all_knobs, check_registration, check_settings, check_strategy,  # noqa: F401
+                            import_strategies, knob_flag, name_of)
 
 
 @dataclass(frozen=True)
@@ -223,6 +225,10 @@ class Balancer(nn.Module):
     paper = "-"
     summary = "plain top-k"
     token_choice = True
+    # Each token gets exactly top_k assignments, listed token by token (fewer
+    # only where some were dropped): the MoE layer then sums each token's k
+    # rows in a fixed order (moe.MoELayer.combine).
+    fixed_k = True
     accum_invariant = True      # same training whether a global batch is one micro-step or several
     knobs = dict(gate=GATE, z_loss=Z_LOSS)
 
@@ -411,10 +417,13 @@ class LossFree(Balancer):
 
     def step(self, load):
         load = load.float()
-        error = load.mean() - load                           # > 0: underloaded
+        # Alg. 1: e_i = mean(c) - c_i, the load error, positive for an underloaded expert.
+        error = load.mean() - load
         if self.cfg.bias_update == "sign":
+            # Alg. 1: b_i += u * sign(e_i)
             self.bias += self.cfg.bias_rate * torch.sign(error)
         else:
+            # Sec. 4.3: b_i += u * e_i; over the mean load here, so that u does not depend on the batch size
             self.bias += self.cfg.bias_rate * error / load.mean().clamp(min=1)
 
 
@@ -453,6 +462,7 @@ class ExpertChoice(Shuffling):
     paper = "Zhou et al. 2022"
     summary = "experts pick their top-C tokens: balanced, but it leaks future tokens"
     token_choice = False
+    fixed_k = False
     knobs = dict(Balancer.knobs,
                  capacity_factor=Knob(2.0, "c in C = n c / E tokens per expert (Zhou et al. Sec. 3.2, Eq. 1)",
                                       low=0, open_low=True),
@@ -517,8 +527,8 @@ def make_balancer(name, n_experts, top_k, knobs=None, world_size=1):
 
 
 # ----------------------------------------------------------------------------
-# Settings machinery (not the lesson): knob values filled in and checked, the
-# registry's checks. train.py turns the knobs into flags with `knob_flags`.
+# Settings: each knob's value in effect. Their checks, the registry's checks
+# and the flags they become are in plumbing/knobs.py.
 
 def settings(cls, given):
     """{knob: value in effect} for strategy class `cls`: the given value, else
@@ -533,145 +543,8 @@ def settings(cls, given):
     return {name: given.get(name, knob.default) for name, knob in cls.knobs.items()}
 
 
-def check_settings(cls, given, local_seqs=None):
-    """settings(), with every value held to its knob's range (ValueError naming
-    the flag). `local_seqs`: sequences per process and micro-step, when known."""
-    values = settings(cls, given)
-    for name, value in values.items():
-        check_knob(name, cls.knobs[name], value, local_seqs)
-    return values
-
-
-def check_knob(name, knob, value, local_seqs=None):
-    if knob.choices:
-        if value not in knob.choices:
-            raise ValueError(f"{flag(name)} {value!r} is not one of {', '.join(knob.choices)}")
-        return
-    if type(knob.default) is bool:
-        if type(value) is not bool:
-            raise ValueError(f"{flag(name)} is on or off, not {value!r}")
-        return
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or \
-            (type(knob.default) is int and value != int(value)):
-        raise ValueError(f"{flag(name)} must be a finite {type(knob.default).__name__} (got {value!r})")
-    too_low = knob.low is not None and (value <= knob.low if knob.open_low else value < knob.low)
-    too_high = knob.high is not None and (value >= knob.high if knob.open_high else value > knob.high)
-    if too_low or too_high:
-        raise ValueError(f"{flag(name)} must be in {knob_range(knob)} (got {value})")
-    if knob.divides_batch and local_seqs is not None:
-        groups_of(local_seqs, value, name)
-
-
-def knob_range(knob):
-    """'[0, 1]', '(0, inf)', 'sign | proportional', 'on/off': for messages and --help."""
-    if knob.choices:
-        return " | ".join(knob.choices)
-    if type(knob.default) is bool:
-        return "on/off"
-    low = "-inf" if knob.low is None else f"{knob.low:g}"
-    high = "inf" if knob.high is None else f"{knob.high:g}"
-    left = "(" if knob.open_low or knob.low is None else "["
-    right = ")" if knob.open_high or knob.high is None else "]"
-    return f"{left}{low}, {high}{right}"
-
-
 def flag(name):
     return "--" + name.replace("_", "-")
 
 
-def all_knobs():
-    """{knob name: {strategy name: Knob}} over the registry: one flag each."""
-    out = {}
-    for strategy, cls in BALANCERS.items():
-        for name, knob in cls.knobs.items():
-            out.setdefault(name, {})[strategy] = knob
-    return out
-
-
-def knob_flag(name, by_strategy):
-    """argparse's keywords for one knob's flag: its type, and help that shows
-    each strategy's default and the range. The flag's own default is None,
-    "the strategy's own value"."""
-    knob = next(iter(by_strategy.values()))
-    defaults = {s: k.default for s, k in by_strategy.items()}
-    if len({repr(v) for v in defaults.values()}) == 1:
-        shown = f"{knob.default}, read by {', '.join(defaults)}"
-    else:
-        shown = "; ".join(f"{s} {v}" for s, v in defaults.items())
-    ranges = {knob_range(k) for k in by_strategy.values()}
-    help = f"{knob.help} (default: {shown}; range: {' or '.join(sorted(ranges))})".replace("%", "%%")
-    kind = type(knob.default)
-    if kind is bool:
-        return dict(action="store_const", const=True, help=help)
-    return dict(type=kind, choices=knob.choices or None, help=help,
-                metavar=None if knob.choices else "N" if kind is int else "X")
-
-
-def import_strategies(paths):
-    """Import each user file (a path ending in .py) or module by name, so that
-    its register(...) lines run. The module is remembered by its path, so a
-    checkpoint can name what to --import to read it again."""
-    import importlib
-    import importlib.util
-    import os
-    import sys
-    for path in paths:
-        if path.endswith(".py") or os.sep in path:
-            if not os.path.isfile(path):
-                raise ValueError(f"--import {path}: no such file")
-            module_name = os.path.splitext(os.path.basename(path))[0]
-            if module_name in sys.modules and getattr(sys.modules[module_name], "__file__", None) and \
-                    os.path.samefile(sys.modules[module_name].__file__, path):
-                continue
-            spec = importlib.util.spec_from_file_location(module_name, path)
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[module_name] = module
-            spec.loader.exec_module(module)
-        else:
-            try:
-                importlib.import_module(path)
-            except ModuleNotFoundError as e:
-                raise ValueError(f"--import {path}: {e}; give the file's path (mine.py) or run from its "
-                                 f"folder") from None
-
-
-def check_registration(name, cls):
-    """A name names one strategy: a second class under a taken name is refused,
-    since silently keeping either one would train a strategy nobody asked for
-    (registering the same class again, a module imported twice, is harmless).
-    A knob name shared with another strategy must have the same type, since
-    both are set by the one flag."""
-    taken = BALANCERS.get(name)
-    if taken is not None and _full_name(taken) != _full_name(cls):
-        raise ValueError(f"balancer name {name!r} is taken by {_full_name(taken)}: "
-                         f"register {_full_name(cls)} under another name")
-    if not isinstance(getattr(cls, "knobs", None), dict) or \
-            not all(isinstance(k, Knob) for k in cls.knobs.values()):
-        raise ValueError(f"{_full_name(cls)}.knobs must be a dict of name -> balancers.Knob")
-    for knob_name, knob in cls.knobs.items():
-        for other, theirs in all_knobs().get(knob_name, {}).items():
-            if other != name and type(theirs.default) is not type(knob.default):
-                raise ValueError(f"knob {knob_name!r} of {_full_name(cls)} is a {type(knob.default).__name__}, "
-                                 f"but {other}'s is a {type(theirs.default).__name__}: one flag sets both; "
-                                 f"rename it")
-
-
-def _full_name(cls):
-    """module.Class: the same for a class defined again by re-importing its file."""
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
-def name_of(cls):
-    return next((name for name, c in BALANCERS.items() if c is cls), cls.__name__)
-
-
-def check_strategy(name, n_experts, top_k, knobs, local_seqs=None):
-    """The strategy's class, once its name and settings are known to be good."""
-    if name not in BALANCERS:
-        raise ValueError(f"--balancer {name}: no such strategy; registered are {', '.join(BALANCERS)}. One of your "
-                         f"own: register('{name}', YourClass) in a file, then --import FILE "
-                         f"(docs/adding-a-strategy.md)")
-    if not 1 <= top_k <= n_experts:
-        raise ValueError(f"top_k={top_k} must be between 1 and n_experts={n_experts}: lower --top-k")
-    check_settings(BALANCERS[name], knobs, local_seqs)
-    return BALANCERS[name]
+import strategies  # noqa: E402,F401  (the methods since 2024, each registered from its own file)

@@ -4,7 +4,6 @@ expert-parallel from the first line.
 
 Read it top to bottom:
   1. GPTConfig                  the model's shape and its balancing strategy
-     Mesh                       which rank holds which experts
   2. CausalSelfAttention        ordinary causal attention (nothing MoE about it)
   3. Router, Experts, SwiGLU    the parts of an MoE layer
   4. AllToAll                   the one collective expert parallelism needs,
@@ -14,9 +13,8 @@ Read it top to bottom:
   6. Block, GPT                 the transformer around it
   7. sync_gradients & co.       what an optimizer step needs when experts live
                                 on different ranks
-  8. Speed                      the experts as grouped matmuls, and a GPU
-                                kept busy: the same numbers, faster (skip on
-                                a first reading)
+The experts as grouped matmuls (the same numbers, faster) are in
+plumbing/kernels.py; which rank holds which experts (Mesh) in plumbing/mesh.py.
 
 Every balancing strategy (balancers.py) hands MoELayer the same thing: a flat
 list of assignments (token_idx, expert_idx, weight). Everything after routing
@@ -31,7 +29,6 @@ own slice of the experts; one process is the same code with the exchanges
 skipped.
 """
 
-import functools
 import math
 from dataclasses import dataclass, field
 
@@ -42,6 +39,8 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from balancers import check_strategy, count_per_expert, make_balancer
+from plumbing import kernels
+from plumbing.mesh import Mesh, MeshLayout  # noqa: F401  (who holds which experts)
 from data import VOCAB_SIZE
 
 
@@ -58,94 +57,6 @@ class GPTConfig:
     shared_experts: int = 0        # DeepSeekMoE-style always-on experts (Wang et al. used 2)
     balancer: str = "lossfree"
     balance: dict = field(default_factory=dict)   # the strategy's knobs (balancers.Knob); unset ones take its defaults
-
-
-def check_config(cfg, ep_size=1, local_seqs=None):
-    """Raise ValueError naming the setting and the fix, before anything is built.
-    `ep_size`: the processes the experts are shared out over (the world size
-    unless --ep-size says otherwise). `local_seqs`: sequences per process and
-    micro-step, when known."""
-    for name in ("n_layers", "d_model", "n_heads", "n_experts", "top_k", "d_expert", "seq_len"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"{name}={getattr(cfg, name)} must be >= 1")
-    if cfg.shared_experts < 0:
-        raise ValueError(f"shared_experts={cfg.shared_experts} must be >= 0")
-    if cfg.d_model % cfg.n_heads:
-        raise ValueError(f"d_model={cfg.d_model} is not divisible by n_heads={cfg.n_heads}: "
-                         f"pick an --n-heads that divides --d-model")
-    if cfg.n_experts % ep_size:
-        raise ValueError(f"n_experts={cfg.n_experts} is not divisible by the {ep_size} expert-parallel processes: "
-                         f"each rank must own the same number of experts; change --n-experts, --ep-size "
-                         f"or --nproc_per_node")
-    check_strategy(cfg.balancer, cfg.n_experts, cfg.top_k, cfg.balance, local_seqs)
-
-
-# ----------------------------------------------------------------------------
-# Who holds which experts: the (dp, ep) mesh.
-#
-# W = dp x ep processes sit in a grid of dp rows and ep columns, rank
-# r = row * ep + column (the row-major order of init_device_mesh). A row is an
-# expert-parallel group: its ep ranks share the E experts out between them
-# and exchange tokens among themselves. A column is a data-parallel group:
-# its dp ranks hold the same experts and average their gradients. Rows are
-# consecutive ranks, so with ep = GPUs per node the token exchange never
-# leaves a node; only gradient averaging crosses nodes.
-
-@dataclass(frozen=True)
-class MeshLayout:
-    """The grid as lists of ranks; a pure function of (world_size, ep_size),
-    so a test can check a 32-process layout without starting 32 processes."""
-    world_size: int
-    ep_size: int
-
-    @property
-    def dp_size(self):
-        return self.world_size // self.ep_size
-
-    def ep_rank(self, rank):
-        return rank % self.ep_size
-
-    def dp_rank(self, rank):
-        return rank // self.ep_size
-
-    def ep_groups(self):
-        """The rows: the ranks that exchange tokens with each other."""
-        return [list(range(d * self.ep_size, (d + 1) * self.ep_size)) for d in range(self.dp_size)]
-
-    def dp_groups(self):
-        """The columns: the ranks that hold the same experts."""
-        return [list(range(e, self.world_size, self.ep_size)) for e in range(self.ep_size)]
-
-    def experts_of(self, rank, n_experts):
-        """The experts rank `rank` holds: a contiguous range, the same in every row."""
-        n = n_experts // self.ep_size
-        return range(self.ep_rank(rank) * n, (self.ep_rank(rank) + 1) * n)
-
-
-@dataclass(frozen=True)
-class Mesh:
-    """This process's place in the grid, and the two process groups it talks
-    over (torch.distributed ProcessGroups; None for a single process). Built
-    by plumbing.Proc.start; the default is one process. Passed to the model
-    explicitly: nothing here is global."""
-    rank: int = 0
-    world_size: int = 1
-    ep_size: int = 1
-    ep_group: object = None       # my row: the all-to-all and the expert-norm sum run here
-    dp_group: object = None       # my column: expert gradients are summed here
-    grid: object = None           # the whole grid as PyTorch's DeviceMesh (checkpoints name shards by it)
-
-    @property
-    def layout(self):
-        return MeshLayout(self.world_size, self.ep_size)
-
-    @property
-    def ep_rank(self):
-        return self.layout.ep_rank(self.rank)
-
-    @property
-    def dp_size(self):
-        return self.layout.dp_size
 
 
 # ----------------------------------------------------------------------------
@@ -200,7 +111,7 @@ class Experts(nn.Module):
     slice: running the experts is a loop over the (few) local experts, one
     SwiGLU per slice, never a loop over tokens. The same sums can be done in
     one grouped matmul per projection; that and the choice between the two
-    live in the speed section at the end of this file."""
+    live in plumbing/kernels.py."""
 
     def __init__(self, cfg, mesh=Mesh()):
         super().__init__()
@@ -220,11 +131,11 @@ class Experts(nn.Module):
         a list or a 1-D tensor. Returns [N, d] in x's dtype, which under
         autocast is already the compute dtype (MoELayer.combine gathers the
         rows in it)."""
-        if grouped_mm_fast_on_cuda(x, self.w13, self.w2):
-            return grouped_experts_bf16(x, counts, self.w13, self.w2).to(x.dtype)
+        if kernels.grouped_mm_fast_on_cuda(x, self.w13, self.w2):
+            return kernels.grouped_experts_bf16(x, counts, self.w13, self.w2).to(x.dtype)
         counts = counts.tolist() if torch.is_tensor(counts) else counts
-        if grouped_is_faster_on_cpu(x, counts, self.w13, self.w2):
-            return grouped_experts_cpu(x, counts, self.w13, self.w2)
+        if kernels.grouped_is_faster_on_cpu(x, counts, self.w13, self.w2):
+            return kernels.grouped_experts_cpu(x, counts, self.w13, self.w2)
         return self.forward_loop(x, counts).to(x.dtype)
 
     def forward_loop(self, x, counts):
@@ -351,10 +262,10 @@ class MoELayer(nn.Module):
         # One sort per layer puts each expert's rows next to each other.
         order = torch.argsort(routing.expert_idx, stable=True)
         k = self.balancer.top_k
-        if self.balancer.token_choice and routing.expert_idx.numel() == h.shape[0] * k:
+        if self.balancer.fixed_k and routing.expert_idx.numel() == h.shape[0] * k:
             return self.combine_k_per_token(h, weight, order, counts, k)
-        # Expert choice (or token choice that dropped assignments, as exercise
-        # 3's capacity does): a token has 0 to E assignments, so the sum per
+        # Expert choice, expert-threshold routing, or token choice that dropped
+        # assignments (exercise 3's capacity): a token has 0 to E assignments, so the sum per
         # token has no fixed shape and index_add_ adds every row into its
         # token's (a token with none gets zero: the residual carries it).
         # On a GPU index_add_ adds with atomics, in whatever order they land:
@@ -623,141 +534,23 @@ def sum_of_squares(tensors, device):
 
 
 # ----------------------------------------------------------------------------
-# Speed: the experts in two large operations instead of a loop.
-#
-# Nothing below changes what is computed. On CPU the results equal
-# Experts.forward_loop bit for bit; on CUDA they equal it up to bf16 rounding,
-# which autocast would apply to the loop's matmuls anyway (tests/test_moe.py,
-# tests/test_cuda.py). Read on only for speed.
-#
-# torch._grouped_mm(x, w, offs=ends) multiplies row block e of x (the blocks
-# given by their end offsets) by w[e], for every e in one call. The experts
-# then cost two such calls around one activation over all rows: no Python
-# loop, no per-expert autograd nodes.
+# Checks (not the lesson): a model that cannot be built is refused in one line.
 
-def grouped_swiglu(x, ends, w13, w2):
-    """swiglu on every expert's block of rows of x (block e ends at ends[e])."""
-    return torch._grouped_mm(silu_gate(torch._grouped_mm(x, w13, offs=ends)), w2, offs=ends)
-
-
-# --- On a GPU.
-#
-# The CPU queues kernels and the GPU runs them, some way behind. Reading a
-# value on the host (.item(), .tolist(), bincount sizing its output) makes
-# the CPU wait until the queue has drained, and the GPU then idles while the
-# CPU queues the next kernels. At ep = 1 an MoE layer's forward and backward
-# never wait (tests/test_moe.py counts the calls, tests/test_cuda.py asks the
-# driver); at ep > 1 the exchange's split sizes are the one wait per layer
-# (MoELayer.run_experts).
-
-def grouped_mm_fast_on_cuda(x, w13, w2):
-    """Does torch._grouped_mm have its fast kernel for these tensors, and do
-    we trust it?
-
-    PyTorch's grouped CUDA kernel (CUTLASS) runs on compute capability 9.x
-    and 10.x, with bf16 operands, row strides that are multiples of 16 bytes
-    (8 bf16 values) and fewer than 1024 groups: the kernel checks
-    group_count < 1024, so 1024 experts on one rank are refused (its message
-    says "more than 1024"). Anywhere else torch runs the op as a loop of
-    matmuls behind a host sync, which is forward_loop with extra steps.
-
-    9.x only (Hopper): on 10.x (Blackwell) the weight gradient of an expert
-    that received no rows comes out non-zero (pytorch#172439), and AdamW
-    would move that expert. Zeroing those gradients by hand would also work;
-    leaving Blackwell on the loop until the kernel is fixed is simpler.
-    bf16 only where the run asked for it (autocast, as train.py does on
-    CUDA): an fp32 run keeps fp32 experts."""
-    if x.device.type != "cuda" or not hasattr(torch, "_grouped_mm"):
-        return False
-    wants_bf16 = x.dtype == torch.bfloat16 or (
-        torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") == torch.bfloat16)
-    n_experts, d, h = w13.shape[0], w13.shape[1], w2.shape[1]
-    return (wants_bf16 and torch.cuda.get_device_capability(x.device)[0] == 9
-            and d % 8 == 0 and h % 8 == 0 and n_experts < 1024)
-
-
-def grouped_experts_bf16(x, counts, w13, w2):
-    """The experts in bf16, as a GPU runs them.
-
-    torch._grouped_mm is not on autocast's list of ops, so the bf16 casts are
-    written out: input and the fp32 master weights go to bf16 here (their
-    gradients come back in fp32), while the router stays fp32 (Router).
-    The block ends are a cumsum of the counts *on the device*: the CPU never
-    waits for the GPU, where counts.tolist() would stall it once per layer.
-    No MIN_ROWS padding either: the kernel's tile shape depends on the total
-    rows and the widths, not on how the rows split into blocks, so a token's
-    arithmetic does not depend on how many other tokens chose its expert."""
-    ends = torch.as_tensor(counts, device=x.device).cumsum(0, dtype=torch.int32)
-    bf16 = torch.bfloat16
-    return grouped_swiglu(x.to(bf16), ends, w13.to(bf16), w2.to(bf16))
-
-
-# --- On a CPU.
-
-@functools.cache
-def grouped_mm_on_cpu():
-    """Can this PyTorch run torch._grouped_mm (a private op, not on CPU in
-    every version) forward and backward on CPU? Tried once on a tiny input."""
-    try:
-        x = torch.ones(32, 16, requires_grad=True)
-        w = torch.ones(2, 16, 16, requires_grad=True)
-        torch._grouped_mm(x, w, offs=torch.tensor([16, 32], dtype=torch.int32)).backward(torch.ones(32, 16))
-        return True
-    except (AttributeError, NotImplementedError, RuntimeError):
-        return False
-
-
-# PyTorch runs an elementwise op of up to this many elements on one thread
-# (its grain size for splitting work across threads).
-ELEMENTS_PER_THREAD = 32768
-
-
-def grouped_is_faster_on_cpu(x, counts, w13, w2):
-    """The rule: grouped while the mean expert's activation block (its rows
-    x d_expert values) is under ELEMENTS_PER_THREAD per thread, else the loop.
-
-    On CPU torch._grouped_mm is itself a loop of matmuls (in C++), so the
-    matmuls cost the same both ways; the ways differ around them.
-      grouped  no Python or autograd work per expert (a dozen small ops
-               each), and one activation op over all N rows, which every
-               thread shares;
-      loop     each expert's activation runs while its block is still in
-               cache (grouped writes an [N, 2h] tensor to memory and reads
-               it back), but on one thread until the block is big enough.
-    So the loop wins once one expert's block keeps every thread busy. The
-    measured crossover is in the README's Speed section. (The grouped op
-    also needs row strides that are multiples of 16 bytes, and operands of
-    one dtype: it is not on autocast's list, so bf16 rows under CPU autocast
-    take the loop, whose matmuls autocast does cast.)"""
-    if x.device.type != "cpu" or not grouped_mm_on_cpu() or x.dtype != w13.dtype:
-        return False
-    if any(width * x.element_size() % 16 for width in (w13.shape[1], w2.shape[1])):
-        return False
-    block = x.shape[0] / max(1, len(counts)) * w2.shape[1]
-    return block < ELEMENTS_PER_THREAD * torch.get_num_threads()
-
-
-def grouped_experts_cpu(x, counts, w13, w2):
-    """The experts in two grouped matmuls on CPU, each expert's block padded
-    to at least MIN_ROWS rows as forward_loop pads it (expert_rows says why),
-    so both ways use the same BLAS kernel for every row and agree bit for bit."""
-    sizes = [n if n == 0 or n >= MIN_ROWS else MIN_ROWS for n in counts]
-    rows = None
-    if sizes != counts:
-        # `rows` is where each real row sits in the padded blocks; rarely
-        # needed after the first steps, when no expert is nearly empty.
-        x, rows = pad_blocks(x, counts, sizes)
-    ends = torch.tensor(sizes, device=x.device).cumsum(0).to(torch.int32)
-    out = grouped_swiglu(x, ends, w13, w2)
-    return out if rows is None else out.index_select(0, rows)
-
-
-def pad_blocks(x, counts, sizes):
-    """Copy the row blocks of x (block e has counts[e] rows) into a zeroed
-    tensor whose block e has sizes[e] >= counts[e] rows. Returns the padded
-    tensor and the position of every original row in it."""
-    counts_t = torch.tensor(counts, device=x.device)
-    pad = torch.tensor(sizes, device=x.device) - counts_t      # zero rows added to block e
-    shift = pad.cumsum(0) - pad                                 # zero rows added before block e
-    rows = torch.arange(x.shape[0], device=x.device) + shift.repeat_interleave(counts_t)
-    return x.new_zeros(sum(sizes), x.shape[1]).index_copy(0, rows, x), rows
+def check_config(cfg, ep_size=1, local_seqs=None):
+    """Raise ValueError naming the setting and the fix, before anything is built.
+    `ep_size`: the processes the experts are shared out over (the world size
+    unless --ep-size says otherwise). `local_seqs`: sequences per process and
+    micro-step, when known."""
+    for name in ("n_layers", "d_model", "n_heads", "n_experts", "top_k", "d_expert", "seq_len"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{name}={getattr(cfg, name)} must be >= 1")
+    if cfg.shared_experts < 0:
+        raise ValueError(f"shared_experts={cfg.shared_experts} must be >= 0")
+    if cfg.d_model % cfg.n_heads:
+        raise ValueError(f"d_model={cfg.d_model} is not divisible by n_heads={cfg.n_heads}: "
+                         f"pick an --n-heads that divides --d-model")
+    if cfg.n_experts % ep_size:
+        raise ValueError(f"n_experts={cfg.n_experts} is not divisible by the {ep_size} expert-parallel processes: "
+                         f"each rank must own the same number of experts; change --n-experts, --ep-size "
+                         f"or --nproc_per_node")
+    check_strategy(cfg.balancer, cfg.n_experts, cfg.top_k, cfg.balance, local_seqs)

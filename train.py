@@ -65,7 +65,7 @@ PRESETS = {
 def build(args, proc):
     """The model (this rank's experts, everything else replicated) and AdamW.
     Seeded first, so every rank and every mesh starts from the same weights.
-    bench.py and the tests build through here too."""
+    lab/bench.py and the tests build through here too."""
     torch.manual_seed(args.seed)
     model = GPT(plumbing.model_config(args), proc.mesh).to(proc.device)
     return model, make_optimizer(model, args)
@@ -311,7 +311,12 @@ def main(argv=None):
     # The data before the output folder: a mistake in it costs nothing there.
     corpus = load_corpus(args.data, seq_len=args.seq_len, log=proc.log)
     proc.check_same_everywhere(plumbing.same_everywhere(args, corpus))
+    # Without --out, a new runs/BALANCER/run-NNN: a rerun never meets the last run.
+    fresh_folder = args.out is None
+    args.out = args.out or plumbing.default_run_folder(args.balancer, args.resume, proc)
     run = plumbing.open_run_dir(args.out, proc, args.resume, args.overwrite)
+    if fresh_folder:
+        plumbing.point_latest(args.out, proc)
     try:
         return train(args, proc, run, corpus)
     finally:

@@ -190,7 +190,7 @@ def report(p, t, cfg, args, links):
         f"{size(p['ckpt_resume_read_bytes'])} in all; the sha256s read the folder once more on each",
         f"  memory       weights {size(p['param_bytes_per_gpu'])}, gradients {size(p['grad_bytes_per_gpu'])}, "
         f"AdamW moments {size(p['adam_bytes_per_gpu'])} (saving gathers no copy: "
-        f"bench.py --checkpoint-memory)",
+        f"python -m lab.bench --checkpoint-memory)",
         f"time per step at NVLink {links.nvlink_GBps:g} GB/s, InfiniBand {links.ib_Gbps:g} Gb/s per GPU, "
         f"{links.tflops:g} TFLOP/s at {links.mfu:.0%} MFU:",
         f"  compute {ms(t['compute'])} | all-to-all {ms(t['a2a'])} | all-reduce {ms(t['allreduce'])} | "

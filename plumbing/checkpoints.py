@@ -248,7 +248,10 @@ def open_checkpoint(path):
     """The index at `path` (a ckpt.pt, or a run folder holding one), checked
     to be one train.py wrote and whole; "folder" is added: where its step
     folder is. One line for anything else."""
-    path = Path(path) / "ckpt.pt" if os.path.isdir(path) else Path(path)
+    path = Path(path)
+    if path.is_dir() and not (path / "ckpt.pt").exists() and (path / "latest").is_dir():
+        path = path / "latest"          # runs/BALANCER: the newest of the runs made without --out
+    path = path / "ckpt.pt" if path.is_dir() else path
     if not path.is_file():
         raise ValueError(f"no checkpoint at {path}; run without --resume first, or pass a ckpt.pt written "
                          f"by train.py")

@@ -15,7 +15,7 @@ import balancers
 import data
 import moe
 
-from .cli import OneLineParser, check_memory, preset_help
+from .commandline import OneLineParser, check_memory, preset_help
 
 # Every numeric flag and the smallest value it may take; floats must also be
 # finite. (A strategy's knobs carry their ranges on its class: balancers.Knob.)
@@ -81,7 +81,8 @@ def parse_args(presets, argv=None):
                         "divide the number of processes and --n-experts (default: all processes)")
     g = p.add_argument_group("output")
     g.add_argument("--out", metavar="DIR", help="log.jsonl, summary.json and the checkpoint (ckpt.pt, an index, and its folder ckpt/) go here "
-                        "(default: runs/BALANCER)")
+                        "(default: a new runs/BALANCER/run-NNN for every run, runs/BALANCER/latest the newest; "
+                        "--resume continues the newest)")
     either = g.add_mutually_exclusive_group()     # "continue" and "start over" cannot both be meant
     either.add_argument("--resume", nargs="?", const=True, default=False, choices=["auto"],
                         help="continue from OUT/ckpt.pt; --resume auto: continue if OUT holds a checkpoint, "
@@ -100,7 +101,6 @@ def parse_args(presets, argv=None):
     for key, value in presets[args.preset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    args.out = args.out or os.path.join("runs", args.balancer)
     # By absolute path, so that sample.py finds the strategy from anywhere.
     args.imports = [os.path.abspath(f) if f.endswith(".py") else f for f in args.imports]
     return args

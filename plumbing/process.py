@@ -13,9 +13,9 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
 import balancers
-import moe
 
 from .files import first_line
+from .mesh import Mesh, MeshLayout
 
 
 @dataclass
@@ -29,11 +29,11 @@ class Proc:
     device: torch.device = torch.device("cpu")
     # Which experts this rank holds and whom it exchanges tokens with. One
     # process needs no groups; several get theirs in start().
-    mesh: "moe.Mesh | None" = None
+    mesh: Mesh | None = None
 
     def __post_init__(self):
         if self.mesh is None and self.world_size == 1:
-            self.mesh = moe.Mesh()
+            self.mesh = Mesh()
 
     @classmethod
     def from_env(cls, device="auto"):
@@ -87,18 +87,18 @@ class Proc:
         return self
 
     def form_mesh(self, ep_size):
-        """The process groups of moe.MeshLayout's grid, from PyTorch's own
+        """The process groups of MeshLayout's grid, from PyTorch's own
         DeviceMesh (a collective: every rank calls it). The groups it makes
         are checked against the layout the experts are assigned by, so the
         two can never disagree about who holds what."""
-        layout = moe.MeshLayout(self.world_size, ep_size)
+        layout = MeshLayout(self.world_size, ep_size)
         grid = init_device_mesh(self.device.type, (layout.dp_size, ep_size), mesh_dim_names=("dp", "ep"))
         ep_group, dp_group = grid["ep"].get_group(), grid["dp"].get_group()
         mine = [g for g in layout.ep_groups() if self.rank in g] + [g for g in layout.dp_groups() if self.rank in g]
         assert [dist.get_process_group_ranks(ep_group), dist.get_process_group_ranks(dp_group)] == mine, \
-            "init_device_mesh laid the ranks out differently from moe.MeshLayout"
+            "init_device_mesh laid the ranks out differently from MeshLayout"
         assert grid.get_local_rank("ep") == layout.ep_rank(self.rank)
-        return moe.Mesh(self.rank, self.world_size, ep_size, ep_group, dp_group, grid)
+        return Mesh(self.rank, self.world_size, ep_size, ep_group, dp_group, grid)
 
     @property
     def main(self):

@@ -19,6 +19,7 @@ from .files import cannot_write, finite_json, first_line, share_failure, write_a
 STAGE, SWAP, MOVES = ".next", ".swap", "MOVES"          # folders inside OUT, and the swap's list; see RunDir
 
 
+LATEST = "latest"          # without --out: runs/BALANCER/latest names the newest run folder
 RUN_FILES = ("summary.json", "log.jsonl", "ckpt", "ckpt.pt")   # in the order a swap replaces them
 
 
@@ -307,6 +308,41 @@ class RunDir:
         if self.lock:
             self.lock.close()
         self.logf = self.lock = self.stage = None
+
+
+def default_run_folder(balancer, resume, proc, root="runs"):
+    """Without --out: a new folder for every run, runs/BALANCER/run-001,
+    run-002, ..., so that running the same command again (after editing a
+    strategy, say) keeps the earlier run; runs/BALANCER/latest names the
+    newest, and `sample.py runs/BALANCER` finds it. --resume (and --resume
+    auto, if there is one) continues the newest. Rank 0 decides for all."""
+    family = Path(root) / balancer
+    answer = None
+    if proc.main:
+        latest = family / LATEST
+        if resume and latest.is_symlink() and latest.exists():
+            answer = str(family / os.readlink(latest))
+        elif resume is True:
+            answer = ValueError(f"--resume: no earlier run in {family}/ to continue; run without --resume "
+                                f"first, or name the run's folder with --out")
+        else:
+            numbers = [int(p.name[4:]) for p in family.glob("run-*") if p.name[4:].isdigit()]
+            answer = str(family / f"run-{max(numbers, default=0) + 1:03d}")
+    answer = proc.share(answer)
+    if isinstance(answer, ValueError):
+        raise answer
+    return answer
+
+
+def point_latest(out, proc):
+    """runs/BALANCER/latest -> this run's folder (a relative symlink, replaced
+    atomically). Rank 0 only."""
+    if not proc.main:
+        return
+    out = Path(out)
+    tmp = out.parent / f".{LATEST}.{uuid.uuid4().hex}.tmp"
+    os.symlink(out.name, tmp)
+    os.replace(tmp, out.parent / LATEST)
 
 
 def open_run_dir(out, proc, resume, overwrite):

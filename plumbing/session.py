@@ -13,7 +13,7 @@ from tqdm import tqdm
 import balancers
 
 from . import checkpoints
-from .cli import StopFlag
+from .commandline import StopFlag
 from .flags import check_resumable, trajectory
 from .rundir import new_run_id
 

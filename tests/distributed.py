@@ -1,5 +1,5 @@
-"""The multi-process tests' launcher: plumbing.spawn, which bench.py uses
-too. Spawned workers import this module (through the test module that
+"""The multi-process tests' launcher: plumbing.spawn, which lab/bench.py
+uses too. Spawned workers import this module (through the test module that
 imports it), so the test-only strategy is registered there as well; their
 sys.path is the parent's, which conftest.py set up."""
 

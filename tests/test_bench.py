@@ -1,4 +1,4 @@
-"""Smoke test of bench.py: it runs end to end on the tiny preset and writes
+"""Smoke test of lab/bench.py: it runs end to end on the tiny preset and writes
 every figure the README's Speed section quotes. No timing is asserted (the
 figures depend on the machine and on what else runs on it)."""
 
@@ -13,16 +13,16 @@ import pytest
 
 from balancers import BALANCERS
 
-# bench.py runs in its own process, which sees the strategies balancers.py
-# registers (not the test-only one conftest.py adds in this process).
-REGISTERED = {name for name, c in BALANCERS.items() if c.__module__ == "balancers"}
+# python -m lab.bench runs in its own process, which sees the strategies
+# the project registers (not the test-only one conftest.py adds in this process).
+REGISTERED = {name for name, c in BALANCERS.items() if c.__module__ != "toy_strategy"}
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def run_bench(tmp_path, *flags, expect=("MoE/dense", "MFU")):
     out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, "bench.py", "--preset", "tiny", "--repeats", "2", "--warmup", "0",
+    proc = subprocess.run([sys.executable, "-m", "lab.bench", "--preset", "tiny", "--repeats", "2", "--warmup", "0",
                            "--threads", "2", "--json", str(out), *flags],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -47,7 +47,7 @@ def test_bench_tiny_writes_every_figure(tmp_path):
     mem = r["peak_memory_mb"]
     assert positive(mem["train_step_1_process"]) and len(mem["train_step_2_processes"]) == 2
     assert positive(mem["bench_process"])
-    assert r["machine"]["threads"] == 2 and r["command"].startswith("python bench.py")
+    assert r["machine"]["threads"] == 2 and r["command"].startswith("python -m lab.bench --preset tiny")
     assert set(r["headline"]) == {"moe_over_dense_worst_token_choice", "mfu", "ep2_over_ep1", "experts_64_over_8"}
 
 
@@ -80,13 +80,12 @@ def test_bench_peers_compares_with_a_mask_loop_and_hugging_face_when_installed(t
 
 
 def test_peers_route_like_the_project_under_cpu_bf16_autocast():
-    """Under bf16 autocast (here the CPU's, as in gpu_check's dry run) every
+    """Under bf16 autocast (here the CPU's, as in lab.gpu_check's dry run) every
     peer's router runs in fp32 like the project's, so all pick the same
     experts and the outputs differ by bf16 rounding only (a few parts in a
     thousand of the largest value). A peer routing in bf16 picks other
     experts for some tokens and differs by more than half of it."""
-    sys.path.insert(0, str(ROOT))
-    import bench
+    from lab import bench
     import torch
     r, _ = bench.bench_peers(bench.peer_sizes("tiny"), warmup=0, repeats=1, device=torch.device("cpu"), bf16=True)
     assert r["tiny"]["autocast"] == "bf16"
@@ -95,11 +94,10 @@ def test_peers_route_like_the_project_under_cpu_bf16_autocast():
 
 
 def test_grouped_vs_loop_times_both_ways_and_reports_the_rules_pick():
-    """The measurements behind moe.py's CPU rule, on one small shape: both
+    """The measurements behind the CPU experts' rule (plumbing.kernels), on one small shape: both
     ways timed, the rule's pick named, and its cost over the faster way >= 1."""
-    sys.path.insert(0, str(ROOT))
-    import bench
-    from moe import grouped_mm_on_cpu
+    from lab import bench
+    from plumbing.kernels import grouped_mm_on_cpu
     if not grouped_mm_on_cpu():
         pytest.skip("torch._grouped_mm does not run on this CPU build: there is only the loop")
     r = bench.bench_grouped_vs_loop([(16, 4, 2, 8, 64)], warmup=0, repeats=2)
@@ -115,8 +113,7 @@ def test_no_rank_holds_more_than_its_own_experts_while_saving_or_resuming():
     (weights and AdamW moments): while saving and while resuming, no rank's
     resident memory rises by half of all experts' state. Gathering the
     experts onto rank 0 to write one file would raise rank 0's by all of it."""
-    sys.path.insert(0, str(ROOT))
-    import bench
+    from lab import bench
     cases = [c for c in bench.CKPT_CASES if c[0] in ("save 4 ranks ep 4", "resume 4 ranks ep 4")]
     r = bench.bench_checkpoint_memory(cases)
     whole = r["all_expert_state_mb"]

@@ -6,7 +6,7 @@ is skipped on a machine without one; on a GPU run
 
 The grouped-experts tests (and the bf16 causality test) also need PyTorch's
 fast grouped kernel, which moe.py uses on compute capability 9.x only (H100,
-H200; moe.grouped_mm_fast_on_cuda says why not 10.x); on other GPUs the
+H200; plumbing.kernels.grouped_mm_fast_on_cuda says why not 10.x); on other GPUs the
 experts take the loop and those tests say so in their skip reason."""
 
 from pathlib import Path
@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from balancers import BALANCERS
-from moe import GPT, Experts, GPTConfig, MoELayer, grouped_experts_bf16, grouped_mm_fast_on_cuda
+from moe import GPT, Experts, GPTConfig, MoELayer
+from plumbing.kernels import grouped_experts_bf16, grouped_mm_fast_on_cuda
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -12,6 +12,7 @@ import torch
 
 import data
 from data import DataError
+from plumbing import userdata
 
 # The fast tier: python -m pytest -m lesson
 pytestmark = pytest.mark.lesson
@@ -323,13 +324,13 @@ def test_data_dir_with_flat_files_makes_one_domain_per_file(tmp_path):
 
 def test_chunking_a_file_keeps_every_byte_and_prefers_blank_lines():
     text = b"".join(b"para %d " % i + b"w" * 200 + b"\n\n" for i in range(100))
-    chunks = data.chunk_text(text, target=1000)
+    chunks = userdata.chunk_text(text, target=1000)
     assert b"".join(chunks) == text
     assert len(chunks) > 10
     assert all(c.endswith(b"\n\n") for c in chunks)
     one_line = b"q" * 10_000  # no paragraph breaks at all
-    assert b"".join(data.chunk_text(one_line, 1000)) == one_line
-    assert len(data.chunk_text(one_line, 1000)) >= 5
+    assert b"".join(userdata.chunk_text(one_line, 1000)) == one_line
+    assert len(userdata.chunk_text(one_line, 1000)) >= 5
 
 
 # -----------------------------------------------------------------------------

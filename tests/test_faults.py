@@ -14,7 +14,7 @@ the proof that none of them loses data.
    The fifth, "a NaN step never replaces the last good checkpoint", is
    test_a_nan_step_never_replaces_the_last_good_checkpoint in test_train.py.
 3. Under torchrun, a bad flag stops both ranks with one line.
-4. bench.py, compare.py and exercises.run: the same standard, as a table.
+4. lab.bench, lab.compare and exercises.run: the same standard, as a table.
 5. The second round, named: an --overwrite killed at random moments, an
    interrupted swap, stale files, output flags on resume, changed data, a
    real full disk (tmpfs, as root), ranks or nodes started differently, and
@@ -47,11 +47,10 @@ import pytest
 import torch
 import torch.distributed.checkpoint
 
-import bench
-from lab import compare
 import data
 import plumbing
 import train
+from lab import bench, compare
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--preset", "tiny"]

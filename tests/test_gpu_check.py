@@ -1,4 +1,4 @@
-"""gpu_check.py, proven end to end on the CPU: `--device cpu --quick` runs
+"""lab/gpu_check.py, proven end to end on the CPU: `--device cpu --quick` runs
 every step at toy sizes and writes gpu.json and the table; a step past its
 budget is stopped, a failing one recorded, and bad flags are one line. No
 timing is asserted (the figures of a toy run mean nothing)."""
@@ -16,14 +16,14 @@ from pathlib import Path
 import pytest
 import torch
 
-import gpu_check
 import plumbing
 from balancers import BALANCERS
+from lab import gpu_check
 
 ROOT = Path(__file__).resolve().parent.parent
-# gpu_check.py runs in its own process, which sees the strategies balancers.py
-# registers (not the test-only one conftest.py adds in this process).
-REGISTERED = {name for name, c in BALANCERS.items() if c.__module__ == "balancers"}
+# python -m lab.gpu_check runs in its own process, which sees the strategies
+# the project registers (not the test-only one conftest.py adds in this process).
+REGISTERED = {name for name, c in BALANCERS.items() if c.__module__ != "toy_strategy"}
 STEPS = ["cuda_tests", "matmul_peak", "moe_vs_dense", "moe_vs_peers", "train_default", "train_gpu"]
 PUBLISHED = [ROOT / "results" / "gpu.json", ROOT / "docs" / "gpu.md"]
 # The steps below that run in a process of their own run no torch op, so
@@ -46,8 +46,9 @@ def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu_check")
     before = snapshot(PUBLISHED)
     t0 = time.time()
-    proc = subprocess.run([sys.executable, "gpu_check.py", "--device", "cpu", "--quick", "--out", str(out / "out"),
-                           "--logs", str(out / "logs")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "lab.gpu_check", "--device", "cpu", "--quick",
+                           "--out", str(out / "out"), "--logs", str(out / "logs")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     return proc, out, time.time() - t0, before
 
 
@@ -56,7 +57,7 @@ def test_quick_cpu_run_passes_every_step_and_writes_every_figure(quick_run):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r = json.loads((out / "out" / "gpu.json").read_text())
     assert set(r) >= {"command", "quick", "date", "device", "budget_s", "steps", "figures", "wall_time_s"}
-    assert r["quick"] and r["command"].startswith("python gpu_check.py --device cpu --quick")
+    assert r["quick"] and r["command"].startswith("python -m lab.gpu_check --device cpu --quick")
     assert r["device"]["device"] == "cpu" and r["device"]["torch"] == torch.__version__
     assert list(r["steps"]) == STEPS
     for name, step in r["steps"].items():

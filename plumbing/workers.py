@@ -1,5 +1,5 @@
 """
-plumbing/spawn.py -- start N local processes joined by gloo (the tests,
+plumbing/workers.py -- start N local processes joined by gloo (the tests,
 bench).
 """
 
@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from .cli import leave
+from .commandline import leave
 
 
 def free_port():

@@ -1,5 +1,5 @@
 """
-plumbing/cli.py -- stopping cleanly (SIGTERM or Ctrl-C: finish the step,
+plumbing/commandline.py -- stopping cleanly (SIGTERM or Ctrl-C: finish the step,
 save, exit, every rank at the same step) and the command line: user mistakes
 as one line and exit code 2, --help's defaults, the memory check, and
 processes that used torch.distributed leaving without the teardown.

@@ -1,12 +1,15 @@
 """
-bench.py -- how fast is the MoE, and where does the time go?
+lab/bench.py -- how fast is the MoE, and where does the time go?
 
-    python bench.py                  # every figure, default preset (about 40 s on 2 idle cores)
-    python bench.py --quick          # the two headline figures only (about 13 s)
-    python bench.py --json out.json  # also write the figures to a file
-    python bench.py --peers          # only the comparison with other MoE layers (2 to 3 minutes)
-    python bench.py --grouped-vs-loop  # only the measurements behind moe.py's CPU rule (about a minute)
-    python bench.py --checkpoint-memory  # only each rank's memory while saving and resuming (about a minute)
+    python -m lab.bench                  # every figure, default preset (about 40 s on 2 idle cores)
+    python -m lab.bench --quick          # the two headline figures only (about 13 s)
+    python -m lab.bench --json out.json  # also write the figures to a file
+    python -m lab.bench --peers          # only the comparison with other MoE layers (2 to 3 minutes)
+    python -m lab.bench --grouped-vs-loop  # only the measurements behind the CPU experts' rule (about a minute)
+    python -m lab.bench --checkpoint-memory  # only each rank's memory while saving and resuming (about a minute)
+
+Run it from the repository root, where the lesson's modules (train.py,
+moe.py, ...) import as they do for train.py.
 
 It prints a table and measures, all in one run:
 
@@ -53,6 +56,7 @@ average before and after is printed: on a busy machine, run it again.
 """
 
 import argparse
+import dataclasses
 import functools
 import gc
 import json
@@ -74,8 +78,8 @@ import plumbing
 import train
 from balancers import BALANCERS
 from data import Corpus
-from moe import (GPT, GPTConfig, MoELayer, grouped_experts_cpu, grouped_is_faster_on_cpu, grouped_mm_on_cpu,
-                 is_expert_param, swiglu)
+from moe import GPT, GPTConfig, MoELayer, is_expert_param, swiglu
+from plumbing.kernels import grouped_experts_cpu, grouped_is_faster_on_cpu, grouped_mm_on_cpu
 
 STRATEGIES = list(BALANCERS)
 TOKEN_CHOICE = [s for s in STRATEGIES if BALANCERS[s].token_choice]
@@ -535,7 +539,7 @@ def bench_peers(sizes, warmup, repeats, device, bf16=None):
 # 6. The experts on CPU: the loop or the grouped way, by shape.
 #
 # The two ways compute the same bits (tests/test_moe.py); which one is faster
-# depends on the shape, and moe.grouped_is_faster_on_cpu picks by a rule.
+# depends on the shape, and plumbing.kernels.grouped_is_faster_on_cpu picks by a rule.
 # This measures both ways on rows already routed and sorted, and whether the
 # rule picked the faster one.
 
@@ -720,8 +724,9 @@ def ckpt_worker(rank, world_size, ep_size, folder, load):
         opt.step()
         opt.zero_grad(set_to_none=True)
         gc.collect()
+        meta = {"config": dataclasses.asdict(plumbing.model_config(args))}
         with PeakRSS() as m:
-            plumbing.save_checkpoint(index, model, opt, 1, {"config": train.asdict(plumbing.model_config(args))}, proc)
+            plumbing.save_checkpoint(index, model, opt, 1, meta, proc)
     return {"rise_mb": (m.peak - m.start) / 2**20, "kept_mb": (m.end - m.start) / 2**20,
             "own_expert_state_mb": expert_state_bytes(model) / 2**20}
 
@@ -828,7 +833,7 @@ def main(argv=None):
     corpus = random_corpus()
     cfg_args = make_args(args.preset, args.balancer)
     cfg = plumbing.model_config(cfg_args)
-    report = {"command": "python " + shlex.join([Path(sys.argv[0]).name, *(sys.argv[1:] if argv is None else argv)]),
+    report = {"command": " ".join(["python -m lab.bench", *map(shlex.quote, sys.argv[1:] if argv is None else argv)]),
               "machine": machine_info(device, args.threads), "load_before": load_average(),
               "config": {"preset": args.preset, "balancer": args.balancer, "n_layers": cfg.n_layers,
                          "d_model": cfg.d_model, "n_experts": cfg.n_experts, "top_k": cfg.top_k,
@@ -907,7 +912,7 @@ def run_peers(report, args, device, t_start):
 
 
 def run_grouped_vs_loop(report, args, t_start):
-    """`--grouped-vs-loop`: the measurements behind moe.py's CPU rule."""
+    """`--grouped-vs-loop`: the measurements behind the CPU experts' rule (plumbing.kernels)."""
     if not grouped_mm_on_cpu():
         print("this PyTorch has no torch._grouped_mm on CPU: the experts always take the loop; nothing to compare")
         return 0

@@ -1,8 +1,9 @@
 """
-gpu_check.py -- the project's GPU path, checked in one command.
+lab/gpu_check.py -- the project's GPU path, checked in one command, run from
+the repository root:
 
-    python gpu_check.py                       # on a CUDA machine: at most 8 minutes
-    python gpu_check.py --device cpu --quick  # the same steps at toy sizes, in seconds
+    python -m lab.gpu_check                       # on a CUDA machine: at most 8 minutes
+    python -m lab.gpu_check --device cpu --quick  # the same steps at toy sizes, in seconds
 
 Six steps, each in a fresh process with its own time budget. A step that runs
 past its budget is stopped, recorded as "overran", and the next one starts; a
@@ -13,9 +14,9 @@ run of the command always ends with a report, whatever broke.
                  and bf16-vs-fp32 training on the device), output captured
   matmul_peak    the throughput of a large square matmul, bf16 on a GPU (fp32
                  on a CPU): the peak that MFU is measured against
-  moe_vs_dense   bench.bench_layers: the MoE layer's forward+backward over a
+  moe_vs_dense   lab.bench.bench_layers: the MoE layer's forward+backward over a
                  dense SwiGLU of the same active width, for every strategy
-  moe_vs_peers   bench.bench_peers: other MoE layers (a textbook mask loop,
+  moe_vs_peers   lab.bench.bench_peers: other MoE layers (a textbook mask loop,
                  and Hugging Face's Qwen3-MoE block when transformers is
                  installed) over the project's, on the same weights, under
                  bf16 autocast (on the CPU too)
@@ -45,15 +46,15 @@ from pathlib import Path
 
 import torch
 
-import bench
 import plumbing
 import train
+from lab import bench
 from moe import GPT
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent.parent      # the repository root: docs/, results/, tests/
 DOCS = ROOT / "docs" / "gpu.md"
-TABLE_BEGIN = "<!-- the table below is written by gpu_check.py: do not edit it by hand -->"
-TABLE_END = "<!-- end of the gpu_check.py table -->"
+TABLE_BEGIN = "<!-- the table below is written by lab/gpu_check.py: do not edit it by hand -->"
+TABLE_END = "<!-- end of the lab/gpu_check.py table -->"
 STARTED = time.time()        # the total budget counts from here (importing torch, before, takes seconds)
 
 
@@ -65,7 +66,7 @@ class Plan:
     budgets: dict            # step name -> seconds it may take, start of its process included
     total_budget: float      # seconds for the whole command
     matmul_size: int
-    layer_preset: str        # the preset whose MoE layer and batch bench.py measures
+    layer_preset: str        # the preset whose MoE layer and batch lab/bench.py measures
     warmup: int              # untimed repeats of a layer first
     repeats: int             # timed repeats of a layer (the large peer size gets an eighth)
     train_runs: dict         # step name -> (train.py flags, warm-up steps left out of the timing)
@@ -147,7 +148,7 @@ def moe_vs_dense(plan, device, logs):
 
 
 def moe_vs_peers(plan, device, logs):
-    """As `bench.py --peers`: the large size is slow for the peers' loops, so
+    """As `python -m lab.bench --peers`: the large size is slow for the peers' loops, so
     it gets an eighth of the rounds, at least 3. Under bf16 autocast on a
     CPU too: the dry run then meets what bf16 does to the comparison (a
     peer whose router ran in bf16 picked other experts than the project's
@@ -269,11 +270,14 @@ class StepFailed(Exception):
 # collective) can be killed without losing the others. The processes fork
 # from a server that imported torch once ("forkserver"): a step starts in a
 # fraction of a second instead of importing torch again, and the server never
-# touches CUDA, so every fork may.
+# touches CUDA, so every fork may. The server imports what this module
+# imports, not this module: under `python -m lab.gpu_check` each step's
+# process runs it afresh as its __main__ (to find the step by name), and a
+# copy already imported would make runpy warn in every step.
 
 def context():
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["gpu_check"])
+    ctx.set_forkserver_preload(["torch", "plumbing", "train", "lab.bench", "moe"])
     return ctx
 
 
@@ -509,7 +513,7 @@ def main(argv=None):
     deadline = STARTED + total
     for folder in (args.out, args.logs):
         folder.mkdir(parents=True, exist_ok=True)
-    report = {"command": "python " + shlex.join(["gpu_check.py", *args.argv]), "quick": args.quick,
+    report = {"command": " ".join(["python -m lab.gpu_check", *map(shlex.quote, args.argv)]), "quick": args.quick,
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "device": device_info(args.device),
               "budget_s": total, "logs": str(args.logs), "steps": {}}
     print(f"gpu_check on {report['device']['name']} ({args.device}), torch {torch.__version__}, "
