@@ -16,11 +16,11 @@ classes -- is reading the difference between the papers:
                                the training loop logs, saves and checks
 
   none           plain top-k, no balancing: the baseline that collapses
+  lossfree       Loss-Free Balancing: an expert-wise bias that only steers the
+                 top-k choice (Wang et al. 2024), the default
   aux            Switch/GShard auxiliary loss over small balance groups
   global_aux     the same loss with the counts taken over the global batch
                  (Qiu et al. 2025, "Demons in the Detail")
-  lossfree       Loss-Free Balancing: an expert-wise bias that only steers the
-                 top-k choice (Wang et al. 2024)
   seq_aux        lossfree plus a tiny per-sequence aux loss (DeepSeek-V3)
   expert_choice  each expert picks its top-C tokens (Zhou et al. 2022):
                  balanced by construction, but it peeks at future tokens
@@ -45,7 +45,6 @@ import torch.nn as nn
 
 from plumbing.knobs import (all_knobs, check_registration, check_settings, check_strategy,  # noqa: F401
                             import_strategies, knob_flag, name_of)
-
 
 @dataclass(frozen=True)
 class Knob:
@@ -81,7 +80,7 @@ class Routing:
 
 
 # ----------------------------------------------------------------------------
-# Shared pieces: the gate, token-choice top-k, and the Switch loss formula.
+# Shared pieces: the gate, token-choice top-k, exact counts, the z-loss.
 
 def gate_scores(logits, gate):
     """s_{i,t} = G(u_t . e_i). Softmax makes experts compete for a token;
@@ -108,19 +107,6 @@ def top_k_routing(logits, scores, k, choice_bias=None):
     return Routing(token_idx, expert_idx.reshape(-1), weight.reshape(-1), probs, logits)
 
 
-def counts_per_group(routing, group_tokens, n_experts, position=None):
-    """Exact integer count of assignments per (group, expert): shape [G, E].
-    Integers on purpose: a low-precision count can flip the sign of a small
-    difference (one shipped lossfree implementation did exactly that).
-    `position[t]`: where token t sits in the order that is cut into groups
-    (default: the tokens' own order, so a group is whole sequences)."""
-    n_groups = routing.probs.shape[0] * routing.probs.shape[1] // group_tokens
-    slot = routing.token_idx if position is None else position[routing.token_idx]
-    group = slot // group_tokens
-    flat = count_per_expert(group * n_experts + routing.expert_idx, n_groups * n_experts)
-    return flat.view(n_groups, n_experts)
-
-
 def count_per_expert(expert_idx, n_experts):
     """How many assignments each expert got: [n_experts] integers, what
     torch.bincount(expert_idx, minlength=n_experts) gives.
@@ -132,29 +118,6 @@ def count_per_expert(expert_idx, n_experts):
     (Integer adds, so the order they land in changes nothing.)"""
     counts = torch.zeros(n_experts, dtype=torch.long, device=expert_idx.device)
     return counts.scatter_add_(0, expert_idx, torch.ones_like(expert_idx))
-
-
-def switch_loss(counts, scores):
-    """N_E * sum_i f_i * P_i per group (Fedus et al. 2021, Sec. 2.2), averaged
-    over groups. counts [G, E]; scores [G, n, E], the per-token scores whose
-    mean is P. f is a count, P carries the gradient. f is normalised by k*T so
-    it sums to 1, which makes a uniform softmax router (P_i = 1/E) score
-    exactly 1, whatever f is."""
-    n_experts = scores.shape[-1]
-    f = counts.float() / counts.sum(-1, keepdim=True).clamp(min=1)   # [G, E]
-    P = scores.mean(dim=1)                                            # [G, E]
-    return n_experts * (f * P).sum(-1).mean()
-
-
-def unbiased_counts(routing, k, group_tokens):
-    """Per (group, expert) counts of the top-k of the *unbiased* scores: the
-    1(s_{i,t} in Topk({s_{j,t}}, K)) of DeepSeek-V3 Eq. 18. Under lossfree the
-    experts actually chosen are the top-k of s + b; counting those instead
-    would make the loss push against the bias that balances the load."""
-    B, T, E = routing.probs.shape
-    top = routing.probs.detach().topk(k, dim=-1).indices.reshape(-1, group_tokens * k)   # [G, n*k]
-    return torch.zeros(top.shape[0], E, dtype=torch.long, device=top.device).scatter_add_(
-        1, top, torch.ones_like(top))
 
 
 def router_z_loss(logits):
@@ -173,28 +136,8 @@ def all_reduce(t, world_size, op="sum"):
     return t
 
 
-def fresh_permutation(n, steps_done, draw, training, device):
-    """A permutation of n tokens that is new for every optimizer step and every
-    call within it, and never one that training used when evaluating. Seeded
-    by (steps done, training or evaluation, draw) so that a resumed run draws
-    exactly what an uninterrupted one would. One fixed permutation for every
-    call would make a shuffled model's evaluation its training regime."""
-    seed = ((int(steps_done) * 2 + (0 if training else 1)) << 20) + draw
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(device)
-
-
-def groups_of(n_seqs, group_seqs, flag):
-    """How many groups of `group_seqs` sequences the local batch makes. A group
-    that straddles two micro-batches cannot be formed: refuse, naming the flag,
-    rather than silently use a smaller group."""
-    if n_seqs % group_seqs:
-        raise ValueError(f"--{flag.replace('_', '-')} {group_seqs} must divide the {n_seqs} sequences "
-                         f"each process sees per micro-step")
-    return n_seqs // group_seqs
-
-
 # ----------------------------------------------------------------------------
-# The strategies.
+# The interface every strategy fills in.
 #
 # Each class says what it is (`paper`, `summary`), which knobs it reads
 # (`knobs`: name -> Knob, with the default and the range), and whether it is
@@ -264,123 +207,14 @@ class Balancer(nn.Module):
         return dict(self.state_dict())
 
 
-class Shuffling(Balancer):
-    """A strategy that may regroup tokens at random (aux's balance_shuffle,
-    expert choice's route_shuffle). It counts optimizer steps (state, saved
-    with the checkpoint) and the draws made since the last one, separately
-    for training and evaluation, so evaluating never changes what training
-    draws next."""
-
-    def __init__(self, n_experts, top_k, knobs=None, world_size=1):
-        super().__init__(n_experts, top_k, knobs, world_size)
-        self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
-        self.draws = {True: 0, False: 0}
-
-    def permutation(self, n, device):
-        draw = self.draws[self.training]
-        self.draws[self.training] += 1
-        return fresh_permutation(n, self.steps_done, draw, self.training, device)
-
-    def step(self, load):
-        self.steps_done += 1
-        self.draws = {True: 0, False: 0}
-
-
 class NoBalancing(Balancer):
     """`none`: plain top-k over softmax scores. Nothing stops the rich-get-richer
     loop, so MaxVio typically climbs and some experts starve: the baseline."""
     summary = "plain top-k, no balancing: the baseline that collapses"
 
 
-class AuxLoss(Shuffling):
-    """`aux`: the auxiliary load-balancing loss (Fedus et al. 2021, Sec. 2.2;
-    Lepikhin et al. 2020).
-
-        LBL = alpha * N_E * sum_i f_i * P_i,  alpha = 1e-2 (Switch)
-
-    computed per layer over *balance groups* of `balance_seqs` sequences and
-    averaged over groups; GPT.forward adds every layer's loss, each with the
-    full alpha (Switch Sec. 2.2). P_i is the mean of the gate's own scores
-    s_{i,t}: the softmax probabilities, or under the sigmoid gate the raw
-    sigmoid scores of Wang et al. 2024, Eq. 2 (not renormalised per token).
-    In a large run the group is the micro-batch of one device; here it is a
-    fixed number of sequences, so the result does not
-    depend on how a global batch is split over processes. With few sequences
-    per group the loss asks every sequence to spread evenly over experts, which
-    is what Qiu et al. 2025 show blocks domain specialisation.
-
-    balance_shuffle is Qiu et al.'s control (Table 2, Shuffle LBL_micro): each
-    group holds as many tokens as before, but drawn at random from the whole
-    micro-batch (a fresh draw every step), so it has the diversity of the
-    larger batch and the token count of the small group."""
-    paper = "Fedus et al. 2021 (Switch), Lepikhin et al. 2020 (GShard)"
-    summary = "aux loss alpha * E * sum_i f_i P_i over balance groups"
-    knobs = dict(Balancer.knobs, alpha=ALPHA,
-                 balance_seqs=Knob(2, "sequences per balance group (Qiu et al.'s balance batch)", low=1,
-                                   divides_batch=True),
-                 balance_shuffle=Knob(False, "fill each balance group with --balance-seqs sequences' worth of "
-                                             "tokens drawn at random from the whole micro-batch, a fresh draw "
-                                             "every step (Qiu et al. Table 2's Shuffle LBL_micro)"))
-
-    def route(self, logits):
-        groups_of(logits.shape[0], self.cfg.balance_seqs, "balance_seqs")
-        return Balancer.route(self, logits)
-
-    def loss(self, routing):
-        B, T, E = routing.probs.shape
-        group_tokens = self.cfg.balance_seqs * T
-        scores = own_scores(routing, self.cfg.gate).reshape(B * T, E)
-        position = None
-        if self.cfg.balance_shuffle:
-            order = self.permutation(B * T, scores.device)          # order[j]: the token in slot j
-            position = torch.argsort(order)                           # position[t]: token t's slot
-            scores = scores[order]
-        counts = counts_per_group(routing, group_tokens, E, position)
-        return self.cfg.alpha * switch_loss(counts, scores.reshape(-1, group_tokens, E))
-
-
-def own_scores(routing, gate):
-    """The gate's own scores s_{i,t} = G(u_t . e_i), whose mean is the aux
-    loss's P (Wang et al. 2024, Eq. 2: P_i = (1/T) sum_t s_{i,t})."""
-    return gate_scores(routing.logits, gate)
-
-
-class GlobalAuxLoss(Balancer):
-    """`global_aux`: the global-batch auxiliary loss (Qiu et al. 2025, Eq. 5 and
-    Algorithm 1).
-
-        LBL_global = alpha * N_E * sum_i fbar_i * P_i^j
-
-    Same formula, but fbar counts the selections of the *whole global batch*:
-    one all-reduce of N_E integers per layer brings in every rank's counts, and
-    a buffer adds up the micro-steps of gradient accumulation seen so far (so
-    at the last micro-step f is exactly the global batch's). P stays local to
-    the rank; averaging gradients over ranks then gives (1/N_P) sum_j, i.e. the
-    loss does not shrink as ranks are added. The buffer is reset by step().
-    A code sequence may now use "code experts" as long as the batch as a whole
-    is balanced."""
-    paper = "Qiu et al. 2025, \"Demons in the Detail\""
-    summary = "the same aux loss with f counted over the global batch"
-    knobs = dict(Balancer.knobs, alpha=ALPHA)          # as aux (Qiu et al. used 0.008)
-    accum_invariant = False     # an early micro-step sees only the counts so far (Alg. 1's approximation)
-
-    def __init__(self, n_experts, top_k, knobs=None, world_size=1):
-        super().__init__(n_experts, top_k, knobs, world_size)
-        # Scratch space within one optimizer step (zero again after step()),
-        # so it need not be saved: persistent=False.
-        self.register_buffer("seen", torch.zeros(n_experts, dtype=torch.long), persistent=False)
-
-    def loss(self, routing):
-        E = self.n_experts
-        counts = count_per_expert(routing.expert_idx, E)
-        if self.training:  # evaluation must not pollute the training buffer
-            self.seen += all_reduce(counts, self.world_size)
-            counts = self.seen
-        return self.cfg.alpha * switch_loss(counts[None], own_scores(routing, self.cfg.gate).reshape(1, -1, E))
-
-    def step(self, load):
-        self.seen.zero_()
-
+# ----------------------------------------------------------------------------
+# Loss-Free Balancing: steer the choice with a bias, add no loss.
 
 class LossFree(Balancer):
     """`lossfree`: Loss-Free Balancing (Wang et al. 2024, Algorithm 1).
@@ -427,6 +261,178 @@ class LossFree(Balancer):
             self.bias += self.cfg.bias_rate * error / load.mean().clamp(min=1)
 
 
+# ----------------------------------------------------------------------------
+# Auxiliary losses: the Switch formula over balance groups, the global batch,
+# or one sequence.
+
+def switch_loss(counts, scores):
+    """N_E * sum_i f_i * P_i per group (Fedus et al. 2021, Sec. 2.2), averaged
+    over groups. counts [G, E]; scores [G, n, E], the per-token scores whose
+    mean is P. f is a count, P carries the gradient. f is normalised by k*T so
+    it sums to 1, which makes a uniform softmax router (P_i = 1/E) score
+    exactly 1, whatever f is."""
+    n_experts = scores.shape[-1]
+    f = counts.float() / counts.sum(-1, keepdim=True).clamp(min=1)   # [G, E]
+    P = scores.mean(dim=1)                                            # [G, E]
+    return n_experts * (f * P).sum(-1).mean()
+
+
+def counts_per_group(routing, group_tokens, n_experts, position=None):
+    """Exact integer count of assignments per (group, expert): shape [G, E].
+    Integers on purpose: a low-precision count can flip the sign of a small
+    difference (one shipped lossfree implementation did exactly that).
+    `position[t]`: where token t sits in the order that is cut into groups
+    (default: the tokens' own order, so a group is whole sequences)."""
+    n_groups = routing.probs.shape[0] * routing.probs.shape[1] // group_tokens
+    slot = routing.token_idx if position is None else position[routing.token_idx]
+    group = slot // group_tokens
+    flat = count_per_expert(group * n_experts + routing.expert_idx, n_groups * n_experts)
+    return flat.view(n_groups, n_experts)
+
+
+def groups_of(n_seqs, group_seqs, flag):
+    """How many groups of `group_seqs` sequences the local batch makes. A group
+    that straddles two micro-batches cannot be formed: refuse, naming the flag,
+    rather than silently use a smaller group."""
+    if n_seqs % group_seqs:
+        raise ValueError(f"--{flag.replace('_', '-')} {group_seqs} must divide the {n_seqs} sequences "
+                         f"each process sees per micro-step")
+    return n_seqs // group_seqs
+
+
+def fresh_permutation(n, steps_done, draw, training, device):
+    """A permutation of n tokens that is new for every optimizer step and every
+    call within it, and never one that training used when evaluating. Seeded
+    by (steps done, training or evaluation, draw) so that a resumed run draws
+    exactly what an uninterrupted one would. One fixed permutation for every
+    call would make a shuffled model's evaluation its training regime."""
+    seed = ((int(steps_done) * 2 + (0 if training else 1)) << 20) + draw
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(device)
+
+
+class RegroupsTokens(Balancer):
+    """A strategy that may regroup tokens at random (aux's balance_shuffle,
+    expert choice's route_shuffle). It counts optimizer steps (state, saved
+    with the checkpoint) and the draws made since the last one, separately
+    for training and evaluation, so evaluating never changes what training
+    draws next."""
+
+    def __init__(self, n_experts, top_k, knobs=None, world_size=1):
+        super().__init__(n_experts, top_k, knobs, world_size)
+        self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
+        self.draws = {True: 0, False: 0}
+
+    def permutation(self, n, device):
+        draw = self.draws[self.training]
+        self.draws[self.training] += 1
+        return fresh_permutation(n, self.steps_done, draw, self.training, device)
+
+    def step(self, load):
+        self.steps_done += 1
+        self.draws = {True: 0, False: 0}
+
+
+def own_scores(routing, gate):
+    """The gate's own scores s_{i,t} = G(u_t . e_i), whose mean is the aux
+    loss's P (Wang et al. 2024, Eq. 2: P_i = (1/T) sum_t s_{i,t})."""
+    return gate_scores(routing.logits, gate)
+
+
+class AuxLoss(RegroupsTokens):
+    """`aux`: the auxiliary load-balancing loss (Fedus et al. 2021, Sec. 2.2;
+    Lepikhin et al. 2020).
+
+        LBL = alpha * N_E * sum_i f_i * P_i,  alpha = 1e-2 (Switch)
+
+    computed per layer over *balance groups* of `balance_seqs` sequences and
+    averaged over groups; GPT.forward adds every layer's loss, each with the
+    full alpha (Switch Sec. 2.2). P_i is the mean of the gate's own scores
+    s_{i,t}: the softmax probabilities, or under the sigmoid gate the raw
+    sigmoid scores of Wang et al. 2024, Eq. 2 (not renormalised per token).
+    In a large run the group is the micro-batch of one device; here it is a
+    fixed number of sequences, so the result does not
+    depend on how a global batch is split over processes. With few sequences
+    per group the loss asks every sequence to spread evenly over experts, which
+    is what Qiu et al. 2025 show blocks domain specialisation.
+
+    balance_shuffle is Qiu et al.'s control (Table 2, Shuffle LBL_micro): each
+    group holds as many tokens as before, but drawn at random from the whole
+    micro-batch (a fresh draw every step), so it has the diversity of the
+    larger batch and the token count of the small group."""
+    paper = "Fedus et al. 2021 (Switch), Lepikhin et al. 2020 (GShard)"
+    summary = "aux loss alpha * E * sum_i f_i P_i over balance groups"
+    knobs = dict(Balancer.knobs, alpha=ALPHA,
+                 balance_seqs=Knob(2, "sequences per balance group (Qiu et al.'s balance batch)", low=1,
+                                   divides_batch=True),
+                 balance_shuffle=Knob(False, "fill each balance group with --balance-seqs sequences' worth of "
+                                             "tokens drawn at random from the whole micro-batch, a fresh draw "
+                                             "every step (Qiu et al. Table 2's Shuffle LBL_micro)"))
+
+    def route(self, logits):
+        groups_of(logits.shape[0], self.cfg.balance_seqs, "balance_seqs")
+        return Balancer.route(self, logits)
+
+    def loss(self, routing):
+        B, T, E = routing.probs.shape
+        group_tokens = self.cfg.balance_seqs * T
+        scores = own_scores(routing, self.cfg.gate).reshape(B * T, E)
+        position = None
+        if self.cfg.balance_shuffle:
+            order = self.permutation(B * T, scores.device)          # order[j]: the token in slot j
+            position = torch.argsort(order)                           # position[t]: token t's slot
+            scores = scores[order]
+        counts = counts_per_group(routing, group_tokens, E, position)
+        return self.cfg.alpha * switch_loss(counts, scores.reshape(-1, group_tokens, E))
+
+
+class GlobalAuxLoss(Balancer):
+    """`global_aux`: the global-batch auxiliary loss (Qiu et al. 2025, Eq. 5 and
+    Algorithm 1).
+
+        LBL_global = alpha * N_E * sum_i fbar_i * P_i^j
+
+    Same formula, but fbar counts the selections of the *whole global batch*:
+    one all-reduce of N_E integers per layer brings in every rank's counts, and
+    a buffer adds up the micro-steps of gradient accumulation seen so far (so
+    at the last micro-step f is exactly the global batch's). P stays local to
+    the rank; averaging gradients over ranks then gives (1/N_P) sum_j, i.e. the
+    loss does not shrink as ranks are added. The buffer is reset by step().
+    A code sequence may now use "code experts" as long as the batch as a whole
+    is balanced."""
+    paper = "Qiu et al. 2025, \"Demons in the Detail\""
+    summary = "the same aux loss with f counted over the global batch"
+    knobs = dict(Balancer.knobs, alpha=ALPHA)          # as aux (Qiu et al. used 0.008)
+    accum_invariant = False     # an early micro-step sees only the counts so far (Alg. 1's approximation)
+
+    def __init__(self, n_experts, top_k, knobs=None, world_size=1):
+        super().__init__(n_experts, top_k, knobs, world_size)
+        # Scratch space within one optimizer step (zero again after step()),
+        # so it need not be saved: persistent=False.
+        self.register_buffer("seen", torch.zeros(n_experts, dtype=torch.long), persistent=False)
+
+    def loss(self, routing):
+        E = self.n_experts
+        counts = count_per_expert(routing.expert_idx, E)
+        if self.training:  # evaluation must not pollute the training buffer
+            self.seen += all_reduce(counts, self.world_size)
+            counts = self.seen
+        return self.cfg.alpha * switch_loss(counts[None], own_scores(routing, self.cfg.gate).reshape(1, -1, E))
+
+    def step(self, load):
+        self.seen.zero_()
+
+
+def unbiased_counts(routing, k, group_tokens):
+    """Per (group, expert) counts of the top-k of the *unbiased* scores: the
+    1(s_{i,t} in Topk({s_{j,t}}, K)) of DeepSeek-V3 Eq. 18. Under lossfree the
+    experts actually chosen are the top-k of s + b; counting those instead
+    would make the loss push against the bias that balances the load."""
+    B, T, E = routing.probs.shape
+    top = routing.probs.detach().topk(k, dim=-1).indices.reshape(-1, group_tokens * k)   # [G, n*k]
+    return torch.zeros(top.shape[0], E, dtype=torch.long, device=top.device).scatter_add_(
+        1, top, torch.ones_like(top))
+
+
 class SeqAuxLossFree(LossFree):
     """`seq_aux`: DeepSeek-V3's recipe (DeepSeek-AI 2024, Sec. 2.1.2): lossfree
     routing plus a tiny auxiliary loss computed *within each sequence*
@@ -446,7 +452,10 @@ class SeqAuxLossFree(LossFree):
         return self.cfg.alpha * switch_loss(counts, routing.probs)
 
 
-class ExpertChoice(Shuffling):
+# ----------------------------------------------------------------------------
+# Expert choice: the experts pick the tokens.
+
+class ExpertChoice(RegroupsTokens):
     """`expert_choice`: Expert Choice routing (Zhou et al. 2022, Sec. 3.2).
 
     The roles flip: S = softmax(X W_g) over experts, and each *expert* takes the

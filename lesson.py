@@ -70,7 +70,7 @@ if sys.argv[1:] in (["--build"], ["--check"]):
 # A Mixture-of-Experts layer sends every token to a few of its experts. Left alone, the router
 # sends most tokens to a few experts, which then learn faster and attract even more tokens. This
 # notebook walks through the project's answers, importing its files (`moe.py`, `balancers.py`,
-# `train.py`, `show_routing.py`, `sample.py`) rather than copying them:
+# `train.py`, `lab/show_routing.py`, `sample.py`) rather than copying them:
 #
 # 1. the router and top-k on a toy batch;
 # 2. the auxiliary loss of Switch Transformer computed by hand, and checked against `balancers.py`;
@@ -261,7 +261,7 @@ for name, model in models.items():
 # %% [markdown]
 # ## 5. Which expert did each byte go to?
 #
-# `show_routing.py` colours every byte of a code, a math and a prose sample by its top-1 expert,
+# `lab/show_routing.py` colours every byte of a code, a math and a prose sample by its top-1 expert,
 # one column per run, with how often each domain uses each expert below (Qiu et al. 2025, Fig. 1b).
 # It writes `routing.html` (hover a byte for all its experts) and `routing.png` next to the first
 # checkpoint.

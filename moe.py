@@ -237,6 +237,9 @@ class MoELayer(nn.Module):
         # Assignments per expert counted over the current optimizer step, in
         # training mode only (evaluation must not steer the lossfree bias).
         self.register_buffer("load", torch.zeros(cfg.n_experts, dtype=torch.long), persistent=False)
+        # The same step's router entropy for the health figures (plumbing/health.py):
+        # the sum over tokens of each token's entropy, and how many tokens.
+        self.register_buffer("entropy", torch.zeros(2, dtype=torch.float64), persistent=False)
 
     def forward(self, x):
         """x: [B, T, d]. Returns y, the strategy's loss and the routing. Under
@@ -249,6 +252,8 @@ class MoELayer(nn.Module):
         counts = count_per_expert(routing.expert_idx, self.n_experts)
         if self.training:
             self.load += counts
+            self.entropy[0] += torch.special.entr(routing.probs.detach()).sum()
+            self.entropy[1] += B * T
         h = x.reshape(B * T, d)
         y = self.combine(h, routing, counts)
         if self.shared is not None:
@@ -425,19 +430,25 @@ class GPT(nn.Module):
         states = [layer.balancer.state() for layer in self.moe_layers()]
         return {k: torch.stack([s[k] for s in states]) for k in states[0]}
 
-    def end_step(self):
+    def end_step(self, entropy=False):
         """Call once per optimizer step, after all micro-steps. Sums each
         layer's load over all ranks (every row of the mesh: the whole global
         batch, not one expert-parallel group's share), hands it to the
         strategy's step() (lossfree updates its bias here, global_aux resets
-        its buffer) and returns the global load [n_layers, E] for MaxVio_batch."""
+        its buffer) and returns the global load [n_layers, E] for MaxVio_batch.
+        entropy=True: returns (load, mean router entropy per token [n_layers]),
+        the latter summed over ranks in one more small all-reduce."""
         loads = torch.stack([layer.load for layer in self.moe_layers()])
+        sums = torch.stack([layer.entropy for layer in self.moe_layers()])    # [n_layers, 2]
         if self.mesh.world_size > 1:
             dist.all_reduce(loads)
+            if entropy:
+                dist.all_reduce(sums)
         for layer, load in zip(self.moe_layers(), loads):
             layer.balancer.step(load)
             layer.load.zero_()
-        return loads
+            layer.entropy.zero_()
+        return (loads, sums[:, 0] / sums[:, 1].clamp(min=1)) if entropy else loads
 
 
 @torch.no_grad()

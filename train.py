@@ -130,12 +130,12 @@ def train_step(model, opt, corpus, step, args, proc):
         group["lr"] = lr_at(step, args)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    loads = model.end_step()                                   # [layers, E], global batch
+    loads, entropy = model.end_step(entropy=True)              # [layers, E], global batch; [layers]
     losses = proc.all_reduce(torch.stack([lm_sum, bal_sum])) / proc.world_size
     return {"loss": losses[0].item(), "balance_loss": losses[1].item(),
             "grad_norm": grad_norm, "lr": lr_at(step, args),
             "maxvio_batch": max_violation(loads).mean().item(),
-            "maxvio_batch_by_layer": max_violation(loads).tolist()}
+            "maxvio_batch_by_layer": max_violation(loads).tolist(), "load": loads, "router_entropy": entropy}
 
 
 # ----------------------------------------------------------------------------

@@ -29,7 +29,7 @@ def measure(argv=None):
     targs = train.parse_args(["--preset", "tiny", "--val-seqs", "32", "--balancer", args.balancer,
                               "--steps", str(args.steps), *rest])
     # Tiny tensors: one thread is fastest, and on a busy machine extra threads
-    # spin-wait (compare.py runs every arm on one thread for the same reason).
+    # spin-wait (lab/compare.py runs every arm on one thread for the same reason).
     torch.set_num_threads(1)
     proc = plumbing.Proc.from_env(targs.device)
     plumbing.check_args(targs, proc.world_size)

@@ -785,6 +785,7 @@ def run_checkpoint_memory(report, args, t_start):
 def parse_args(argv=None):
     p = plumbing.OneLineParser(description=__doc__.split("\n\n")[0].strip(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.prog = "python -m lab.bench"   # what --help and errors call it: it runs as a module
     p.add_argument("--quick", action="store_true", help="only moe_over_dense and mfu (under a minute)")
     p.add_argument("--peers", action="store_true",
                    help="only the MoE layer against Hugging Face's Qwen3-MoE block and a textbook mask loop, "

@@ -920,6 +920,7 @@ def parse_args(argv=None):
                     "only in what the paper varied), or your own --arms, then write results.json, results.md "
                     "(tables and a three-way verdict per claim) and, for the claims, the plots. Finished runs are "
                     "kept: run the same command again to resume or redraw.")
+    p.prog = "python -m lab.compare"   # what --help and errors call it: it runs as a module
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="a few minutes: 2 seeds, 150 steps")
     size.add_argument("--smoke", action="store_true", help="seconds: 1 seed, 3 steps, a toy model (tests)")

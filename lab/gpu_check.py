@@ -473,6 +473,7 @@ def parse_args(argv=None):
         description="Check the GPU path in one command: the CUDA tests, the bf16 matmul peak, the MoE layer "
                     "against dense and its peers, a default-preset run and a shortened gpu-preset run. Writes "
                     "OUT/gpu.json and the table of docs/gpu.md.")
+    p.prog = "python -m lab.gpu_check"   # what --help and errors call it: it runs as a module
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="auto: CUDA if this PyTorch sees a GPU (default: auto)")
     p.add_argument("--quick", action="store_true",

@@ -208,6 +208,7 @@ def parse_args(argv=None):
     p = plumbing.OneLineParser(description="Bytes and seconds of one training step on a GPU cluster, on paper. "
                                            "train.py's flags may follow: --ep-size N (default: all GPUs), "
                                            "--preset, --batch-size, --grad-accum, --n-experts, ...")
+    p.prog = "python -m lab.plan"   # what --help and errors call it: it runs as a module
     p.add_argument("--nodes", type=int, default=1, metavar="N", help="machines (default: 1)")
     p.add_argument("--gpus-per-node", type=int, default=8, metavar="N", help="GPUs per machine (default: 8)")
     p.add_argument("--nvlink-GBps", type=float, default=Links.nvlink_GBps, metavar="X",

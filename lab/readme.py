@@ -53,6 +53,7 @@ def rewritten(readme):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Rewrite the README's strategies table and lesson size from the code.")
+    p.prog = "python -m lab.readme"   # what --help and errors call it: it runs as a module
     p.add_argument("--check", action="store_true", help="only say whether README.md is current (exit 1 if not)")
     args = p.parse_args(argv)
     path = ROOT / "README.md"

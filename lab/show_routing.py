@@ -538,6 +538,7 @@ def parse_args(argv=None):
     p = plumbing.OneLineParser(description="Colour every byte of a code, a math and a prose sample (or your text) by the "
                                   "expert it goes to, one column per checkpoint, with the per-domain expert "
                                   "frequencies of Qiu et al. 2025, Fig. 1b. Writes PREFIX.html and PREFIX.png.")
+    p.prog = "python -m lab.show_routing"   # what --help and errors call it: it runs as a module
     p.add_argument("checkpoints", nargs="+", metavar="CKPT", help="ckpt.pt files (or run folders) written by train.py")
     p.add_argument("--text", metavar="FILE", help="show this UTF-8 text file as the one sample")
     p.add_argument("--layer", type=int, metavar="L",

@@ -23,6 +23,8 @@ loses work lives here, one module per concern, in the order a run meets it:
                registry's checks
   kernels      the experts as grouped matmuls: the same numbers, faster
   mesh         which rank holds which experts: the (dp, ep) grid
+  health       routing health per layer and step, and the collapse alarm
+  board        --tensorboard: the same figures as TensorBoard event files
 
 Every public name of these modules is reachable as `plumbing.NAME` (WHERE
 below), so that `plumbing.Proc`, `plumbing.load_model` and so on need no
@@ -60,8 +62,8 @@ WHERE = {
         'free_port', 'spawn'], "workers"),
     **dict.fromkeys([
         'AT_LEAST', 'ABOVE', 'AT_MOST', 'parse_args', 'given_knobs', 'model_config',
-        'strategy_settings', 'TRAJECTORY', 'trajectory', 'same_everywhere', 'check_resumable',
-        'check_args', 'expert_parallel_size'], "flags"),
+        'strategy_settings', 'TRAINING_FLAGS', 'trajectory', 'same_everywhere',
+        'check_resumable', 'check_args', 'expert_parallel_size'], "flags"),
     **dict.fromkeys([
         'Session', 'evaluation_line', 'against_unigram', 'summarize'], "session"),
     **dict.fromkeys([
@@ -77,6 +79,12 @@ WHERE = {
         'grouped_experts_cpu', 'pad_blocks'], "kernels"),
     **dict.fromkeys([
         'MeshLayout', 'Mesh'], "mesh"),
+    **dict.fromkeys([
+        'DEAD_STEPS', 'ALARM_WINDOW', 'ALARM_DEAD_STEPS', 'ALARM_FRACTION', 'add_health_flags',
+        'check_health_flags', 'default_alarm_share', 'state_summary', 'entropy', 'Health',
+        'health_line'], "health"),
+    **dict.fromkeys([
+        'TENSORBOARD_MISSING', 'TRAIN_KEYS', 'check_tensorboard', 'board_dir', 'Board'], "board"),
 }
 
 

@@ -70,7 +70,7 @@ def is_finite_state(model, opt, proc):
     tensors = list(model.state_dict().values()) + [v for s in opt.state.values() for v in s.values()
                                                    if torch.is_tensor(v)]
     ok = all(torch.isfinite(t).all().item() for t in tensors if t.is_floating_point())
-    return not proc.agree(not ok)
+    return not proc.any_rank(not ok)
 
 
 def save_checkpoint(path, model, opt, step, meta, proc):

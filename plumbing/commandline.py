@@ -21,7 +21,7 @@ class Interrupted(KeyboardInterrupt):
     """Ctrl-C a second time: the run leaves at once, without a checkpoint.
     A KeyboardInterrupt still, so that nothing on the way swallows it
     (write_atomic removes its temporary file, RunDir.close a new run that
-    never reached its first checkpoint) and compare.py stops its plan; cli
+    never reached its first checkpoint) and lab/compare.py stops its plan; cli
     reports it as one line."""
 
 

@@ -104,5 +104,5 @@ def share_failure(proc, write, what):
             write()
         except ValueError as e:
             error = e
-    if proc.agree(error is not None):
+    if proc.any_rank(error is not None):
         raise error or ValueError(f"rank 0 could not write {what} (rank 0's line says why)")

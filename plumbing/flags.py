@@ -15,6 +15,7 @@ import balancers
 import data
 import moe
 
+from . import health
 from .commandline import OneLineParser, check_memory, preset_help
 
 # Every numeric flag and the smallest value it may take; floats must also be
@@ -94,6 +95,7 @@ def parse_args(presets, argv=None):
     preset_flag(g, "log_every", int, "write a log.jsonl line every N steps")
     preset_flag(g, "ckpt_every", int, "write a checkpoint every N steps (and at every evaluation and the end)")
     preset_flag(g, "val_seqs", int, "validation windows per domain (the whole split if it has fewer)")
+    health.add_health_flags(p)
     g = p.add_argument_group("strategy knobs (each strategy reads only its own; declared on its class)")
     for name, by_strategy in balancers.all_knobs().items():
         g.add_argument(balancers.flag(name), **balancers.knob_flag(name, by_strategy))
@@ -132,12 +134,12 @@ def strategy_settings(args):
 # the checkpoint's config holds): a resume with any of them changed would
 # continue a run that matches neither set of flags. The others only decide
 # what is written and when (--log-every, --stop-at, --steps raised, --out).
-TRAJECTORY = ("batch_size", "seed", "lr", "warmup", "grad_accum", "domain_block", "weight_decay", "grad_clip")
+TRAINING_FLAGS = ("batch_size", "seed", "lr", "warmup", "grad_accum", "domain_block", "weight_decay", "grad_clip")
 
 
 def trajectory(args, corpus):
     """The trajectory flags, the data folder and the corpus's fingerprint."""
-    return {**{balancers.flag(k): getattr(args, k) for k in TRAJECTORY},
+    return {**{balancers.flag(k): getattr(args, k) for k in TRAINING_FLAGS},
             "--data": os.path.abspath(args.data) if args.data else None, "corpus": data.fingerprint(corpus)}
 
 
@@ -196,6 +198,7 @@ def check_args(args, world_size, device=None):
     cfg = model_config(args)
     moe.check_config(cfg, ep_size, local_seqs=args.batch_size // split)
     check_memory(cfg, args.batch_size // split, ep_size, device)   # experts are split ep_size ways
+    health.check_health_flags(args)
 
 
 def expert_parallel_size(args, world_size):

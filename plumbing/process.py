@@ -111,7 +111,7 @@ class Proc:
     def all_reduce(self, t, op="sum"):
         return balancers.all_reduce(t, self.world_size, op)
 
-    def agree(self, flag):
+    def any_rank(self, flag):
         """True on every rank if it is true on any (stop signals, failures)."""
         return bool(self.all_reduce(torch.tensor(float(flag), device=self.device), "max").item())
 

@@ -126,7 +126,7 @@ class RunDir:
                                  f"ckpt.pt to continue from: choose another --out, or --overwrite")
             return
         # summary.json counts as much as ckpt.pt: a finished run whose
-        # checkpoint was deleted to save space (compare.py does) still has a
+        # checkpoint was deleted to save space (lab/compare.py does) still has a
         # log and results that a fresh run here would replace.
         for p in (self.ckpt, self.summary):
             if p.exists() and not (resume or overwrite):
@@ -162,7 +162,7 @@ class RunDir:
         try:
             brought = json.loads((swap / MOVES).read_text())
         except (OSError, ValueError):
-            brought = [n for n in RUN_FILES if (swap / n).exists()]   # a swap written by an older train.py
+            brought = [n for n in RUN_FILES if (swap / n).exists()]   # no readable MOVES: what .swap holds
         for name in RUN_FILES:
             src, dst = swap / name, self.out / name
             if name == "ckpt" and src.is_dir():
@@ -235,7 +235,7 @@ class RunDir:
                 records = self.read_log(upto_step, run_id)
             except ValueError as e:
                 error = e
-        if self.proc.agree(error is not None):
+        if self.proc.any_rank(error is not None):
             raise error or ValueError(f"--resume: {self.log_path} holds steps of another run (rank 0 says which)")
         self.accepted()
         if not self.proc.main:
@@ -354,7 +354,7 @@ def open_run_dir(out, proc, resume, overwrite):
         run = RunDir(out, proc, resume, overwrite)
     except ValueError as e:
         error = e
-    if proc.agree(error is not None):
+    if proc.any_rank(error is not None):
         raise error or ValueError(f"--out {out} cannot be used (rank 0 says why)")
-    run.resume = proc.agree(run.resume)
+    run.resume = proc.any_rank(run.resume)
     return run

@@ -13,8 +13,10 @@ from tqdm import tqdm
 import balancers
 
 from . import checkpoints
+from .board import Board, board_dir
 from .commandline import StopFlag
 from .flags import check_resumable, trajectory
+from .health import Health, health_line
 from .rundir import new_run_id
 
 class Session:
@@ -32,6 +34,7 @@ class Session:
         self.step, self.wall, self.finished = 0, 0.0, False
         self.meta = {"config": asdict(self.cfg), "args": vars(args), "run_id": new_run_id(),
                      "trajectory": trajectory(args, corpus)}
+        self.health, self.board = Health.for_run(args, self.cfg), None
         if run.resume and self.resume():
             self.finished = True
             return
@@ -44,6 +47,8 @@ class Session:
         self.bar = tqdm(total=args.steps, initial=self.step, desc=args.balancer, dynamic_ncols=True,
                         disable=not proc.main)
         self.t_start = time.time()
+        if args.tensorboard is not None and proc.main:
+            self.board = Board(board_dir(args, run.out), self.step + 1)
 
     def resume(self):
         """Load the checkpoint into the model and optimizer; True if the run
@@ -63,11 +68,12 @@ class Session:
         # now, from that checkpoint, without training. Rank 0 alone reads
         # summary.json, so it decides for all.
         done = proc.main and ckpt["step"] == args.steps and run.summary_run_id() == ckpt["run_id"]
-        if proc.agree(done):
+        if proc.any_rank(done):
             proc.log(f"{args.out} finished all {ckpt['step']} steps already (see {run.summary}); nothing "
                      f"changed. To train further, raise --steps")
             return True
         checkpoints.load_checkpoint(ckpt, self.model, self.opt, proc)
+        self.health.load_state_dict(ckpt.get("health"))
         self.step, self.wall = ckpt["step"], ckpt.get("wall_time_s", 0.0)
         return False
 
@@ -94,18 +100,25 @@ class Session:
         if state:
             rec["state"] = {k: v.tolist() for k, v in state.items()}   # e.g. lossfree's bias trajectories
         evaluated = "val_loss" in rec
+        load = rec.pop("load")
+        rec["health"], alarms = self.health.update(step, load, rec.pop("router_entropy"), state, full=evaluated)
+        for line in alarms if proc.main else ():
+            self.bar.write(line)
         rec.pop("expert_freq", None)                                   # in summary.json, not in every line
         final = step == args.steps
         if evaluated and proc.main and not final:                     # the final figures get their own lines
             self.bar.write(evaluation_line(step, rec))
-        if final or step % args.log_every == 0 or evaluated:
+        # A step that raised an alarm is always logged: the alarm is in its line.
+        if final or step % args.log_every == 0 or evaluated or alarms:
             rec = {"step": step, **rec}
             self.history.append(rec)
             self.run.append(rec)
+            if self.board:
+                self.board.write(step, rec, load, state)
         self.bar.update(1)
         self.bar.set_postfix_str(f"train loss {rec['loss']:.3f} | MaxVio_batch {rec['maxvio_batch']:.2f}")
         self.run.raise_if_failed()
-        self.halt = proc.agree(self.stop.raised)
+        self.halt = proc.any_rank(self.stop.raised)
         stopping = self.halt or step == args.stop_at
         if final or stopping or step % args.ckpt_every == 0 or evaluated:
             self.save()
@@ -113,7 +126,10 @@ class Session:
 
     def save(self):
         checkpoints.save_checkpoint(self.run.target("ckpt.pt"), self.model, self.opt, self.step,
-                                 dict(self.meta, wall_time_s=self.wall_time()), self.proc)
+                                 dict(self.meta, wall_time_s=self.wall_time(), health=self.health.state_dict()),
+                                 self.proc)
+        if self.board:
+            self.board.flush()
         self.run.commit()                              # a new run replaces an old one at its first checkpoint
 
     def wall_time(self):
@@ -123,6 +139,9 @@ class Session:
         if hasattr(self, "bar"):
             self.bar.close()
             self.stop.restore()
+        if self.board:
+            self.board.close()
+            self.board = None
 
     def __enter__(self):
         return self
@@ -142,11 +161,14 @@ class Session:
         args, proc = self.args, self.proc
         self.close()
         summary = {"run": self.meta["run_id"],
-                   **summarize(args, self.cfg, self.model, self.corpus, self.unigram, self.history, ev, proc, self.wall_time())}
+                   **summarize(args, self.cfg, self.model, self.corpus, self.unigram, self.history, ev, proc, self.wall_time()),
+                   **self.health.summary()}
         self.run.write_summary(summary)
         proc.log(f"val loss {summary['val_loss']:.4f} (unigram {summary['unigram_loss']:.4f}) | "
                  f"ppl {summary['val_ppl']:.3f} | MaxVio_global {summary['maxvio_global']:.3f} | "
                  f"specialisation {summary['specialization']:.3f} | causal leak {summary['causal_leak']:.2e}")
+        if self.history and "health" in self.history[-1]:
+            proc.log(health_line(self.history[-1]["health"], self.cfg.n_experts))
         proc.log(against_unigram(summary["val_loss"], summary["unigram_loss"], args.steps))
         proc.log(f"results in {args.out}/: summary.json, log.jsonl, the checkpoint ckpt.pt + ckpt/ "
                  f"(raise --steps and add --resume to go on)")
@@ -154,9 +176,13 @@ class Session:
 
 
 def evaluation_line(step, ev):
-    """What an evaluation during training prints above the progress bar."""
-    return (f"step {step}: val loss {ev['val_loss']:.4f} | MaxVio_global {ev['maxvio_global']:.3f} | "
+    """What an evaluation during training prints above the progress bar: the
+    figures, then a line on the routing's health (plumbing/health.py)."""
+    line = (f"step {step}: val loss {ev['val_loss']:.4f} | MaxVio_global {ev['maxvio_global']:.3f} | "
             f"specialisation {ev['specialization']:.3f}")
+    if "load" in ev.get("health", {}):
+        line += "\n" + health_line(ev["health"], len(ev["health"]["load"][0]))
+    return line
 
 
 def against_unigram(val_loss, unigram, steps):

@@ -1,7 +1,7 @@
 """The classroom loop: edit a strategy, run the same command again, compare.
 Without --out every run gets a folder of its own, so a rerun never meets the
 previous run; runs/BALANCER/latest names the newest, which sample.py and
-show_routing.py find, and --resume continues."""
+lab/show_routing.py find, and --resume continues."""
 
 import os
 
@@ -21,7 +21,7 @@ def test_the_same_command_twice_keeps_both_runs_and_latest_names_the_newest(tmp_
     assert sorted(p.name for p in family.iterdir()) == ["latest", "run-001", "run-002"]
     assert os.readlink(family / "latest") == "run-002"
     assert (family / "run-001" / "summary.json").exists() and (family / "run-002" / "summary.json").exists()
-    # sample.py and show_routing.py read a checkpoint through load_model: the family folder means its newest run
+    # sample.py and lab/show_routing.py read a checkpoint through load_model: the family folder means its newest run
     _, ckpt = plumbing.load_model(family)
     assert ckpt["run_id"] == plumbing.read_checkpoint(family / "run-002" / "ckpt.pt")["run_id"]
     # --resume without --out continues the newest run, in its own folder

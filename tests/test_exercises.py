@@ -128,7 +128,7 @@ def project_copy(folder):
     for path in ROOT.iterdir():
         if path.suffix in (".py", ".ini"):
             shutil.copy2(path, folder / path.name)
-    for name in ("exercises", "tests"):
+    for name in ("exercises", "tests", "plumbing", "lab", "strategies"):
         shutil.copytree(ROOT / name, folder / name, ignore=ignore)
     return folder
 

@@ -32,6 +32,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -169,7 +170,7 @@ def lock_is_a_folder(out, monkeypatch):
 
 
 def checkpoint_deleted(out, monkeypatch):
-    """What compare.py leaves: a finished run's log and summary, no ckpt.pt."""
+    """What lab/compare.py leaves: a finished run's log and summary, no ckpt.pt."""
     (out / "ckpt.pt").unlink()
 
 
@@ -964,8 +965,8 @@ def test_under_torchrun_a_missing_shard_of_another_rank_stops_every_rank_with_on
     assert res.returncode != 0 and time.time() - start < 60
     assert res.stderr.count("error: --resume:") == 1 and "cannot be read" in res.stderr, res.stderr[-2000:]
     # torchrun's launcher adds a traceback of its own (ChildFailedError); a
-    # worker's would pass through plumbing.py.
-    assert "plumbing.py" not in res.stderr, res.stderr[-2000:]
+    # worker's would pass through plumbing/.
+    assert "plumbing/" not in res.stderr, res.stderr[-2000:]
 
 
 # ----------------------------------------------------------------------------
@@ -1040,7 +1041,7 @@ def test_the_other_entry_points_refuse_in_one_line_and_write_nothing(tool, flags
 
 def test_ctrl_c_stops_the_whole_comparison_whatever_jobs(tmp_path, monkeypatch):
     """In-process (--jobs 1): train.py saves and returns at Ctrl-C, and no
-    further run starts. With subprocesses the interrupt reaches compare.py's
+    further run starts. With subprocesses the interrupt reaches lab/compare.py's
     main thread: the runs not yet started never start."""
     class Plan:
         common, runs = [], {f"run{i}": (["--balancer", "aux"], 0) for i in range(4)}
@@ -1110,24 +1111,30 @@ def test_overwrite_killed_at_any_moment_leaves_the_old_run_or_a_whole_new_one(fi
                                       env=dict(os.environ, OMP_NUM_THREADS="1"),
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     outcomes = []
-    for (sig, delay), out, proc in zip(kills, outs, procs):
-        if delay is not None:
-            deadline = time.time() + 120
-            logs = [out / d / "log.jsonl" for d in (plumbing.STAGE, plumbing.SWAP)]
-            while not any(p.exists() and p.stat().st_size for p in logs) and run_files(out) == old:
-                assert time.time() < deadline and proc.poll() is None
-                time.sleep(0.01)
-            time.sleep(delay)
-        proc.send_signal(sig)
-        proc.wait(60)
-        files = run_files(out)
-        if files == old:
-            outcomes.append("old")
-        else:
-            assert set(files) == {"ckpt", "ckpt.pt", "log.jsonl"}, files      # interrupted: no summary yet
-            assert_one_run(out)
-            plumbing.load_model(out)                                         # its checkpoint is whole
-            outcomes.append("new")
+    try:
+        for (sig, delay), out, proc in zip(kills, outs, procs):
+            if delay is not None:
+                deadline = time.time() + 120
+                logs = [out / d / "log.jsonl" for d in (plumbing.STAGE, plumbing.SWAP)]
+                while not any(p.exists() and p.stat().st_size for p in logs) and run_files(out) == old:
+                    assert time.time() < deadline and proc.poll() is None
+                    time.sleep(0.01)
+                time.sleep(delay)
+            proc.send_signal(sig)
+            proc.wait(60)
+            files = run_files(out)
+            if files == old:
+                outcomes.append("old")
+            else:
+                assert set(files) == {"ckpt", "ckpt.pt", "log.jsonl"}, files      # interrupted: no summary yet
+                assert_one_run(out)
+                plumbing.load_model(out)                                         # its checkpoint is whole
+                outcomes.append("new")
+    finally:
+        for proc in procs:              # a failed check must not leave 100000-step runs behind
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     assert outcomes[0] == "old" and outcomes[-1] == "new", outcomes
 
 
@@ -1346,7 +1353,7 @@ def test_a_real_full_disk_is_one_line_in_one_process_and_under_torchrun(tmp_path
         assert res.returncode != 0
         ours = [line for line in res.stderr.splitlines() if line.startswith("error:")]
         assert len(ours) == 1 and "full" in ours[0], res.stderr
-        assert not any(f"{name}\", line" in res.stderr for name in ("train.py", "plumbing.py", "moe.py")), res.stderr
+        assert not re.search(r'(train|moe|plumbing/\w+)\.py", line', res.stderr), res.stderr
     finally:
         subprocess.run(["umount", str(disk)])
 

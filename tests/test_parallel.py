@@ -88,11 +88,12 @@ def train_run(balancer, grad_accum, rank, world_size, ep_size=None):
     local_loads, global_loads, grads = [], [], []
     end_step, opt_step = model.end_step, opt.step
 
-    def recording_end_step():
+    def recording_end_step(**kw):
         local_loads.append(torch.stack([layer.load.clone() for layer in model.moe_layers()]))
-        loads = end_step()
-        global_loads.append(loads.clone())
-        return loads
+        out = end_step(**kw)
+        # train_step asks for (loads, router entropy) with entropy=True
+        global_loads.append((out[0] if kw.get("entropy") else out).clone())
+        return out
 
     def recording_opt_step(*a, **kw):
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
@@ -105,6 +106,7 @@ def train_run(balancer, grad_accum, rank, world_size, ep_size=None):
         "loss": torch.tensor([r["loss"] for r in recs], dtype=torch.float64),
         "balance_loss": torch.tensor([r["balance_loss"] for r in recs], dtype=torch.float64),
         "grad_norm": torch.tensor([r["grad_norm"] for r in recs], dtype=torch.float64),
+        "router_entropy": torch.stack([r["router_entropy"] for r in recs]),   # [steps, layers], health figure
         "grads": grads,                              # what AdamW received at each step (synced, clipped)
         "params": {n: p.detach().clone() for n, p in model.named_parameters()},
         "local_loads": torch.stack(local_loads),     # [steps, layers, E] before the all-reduce
@@ -159,6 +161,8 @@ def assert_same_training(got, ref, what):
         torch.testing.assert_close(got[key], ref[key], rtol=1e-5, atol=0,
                                    msg=lambda m: f"{what}: {key} differs\n{m}")
     assert torch.equal(got["loads"], ref["loads"]), f"{what}: expert loads differ"
+    torch.testing.assert_close(got["router_entropy"], ref["router_entropy"], rtol=1e-5, atol=0,
+                               msg=lambda m: f"{what}: mean router entropy differs\n{m}")
     assert len(got["grads"]) == len(ref["grads"]) == STEPS
     assert got["grads"][0].keys() == ref["grads"][0].keys()
     for name, r in ref["grads"][0].items():
@@ -293,7 +297,57 @@ def global_aux_ranks(spawned):
 
 def worker(rank, world_size):
     return {"training": {run: train_run(*run, rank, world_size) for run in RUNS_2RANK},
-            "global_aux": global_aux_worker(rank, world_size)}
+            "global_aux": global_aux_worker(rank, world_size),
+            "host_syncs": host_syncs_of_one_layer(rank, world_size)}
+
+
+def grouped_mm_bf16_on_cpu():
+    try:
+        torch._grouped_mm(torch.ones(16, 8, dtype=torch.bfloat16), torch.ones(1, 8, 8, dtype=torch.bfloat16),
+                          offs=torch.tensor([16], dtype=torch.int32))
+        return True
+    except (AttributeError, NotImplementedError, RuntimeError):
+        return False
+
+
+def host_syncs_of_one_layer(rank, world_size):
+    """The Python calls that read a tensor's value on the host during one
+    expert-parallel (ep = 2) MoE layer's forward and backward under bf16
+    autocast, on the GPU's grouped path (forced, as tests/test_moe.py does
+    for ep = 1; None where this CPU has no bf16 grouped kernel)."""
+    if not grouped_mm_bf16_on_cpu():
+        return None
+    from plumbing import kernels
+    from test_moe import HOST_SYNCS, small_config
+    mesh = plumbing.Proc(rank, world_size, torch.device("cpu")).start(world_size).mesh
+    torch.manual_seed(0)
+    layer = MoELayer(small_config("lossfree", n_experts=8, top_k=2, d_model=16, d_expert=16), mesh).train()
+    x = torch.randn(2, 12, 16, requires_grad=True)
+    real_fast, kernels.grouped_mm_fast_on_cuda = kernels.grouped_mm_fast_on_cuda, lambda *args: True
+    calls, originals = [], [(owner, name, getattr(owner, name)) for owner, name in HOST_SYNCS]
+    for owner, name, real in originals:
+        setattr(owner, name, lambda *a, _real=real, _name=name, **kw: calls.append(_name) or _real(*a, **kw))
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y, loss, _ = layer(x)
+        (y.float().square().sum() + loss).backward()
+    finally:
+        for owner, name, real in originals:
+            setattr(owner, name, real)
+        kernels.grouped_mm_fast_on_cuda = real_fast
+    return calls
+
+
+def test_an_expert_parallel_layer_waits_for_the_device_once_for_the_split_sizes(spawned):
+    """At ep > 1 an MoE layer's forward and backward read the device exactly
+    once: the all-to-all's split sizes, which NCCL takes as host integers
+    (MoELayer.run_experts fetches both lists in one .tolist()). The backward
+    reuses them. Counting method as in test_moe's ep = 1 test, whose answer
+    is zero."""
+    for r in spawned:
+        if r["host_syncs"] is None:
+            pytest.skip("torch._grouped_mm has no bf16 CPU kernel here")
+        assert r["host_syncs"] == ["tolist"], r["host_syncs"]
 
 
 @pytest.fixture(scope="module")

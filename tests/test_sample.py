@@ -230,7 +230,7 @@ def mesh_run(rank, world_size, out):
 
 def test_a_checkpoint_of_a_four_process_mesh_samples_and_shows_routing_on_one_process(tmp_path, capsys):
     """4 processes as 2 x 2 write per-rank shards; one process reads them
-    all back into the whole model, for sample.py and show_routing.py."""
+    all back into the whole model, for sample.py and lab/show_routing.py."""
     run = tmp_path / "mesh"
     assert run_distributed(mesh_run, 4, str(run)) == [0, 0, 0, 0]
     capsys.readouterr()
