@@ -36,6 +36,7 @@ or call `register("name", Class)` from a file of your own and pass
 comparison, the benchmarks and the tests find it there.
 """
 
+import math
 from dataclasses import dataclass, replace
 from types import SimpleNamespace
 
@@ -77,6 +78,7 @@ class Routing:
     probs: torch.Tensor        # [B, T, E] gate scores normalised to sum 1 per token: s / sum_j s_j, the P of
                                # DeepSeek-V3's sequence-wise loss (Eq. 19); equal to s itself for softmax
     logits: torch.Tensor       # [B, T, E] raw router logits (for the z-loss)
+    dropped: object = 0        # assignments cut by --expert-capacity (a count); 0 when dropless
 
 
 # ----------------------------------------------------------------------------
@@ -92,19 +94,74 @@ def gate_scores(logits, gate):
     raise ValueError(f"unknown gate {gate!r}: use 'softmax' or 'sigmoid'")
 
 
-def top_k_routing(logits, scores, k, choice_bias=None):
+def top_k_routing(logits, scores, k, choice_bias=None, n_groups=1, topk_groups=0, expert_capacity=0.0,
+                  drop_policy="probs"):
     """Token choice: every token picks its k best experts.
 
     `choice_bias` (lossfree) is added only to decide *which* experts win; the
     weights are always the unbiased scores, so the bias never enters the
-    forward value and therefore gets no gradient (Wang et al. Eq. 3)."""
+    forward value and therefore gets no gradient (Wang et al. Eq. 3). The
+    options (TOKEN_CHOICE_KNOBS): expert groups (limit_to_groups), capacity (drop_over_capacity)."""
     B, T, E = scores.shape
     choice = scores.detach() if choice_bias is None else scores.detach() + choice_bias
+    if n_groups > 1:
+        choice = limit_to_groups(choice, k, n_groups, topk_groups)
     expert_idx = choice.topk(k, dim=-1).indices                  # [B, T, k]
     weight = scores.gather(-1, expert_idx)                       # unbiased s_{i,t}
     token_idx = torch.arange(B * T, device=scores.device).repeat_interleave(k)
     probs = scores / scores.sum(-1, keepdim=True)                # no-op for softmax
-    return Routing(token_idx, expert_idx.reshape(-1), weight.reshape(-1), probs, logits)
+    routing = Routing(token_idx, expert_idx.reshape(-1), weight.reshape(-1), probs, logits)
+    return drop_over_capacity(routing, expert_capacity, drop_policy, E) if expert_capacity > 0 else routing
+
+
+def check_groups(n_experts, top_k, n_groups, topk_groups):
+    """The groups kept per token (topk_groups 0: all); a ValueError naming the flags if they do not fit."""
+    if n_experts % n_groups:
+        raise ValueError(f"--n-groups {n_groups} must divide the {n_experts} experts (--n-experts)")
+    kept = topk_groups or n_groups
+    if kept > n_groups or top_k > kept * (n_experts // n_groups):
+        raise ValueError(f"--topk-groups {kept} of --n-groups {n_groups} must be at most n_groups and leave "
+                         f"at least --top-k {top_k} experts ({n_experts // n_groups} per group)")
+    return kept
+
+
+def limit_to_groups(choice, k, n_groups, topk_groups):
+    """DeepSeek-V3 group-limited routing (Sec. 2.1.2, official Gate code): each token keeps the
+    topk_groups of n_groups equal expert groups whose two best choice scores sum highest."""
+    B, T, E = choice.shape
+    kept = check_groups(E, k, n_groups, topk_groups)
+    grouped = choice.view(B, T, n_groups, E // n_groups)
+    # V3 Gate: a group's score is the sum of its top-2 (biased) scores; a group of one expert has only one
+    group_score = grouped.topk(min(2, E // n_groups), dim=-1).values.sum(-1)        # [B, T, G]
+    keep = torch.zeros_like(group_score, dtype=torch.bool).scatter_(-1, group_score.topk(kept, dim=-1).indices, True)
+    # -inf, not 0.0 (as the Hugging Face port masks): biased scores s + b can be negative, and a
+    # dropped group filled with 0.0 would then outscore every expert of the groups the token kept
+    return grouped.masked_fill(~keep[..., None], float("-inf")).view(B, T, E)
+
+
+def drop_over_capacity(routing, capacity, policy, n_experts):
+    """GShard/Switch capacity (Megatron's expert capacity and drop policy): each expert keeps at
+    most C of this call's N*k assignments (one micro-batch of one process, as Megatron), its
+    highest-scoring ("probs") or earliest ("position"); the rest are dropped, the residual
+    carries the token, and moe.MoELayer.combine sums the fewer rows with index_add_.
+    Not causal: the batch's other tokens decide what is dropped (by probs, later ones of the
+    same sequence). Exercise 3 builds the causal variant by hand: per sequence, in token order."""
+    A = routing.expert_idx.numel()                                                # N * k
+    # Switch Sec. 2.2 and Megatron: C = ceil(capacity factor * tokens * k / E), an expert's even share scaled
+    C = math.ceil(capacity * A / n_experts)
+    # Megatron's drop policies: the priority within each expert is the score or the position;
+    # the stable sorts break ties by token order, so equal scores drop the later token.
+    order = torch.arange(A, device=routing.expert_idx.device)
+    if policy == "probs":
+        order = torch.argsort(routing.weight.detach(), descending=True, stable=True)
+    order = order[torch.argsort(routing.expert_idx[order], stable=True)]         # grouped by expert
+    counts = count_per_expert(routing.expert_idx, n_experts)
+    first = counts.cumsum(0) - counts                                             # each expert's first slot
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(A, device=order.device) - first[routing.expert_idx[order]]
+    keep = rank < C
+    return replace(routing, token_idx=routing.token_idx[keep], expert_idx=routing.expert_idx[keep],
+                   weight=routing.weight[keep], dropped=int(A - keep.sum()))
 
 
 def count_per_expert(expert_idx, n_experts):
@@ -141,8 +198,8 @@ def all_reduce(t, world_size, op="sum"):
 #
 # Each class says what it is (`paper`, `summary`), which knobs it reads
 # (`knobs`: name -> Knob, with the default and the range), and whether it is
-# token choice (`token_choice`: the model is then exactly causal, which the
-# tests check). Everything that lists strategies -- the CLI, the comparison,
+# token choice (`token_choice`: exactly causal, which the tests check, unless
+# --expert-capacity drops). Everything that lists strategies -- the CLI, the comparison,
 # the benchmarks, the tests -- reads these attributes from BALANCERS at the
 # bottom of the file. The knobs more than one strategy reads:
 
@@ -150,6 +207,22 @@ GATE = Knob("softmax", "router gate G in s = G(u . e)", choices=("softmax", "sig
 Z_LOSS = Knob(0.0, "router z-loss coefficient (ST-MoE: 1e-3)", low=0, high=1)
 # per MoE layer: GPT.forward adds every layer's loss, each with the full alpha (Switch Sec. 2.2)
 ALPHA = Knob(1e-2, "aux-loss coefficient, per MoE layer (Switch: 1e-2)", low=0, high=1)
+# The options of top_k_routing, merged into the knobs of the strategies that route by it and
+# only those: expert choice and threshold would ignore them, and an ignored knob lies.
+TOKEN_CHOICE_KNOBS = dict(
+    n_groups=Knob(1, "expert groups for group-limited routing (DeepSeek-V3 Sec. 2.1.2: 8); 1 is off", low=1),
+    topk_groups=Knob(0, "groups each token may use, by the sum of each group's top-2 choice scores "
+                        "(DeepSeek-V3: 4 of 8); 0 means all --n-groups", low=0),
+    expert_capacity=Knob(0.0, "capacity factor: each expert keeps at most ceil(c N k / E) of a micro-batch's "
+                              "N k assignments, the rest are dropped (GShard, Switch; Megatron "
+                              "--moe-expert-capacity-factor); 0 is dropless", low=0),
+    drop_policy=Knob("probs", "which assignments an expert over capacity keeps: its highest scores or its "
+                              "earliest tokens (Megatron --moe-token-drop-policy)", choices=("probs", "position")))
+
+
+def token_choice_options(cfg):
+    """The TOKEN_CHOICE_KNOBS a strategy's settings hold, as top_k_routing's keywords."""
+    return {name: value for name, value in vars(cfg).items() if name in TOKEN_CHOICE_KNOBS}
 
 
 class Balancer(nn.Module):
@@ -180,6 +253,8 @@ class Balancer(nn.Module):
         self.n_experts, self.top_k, self.world_size = n_experts, top_k, world_size
         # The value in effect of every knob the class declares: self.cfg.gate, ...
         self.cfg = SimpleNamespace(**settings(type(self), knobs or {}))
+        if "n_groups" in self.knobs:   # refuse groups that do not fit before the first batch
+            check_groups(n_experts, top_k, self.cfg.n_groups, self.cfg.topk_groups)
 
     # -- the interface ----------------------------------------------------------
 
@@ -191,7 +266,8 @@ class Balancer(nn.Module):
         return routing, loss
 
     def route(self, logits):
-        return top_k_routing(logits, gate_scores(logits, self.cfg.gate), self.top_k)
+        return top_k_routing(logits, gate_scores(logits, self.cfg.gate), self.top_k,
+                             **token_choice_options(self.cfg))
 
     def loss(self, routing):
         return routing.logits.new_zeros(())
@@ -211,6 +287,7 @@ class NoBalancing(Balancer):
     """`none`: plain top-k over softmax scores. Nothing stops the rich-get-richer
     loop, so MaxVio typically climbs and some experts starve: the baseline."""
     summary = "plain top-k, no balancing: the baseline that collapses"
+    knobs = dict(Balancer.knobs, **TOKEN_CHOICE_KNOBS)
 
 
 # ----------------------------------------------------------------------------
@@ -236,7 +313,7 @@ class LossFree(Balancer):
     never a parameter, never given gradient."""
     paper = "Wang et al. 2024, \"Auxiliary-Loss-Free Load Balancing\""
     summary = "an expert-wise bias that only steers the top-k choice, no loss"
-    knobs = dict(Balancer.knobs, gate=GATE.but(default="sigmoid"),
+    knobs = dict(Balancer.knobs, **TOKEN_CHOICE_KNOBS, gate=GATE.but(default="sigmoid"),
                  bias_rate=Knob(1e-3, "bias update rate u (Wang et al. Alg. 1)", low=0, high=1),
                  bias_update=Knob("sign", "sign: b += u sign(e) (Alg. 1); proportional: b += u e / mean(load) "
                                           "(their Table 3 and App. C.2 use u e; the / mean(load) is this "
@@ -247,7 +324,8 @@ class LossFree(Balancer):
         self.register_buffer("bias", torch.zeros(n_experts, dtype=torch.float32))
 
     def route(self, logits):
-        return top_k_routing(logits, gate_scores(logits, self.cfg.gate), self.top_k, self.bias)
+        return top_k_routing(logits, gate_scores(logits, self.cfg.gate), self.top_k, self.bias,
+                             **token_choice_options(self.cfg))
 
     def step(self, load):
         load = load.float()
@@ -361,7 +439,7 @@ class AuxLoss(RegroupsTokens):
     larger batch and the token count of the small group."""
     paper = "Fedus et al. 2021 (Switch), Lepikhin et al. 2020 (GShard)"
     summary = "aux loss alpha * E * sum_i f_i P_i over balance groups"
-    knobs = dict(Balancer.knobs, alpha=ALPHA,
+    knobs = dict(Balancer.knobs, **TOKEN_CHOICE_KNOBS, alpha=ALPHA,
                  balance_seqs=Knob(2, "sequences per balance group (Qiu et al.'s balance batch)", low=1,
                                    divides_batch=True),
                  balance_shuffle=Knob(False, "fill each balance group with --balance-seqs sequences' worth of "
@@ -401,7 +479,7 @@ class GlobalAuxLoss(Balancer):
     is balanced."""
     paper = "Qiu et al. 2025, \"Demons in the Detail\""
     summary = "the same aux loss with f counted over the global batch"
-    knobs = dict(Balancer.knobs, alpha=ALPHA)          # as aux (Qiu et al. used 0.008)
+    knobs = dict(Balancer.knobs, **TOKEN_CHOICE_KNOBS, alpha=ALPHA)          # as aux (Qiu et al. used 0.008)
     accum_invariant = False     # an early micro-step sees only the counts so far (Alg. 1's approximation)
 
     def __init__(self, n_experts, top_k, knobs=None, world_size=1):

@@ -240,6 +240,8 @@ class MoELayer(nn.Module):
         # The same step's router entropy for the health figures (plumbing/health.py):
         # the sum over tokens of each token's entropy, and how many tokens.
         self.register_buffer("entropy", torch.zeros(2, dtype=torch.float64), persistent=False)
+        # ... and the assignments --expert-capacity dropped (Routing.dropped; 0 when dropless).
+        self.register_buffer("dropped", torch.zeros(1, dtype=torch.float64), persistent=False)
 
     def forward(self, x):
         """x: [B, T, d]. Returns y, the strategy's loss and the routing. Under
@@ -254,6 +256,7 @@ class MoELayer(nn.Module):
             self.load += counts
             self.entropy[0] += torch.special.entr(routing.probs.detach()).sum()
             self.entropy[1] += B * T
+            self.dropped += routing.dropped
         h = x.reshape(B * T, d)
         y = self.combine(h, routing, counts)
         if self.shared is not None:
@@ -437,9 +440,10 @@ class GPT(nn.Module):
         strategy's step() (lossfree updates its bias here, global_aux resets
         its buffer) and returns the global load [n_layers, E] for MaxVio_batch.
         entropy=True: returns (load, mean router entropy per token [n_layers]),
-        the latter summed over ranks in one more small all-reduce."""
+        the latter summed over ranks in one more small all-reduce, as is
+        self.last_dropped, the step's assignments dropped for capacity."""
         loads = torch.stack([layer.load for layer in self.moe_layers()])
-        sums = torch.stack([layer.entropy for layer in self.moe_layers()])    # [n_layers, 2]
+        sums = torch.stack([torch.cat([m.entropy, m.dropped]) for m in self.moe_layers()])   # [n_layers, 3]
         if self.mesh.world_size > 1:
             dist.all_reduce(loads)
             if entropy:
@@ -448,6 +452,8 @@ class GPT(nn.Module):
             layer.balancer.step(load)
             layer.load.zero_()
             layer.entropy.zero_()
+            layer.dropped.zero_()
+        self.last_dropped = sums[:, 2].long()       # per layer: the health figure "dropped"
         return (loads, sums[:, 0] / sums[:, 1].clamp(min=1)) if entropy else loads
 
 

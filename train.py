@@ -135,7 +135,8 @@ def train_step(model, opt, corpus, step, args, proc):
     return {"loss": losses[0].item(), "balance_loss": losses[1].item(),
             "grad_norm": grad_norm, "lr": lr_at(step, args),
             "maxvio_batch": max_violation(loads).mean().item(),
-            "maxvio_batch_by_layer": max_violation(loads).tolist(), "load": loads, "router_entropy": entropy}
+            "maxvio_batch_by_layer": max_violation(loads).tolist(), "load": loads, "router_entropy": entropy,
+            "dropped": model.last_dropped}
 
 
 # ----------------------------------------------------------------------------
@@ -278,8 +279,9 @@ def evaluate(model, corpus, batches, proc, causal_batches=CAUSAL_BATCHES):
     by_domain = (loss_sum / tok_sum.clamp(min=1)).tolist()
     val_loss = (loss_sum.sum() / tok_sum.sum()).item()
     mv = max_violation(load)
-    causal = {} if BALANCERS[cfg.balancer].token_choice or not causal_batches else \
-        causal_evaluation(model, batches[:causal_batches], proc)
+    # Token choice is exactly causal, unless --expert-capacity lets the batch decide what is dropped
+    leaks = not BALANCERS[cfg.balancer].token_choice or (cfg.balance or {}).get("expert_capacity")
+    causal = causal_evaluation(model, batches[:causal_batches], proc) if leaks and causal_batches else {}
     return {"val_loss": val_loss, "val_ppl": math.exp(val_loss), **causal,
             "val_loss_by_domain": dict(zip(corpus.domains, by_domain)),
             "val_ppl_by_domain": {d: math.exp(v) for d, v in zip(corpus.domains, by_domain)},

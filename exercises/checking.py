@@ -30,9 +30,10 @@ import torch  # noqa: E402
 from moe import GPT, GPTConfig  # noqa: E402
 from train import causal_probe, max_violation  # noqa: E402
 
-# The exercise files, in order. Exercises 1-5 each add a strategy; 6 is a measurement.
+# The exercise files, in order. Exercises 1-5 each add a strategy; 6 is a
+# measurement; 7 and 8 are strategies with a shipped bug to find (docs/demons.md).
 EXERCISES = ["ex1_multiplicative", "ex2_centred_bias", "ex3_capacity", "ex4_global_no_buffer",
-             "ex5_causal_expert_choice", "ex6_first_specialist"]
+             "ex5_causal_expert_choice", "ex6_first_specialist", "ex7_aux_loss_bug", "ex8_lossfree_bug"]
 
 
 def source_folder():
@@ -63,6 +64,19 @@ def exercise(name):
             del sys.modules[module_name]
             raise
     return sys.modules[module_name]
+
+
+def diagnosed(module, number):
+    """The module of a find-the-bug exercise (7, 8), once its DIAGNOSIS is
+    written. Those files have no stub to fill in: untouched, they run, bug
+    and all, so nothing in them raises NotImplementedError by itself. The
+    DIAGNOSIS line is what the student writes, so until it is there the
+    checks raise the stub's NotImplementedError for them, and the exercise
+    reads "not started" like the others instead of failing on the shipped bug."""
+    if not str(getattr(module, "DIAGNOSIS", None) or "").strip():
+        raise NotImplementedError(f"exercise {number}: find the bug, fix it, and write DIAGNOSIS "
+                                  f"(one line: what was wrong)")
+    return module
 
 
 # ----------------------------------------------------------------------------

@@ -3,9 +3,10 @@ python -m exercises.run [train.py flags]
 
 train.py, with the strategies of the exercises registered as well, so that
 `--balancer ex1_mult_bias` (exercise 1), `ex2_lossfree_centred` (2),
-`ex3_capacity_drop` (3), `ex4_global_aux_nobuf` (4) and `ex5_causal_ec` (5)
-train like any other (the exN_ prefix keeps them apart from the names of
-strategies in balancers.py):
+`ex3_capacity_drop` (3), `ex4_global_aux_nobuf` (4), `ex5_causal_ec` (5),
+`ex7_aux` (7) and `ex8_lossfree` (8) train like any other (the exN_ prefix
+keeps them apart from the names of strategies in balancers.py). Exercises 7
+and 8 train as shipped, bug included: that is how their symptom is seen.
 
     python -m exercises.run --balancer ex1_mult_bias
     python -m exercises.run --balancer ex3_capacity_drop --capacity-factor 1.0 --preset tiny

@@ -4,6 +4,7 @@ where the lesson's modules import as they do for train.py:
 
     python -m lab.compare        the papers' claims, or your strategy against others, on paired seeds
     python -m lab.show_routing   which expert every byte went to, drawn
+    python -m lab.curves         runs' log.jsonl drawn (MaxVio, health, loss, strategy state), no TensorBoard
     python -m lab.plan           a GPU cluster's bytes and memory per step, on paper
     python -m lab.bench          how fast the MoE layer is, and where the time goes
     python -m lab.gpu_check      the GPU path checked in one command (timeout 600 on a CUDA machine)

@@ -40,6 +40,7 @@ import torch
 
 import plumbing
 import train
+from lab.bench import flops_per_token
 from moe import GPT, Mesh, MeshLayout, check_config, is_expert_param
 
 WIRE_BYTES = 2      # bf16 rows under CUDA autocast
@@ -128,7 +129,7 @@ def plan(cfg, batch_size, grad_accum, nodes, gpus_per_node, ep_size):
         ckpt_replicated_bytes=(PARAM_BYTES + ADAM_BYTES) * replicated + buffers,
         ckpt_resume_read_bytes=W * ((PARAM_BYTES + ADAM_BYTES) * (replicated + local_experts) + buffers),
         ckpt_hash_read_bytes=(PARAM_BYTES + ADAM_BYTES) * (replicated + all_experts) + buffers,   # save and resume
-        flops_per_gpu=tokens * grad_accum * (6 * model.active_params() + 6 * cfg.n_layers * cfg.seq_len * cfg.d_model),
+        flops_per_gpu=tokens * grad_accum * flops_per_token(model),       # bench's count, the one MFU uses
     )
 
 

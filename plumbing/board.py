@@ -9,7 +9,7 @@ Tags (docs/health.md lists them with what each means):
   eval/causal_leak, ..., eval/val_loss_by_domain/DOMAIN, eval/maxvio_global/layerL,
   eval/maxvio_computation_batch/seqsS
   health/FIGURE/layerL     tokens_min, tokens_max, tokens_std, busiest_share,
-                           dead, load_entropy, router_entropy
+                           dead, load_entropy, router_entropy, dropped
   health/STATE_STAT/layerL the strategy's state summary (bias_min, bias_at_max, ...)
   histograms: load/layerL (tokens per expert), state/NAME/layerL (e.g. the bias)
 

@@ -15,6 +15,8 @@ optimizer step:
                        every expert gets the same, 0 when one gets everything
   router_entropy       the mean over tokens of the entropy of the router's
                        per-token distribution (Routing.probs), in nats
+  dropped              assignments the step dropped for --expert-capacity
+                       (Routing.dropped, summed over micro-steps and ranks)
   state                for every floating-point state tensor of the strategy
                        (lossfree's bias): its range per layer and how many
                        experts sit at its minimum and at its maximum
@@ -119,6 +121,7 @@ class Health:
         self.recent = deque(maxlen=alarm_window)        # (busiest share [L], busiest expert [L]) per step
         self.alarms = {}                                 # layer -> its alarm line
         self.last_load = torch.zeros(n_layers, n_experts, dtype=torch.long)
+        self.dropped = torch.zeros(n_layers, dtype=torch.long)      # over the whole run, per layer
 
     @classmethod
     def for_run(cls, args, cfg):
@@ -126,11 +129,12 @@ class Health:
         return cls(cfg.n_layers, cfg.n_experts, args.batch_size * args.seq_len, args.dead_steps, share,
                    args.alarm_window, args.alarm_dead_steps)
 
-    def update(self, step, load, router_entropy, state, full=False):
+    def update(self, step, load, router_entropy, state, full=False, dropped=None):
         """After optimizer step `step` (1-based): load [L, E] counts of the
         global batch, router_entropy [L] mean nats per token, state the
         strategy's {name: [L, ...]}. Returns (figures for the log line, new
-        alarm lines). full: also the whole count vector (at evaluations)."""
+        alarm lines). full: also the whole count vector (at evaluations).
+        dropped [L]: the step's assignments dropped for capacity (None: none)."""
         load = load.detach().cpu().long()
         self.last_load = load
         self.idle = torch.where(load > 0, torch.zeros_like(self.idle), self.idle + 1)
@@ -142,6 +146,9 @@ class Health:
                    "dead": (self.idle >= self.dead_steps).sum(1).tolist(),
                    "load_entropy": entropy(f / f.sum(1, keepdim=True).clamp(min=1)).tolist(),
                    "router_entropy": [float(x) for x in router_entropy.detach().cpu().tolist()]}
+        dropped = torch.zeros(self.n_layers, dtype=torch.long) if dropped is None else dropped.detach().cpu().long()
+        self.dropped += dropped
+        figures["dropped"] = dropped.tolist()
         summary = state_summary(state)
         if summary:
             figures["state"] = summary
@@ -199,7 +206,7 @@ class Health:
     def state_dict(self):
         return {"idle": self.idle.tolist(), "alarms": {str(k): v for k, v in self.alarms.items()},
                 "recent": [(s.tolist(), b.tolist()) for s, b in self.recent],
-                "last_load": self.last_load.tolist()}
+                "last_load": self.last_load.tolist(), "dropped": self.dropped.tolist()}
 
     def load_state_dict(self, d):
         """From a checkpoint's state_dict(); None (a checkpoint written before
@@ -212,13 +219,17 @@ class Health:
         for s, b in d["recent"]:
             self.recent.append((torch.tensor(s, dtype=torch.float64), torch.tensor(b, dtype=torch.long)))
         self.last_load = torch.tensor(d["last_load"], dtype=torch.long)
+        if "dropped" in d:                              # absent from checkpoints written before capacity
+            self.dropped = torch.tensor(d["dropped"], dtype=torch.long)
 
     def summary(self):
         """summary.json's part: the last step's per-expert counts per layer,
-        the dead experts then, and every alarm raised."""
+        the dead experts then, every alarm raised, and per layer the
+        assignments dropped for capacity over the whole run."""
         return {"load_by_layer": self.last_load.tolist(),
                 "dead_by_layer": (self.idle >= self.dead_steps).sum(1).tolist(),
-                "alarms": list(self.alarms.values())}                      # in the order raised
+                "alarms": list(self.alarms.values()),                      # in the order raised
+                "dropped_by_layer": self.dropped.tolist()}
 
 
 def health_line(h, n_experts):
@@ -234,6 +245,8 @@ def health_line(h, n_experts):
              f"busiest expert {share:.0%} of tokens (layer {sl})",
              f"load entropy {min(h['load_entropy']):.2f}-{max(h['load_entropy']):.2f} of {math.log(n_experts):.2f}",
              f"router entropy {min(h['router_entropy']):.2f}-{max(h['router_entropy']):.2f} nats"]
+    if any(h.get("dropped", ())):
+        parts.append(f"dropped {max(h['dropped'])} assignments (worst layer {h['dropped'].index(max(h['dropped']))})")
     for name, s in h.get("state", {}).items():
         parts.append(f"{name} {min(s['min']):.3g}..{max(s['max']):.3g} (at its min {max(s['at_min'])}, "
                      f"at its max {max(s['at_max'])} experts)")

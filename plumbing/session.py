@@ -101,7 +101,8 @@ class Session:
             rec["state"] = {k: v.tolist() for k, v in state.items()}   # e.g. lossfree's bias trajectories
         evaluated = "val_loss" in rec
         load = rec.pop("load")
-        rec["health"], alarms = self.health.update(step, load, rec.pop("router_entropy"), state, full=evaluated)
+        rec["health"], alarms = self.health.update(step, load, rec.pop("router_entropy"), state, full=evaluated,
+                                                   dropped=rec.pop("dropped", None))
         for line in alarms if proc.main else ():
             self.bar.write(line)
         rec.pop("expert_freq", None)                                   # in summary.json, not in every line

@@ -26,7 +26,8 @@ and the balance comes over a few steps.
 
 import torch
 
-from balancers import GATE, Balancer, Knob, all_reduce, gate_scores, register, top_k_routing
+from balancers import (GATE, TOKEN_CHOICE_KNOBS, Balancer, Knob, all_reduce, gate_scores, register,
+                       token_choice_options, top_k_routing)
 
 BINS = Knob(4096, "bins on each side of 0 in each expert's histogram of the global batch (more: closer to "
                   "the exact statistic, more memory and a larger all-reduce)", low=1)
@@ -90,7 +91,7 @@ class QuantileBalancing(Balancer):
     """
     paper = "Su 2026, \"MoE Journey\" part 6 (Quantile Balancing); Megatron-LM quantile_balancing"
     summary = "beta set once per step to the exact dual (quantile) solution: no learning rate"
-    knobs = dict(Balancer.knobs, gate=GATE.but(default="sigmoid"),
+    knobs = dict(Balancer.knobs, **TOKEN_CHOICE_KNOBS, gate=GATE.but(default="sigmoid"),
                  beta_ema=Knob(0.0, "weight of the old beta when the new one is set (Megatron: 0, pure "
                                     "replacement)", low=0, high=1, open_high=True),
                  bins=BINS)
@@ -108,7 +109,7 @@ class QuantileBalancing(Balancer):
         scores = gate_scores(logits, self.cfg.gate)
         if self.training and self.top_k < self.n_experts:
             self.count_margins(scores.detach())
-        return top_k_routing(logits, scores, self.top_k, -self.beta)
+        return top_k_routing(logits, scores, self.top_k, -self.beta, **token_choice_options(self.cfg))
 
     def count_margins(self, scores):
         """Add (s_ij - beta_j) - alpha_i of every token i and expert j to

@@ -9,6 +9,8 @@ subprocess, exactly as a student or teacher runs them, against:
   the reference solutions  every check passes
   wrong solutions          every exercise's checkers catch each plausible
                            mistake below, with a message naming the property
+  a find-the-bug stub      exercises 7 and 8 with DIAGNOSIS written and the
+                           shipped bug left in: "wrong", naming the property
   a student half way       two finished strategies moved into balancers.py
                            under the names a student picks: no clash
 
@@ -37,10 +39,13 @@ import balancers
 ROOT = Path(__file__).resolve().parent.parent
 SOLUTIONS = ROOT / "exercises" / "solutions"
 EXERCISE_FILES = ["ex1_multiplicative", "ex2_centred_bias", "ex3_capacity", "ex4_global_no_buffer",
-                  "ex5_causal_expert_choice", "ex6_first_specialist"]
+                  "ex5_causal_expert_choice", "ex6_first_specialist", "ex7_aux_loss_bug", "ex8_lossfree_bug"]
+# The find-the-bug exercises: their stubs run, bug and all, and read "not
+# started" only until DIAGNOSIS is written (exercises/checking.diagnosed).
+FIND_THE_BUG = ["ex7_aux_loss_bug", "ex8_lossfree_bug"]
 
 
-def run_checkers(tmp_path, source, tag, root=ROOT, **env_vars):
+def run_checkers(tmp_path, source, tag, root=ROOT, select=None, **env_vars):
     """`python -m pytest exercises` with EXERCISES_FROM=source (and any other
     environment variables given), in the project at `root`. Returns the exit
     code, the output, the summary counts and {test: (outcome, message)} read
@@ -48,8 +53,10 @@ def run_checkers(tmp_path, source, tag, root=ROOT, **env_vars):
     report = tmp_path / f"{tag}.xml"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "EXERCISES_"))}
     env.update(EXERCISES_FROM=str(source), OMP_NUM_THREADS="1", **env_vars)
-    proc = subprocess.run([sys.executable, "-m", "pytest", "exercises", "-q", "-p", "no:cacheprovider",
-                           f"--junitxml={report}"], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    command = [sys.executable, "-m", "pytest", "exercises", "-q", "-p", "no:cacheprovider", f"--junitxml={report}"]
+    if select:                                          # a -k expression: some exercises only
+        command += ["-k", select]
+    proc = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=600)
     output = proc.stdout + proc.stderr
     last = output.strip().splitlines()[-1]
     counts = {word: int(n) for n, word in re.findall(r"(\d+) (passed|failed|skipped|errors?)", last)}
@@ -70,24 +77,24 @@ def test_untouched_stubs_are_all_not_started(tmp_path):
     started", with the hint, and pytest exits 0."""
     code, output, counts, results = run_checkers(tmp_path, "stubs", "stubs")
     assert code == 0, output[-3000:]
-    assert counts == {"skipped": len(results)} and len(results) >= 6 * 5, output[-3000:]
+    assert counts == {"skipped": len(results)} and len(results) >= 8 * 5, output[-3000:]
     for name, (outcome, message) in results.items():
         assert outcome == "skipped" and "not started: exercise" in message, f"{name}: {outcome} {message}"
-    assert output.count(": not started") == 6 and output.count("    hint: ") == 6, output[-3000:]
+    assert output.count(": not started") == 8 and output.count("    hint: ") == 8, output[-3000:]
 
 
 def test_reference_solutions_pass_every_check(tmp_path):
     code, output, counts, results = run_checkers(tmp_path, "solutions", "solutions")
     assert code == 0, output[-3000:]
-    assert counts == {"passed": len(results)} and len(results) >= 6 * 5, output[-3000:]
-    assert output.count(": done") == 6, output[-3000:]
+    assert counts == {"passed": len(results)} and len(results) >= 8 * 5, output[-3000:]
+    assert output.count(": done") == 8, output[-3000:]
 
 
 def test_hints_are_hidden_with_exercises_hints_0(tmp_path):
     """For graded work: EXERCISES_HINTS=0 keeps the verdicts and drops every
     hint (the stubs print one hint per exercise otherwise, see above)."""
     code, output, _, _ = run_checkers(tmp_path, "stubs", "nohints", EXERCISES_HINTS="0")
-    assert code == 0 and output.count(": not started") == 6, output[-3000:]
+    assert code == 0 and output.count(": not started") == 8, output[-3000:]
     assert "hint: " not in output, output[-3000:]
 
 
@@ -151,7 +158,7 @@ def test_students_strategies_in_balancers_py_under_the_exercises_plain_names_bre
     classes moved into balancers.py under the names a student picks,
     `mult_bias` and `lossfree_centred`. The exercise files keep registering
     their own ex1_/ex2_ names, so nothing clashes and every checker finds its
-    own class: 1 and 2 "done", the four others "not started", exit code 0."""
+    own class: 1 and 2 "done", the six others "not started", exit code 0."""
     project = project_copy(tmp_path / "project")
     move_into_balancers(project, "ex1_multiplicative", "MultiplicativeBias", "mult_bias")
     move_into_balancers(project, "ex2_centred_bias", "CentredLossFree", "lossfree_centred")
@@ -160,7 +167,27 @@ def test_students_strategies_in_balancers_py_under_the_exercises_plain_names_bre
         shutil.copy2(SOLUTIONS / f"{name}.py", handin / f"{name}.py")
     code, output, _, _ = run_checkers(tmp_path, "stubs", "halfway", root=project)
     assert code == 0, output[-3000:]
-    assert output.count(": done") == 2 and output.count(": not started") == 4, output[-3000:]
+    assert output.count(": done") == 2 and output.count(": not started") == 6, output[-3000:]
+
+
+def test_a_find_the_bug_stub_with_its_diagnosis_written_but_the_bug_left_fails_naming_the_property(tmp_path):
+    """Exercises 7 and 8 as shipped, with DIAGNOSIS written and nothing
+    fixed: no longer "not started", and "wrong", with the shipped bug's
+    symptom in the failing check's message."""
+    folder = tmp_path / "diagnosed"
+    shutil.copytree(ROOT / "exercises", folder, ignore=shutil.ignore_patterns("__pycache__", "solutions"))
+    for name in FIND_THE_BUG:
+        path = folder / f"{name}.py"
+        text = path.read_text()
+        assert text.count("\nDIAGNOSIS = None") == 1, f"{name}: the stub must start with DIAGNOSIS = None"
+        path.write_text(text.replace("\nDIAGNOSIS = None", "\nDIAGNOSIS = 'a guess, nothing fixed yet'"))
+    code, output, _, results = run_checkers(tmp_path, folder, "diagnosed", select="ex7 or ex8")
+    assert code == 1 and output.count(": wrong -- ") == 2, output[-3000:]
+    for check, words in (("test_ex7_aux_loss_bug::test_uniform_router_costs_exactly_alpha[2]",
+                          "a uniform router must cost exactly alpha"),
+                         ("test_ex8_lossfree_bug::test_bias_gets_no_gradient", "the bias got a gradient")):
+        outcome, message = results[check]
+        assert outcome == "failure" and words in message, f"{check}: {outcome} {message}"
 
 
 # ----------------------------------------------------------------------------
@@ -252,6 +279,22 @@ WRONG = [
     ("ex6_first_specialist", "return (ownership(freq) > threshold) & (freq >= min_use * fair)",
      "return ownership(freq) > threshold",
      "test_a_barely_used_expert_is_no_specialist", "apply min_use", "a dying expert counts as a specialist"),
+
+    ("ex7_aux_loss_bug", "f = counts.float() / counts.sum().clamp(min=1)", "f = counts.float() / (B * T)",
+     "test_uniform_router_costs_exactly_alpha", "must cost exactly alpha whatever k is",
+     "the shipped bug put back: f divided by the tokens, not the k T assignments"),
+    ("ex7_aux_loss_bug", ".reshape(B * T, E).mean(0)", ".reshape(B * T, E).mean(0).detach()",
+     "test_loss_pushes_the_busiest_expert_down", "must push the busiest expert",
+     "P detached as well as f: the loss has the right value and no gradient"),
+
+    ("ex8_lossfree_bug", "weight = scores.gather(-1, expert_idx)",
+     "weight = (scores + self.bias).gather(-1, expert_idx)",
+     "test_bias_gets_no_gradient", "the bias got a gradient",
+     "half the fix: the bias a buffer, but still added to the gate weight"),
+    ("ex8_lossfree_bug", 'self.register_buffer("bias", torch.zeros(n_experts))',
+     "self.bias = torch.nn.Parameter(torch.zeros(n_experts))",
+     "test_bias_is_state_not_a_parameter", "not a parameter",
+     "the other half: the weight fixed, but the bias still a parameter that GPT initialises and AdamW trains"),
 ]
 
 
