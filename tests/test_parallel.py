@@ -301,24 +301,15 @@ def worker(rank, world_size):
             "host_syncs": host_syncs_of_one_layer(rank, world_size)}
 
 
-def grouped_mm_bf16_on_cpu():
-    try:
-        torch._grouped_mm(torch.ones(16, 8, dtype=torch.bfloat16), torch.ones(1, 8, 8, dtype=torch.bfloat16),
-                          offs=torch.tensor([16], dtype=torch.int32))
-        return True
-    except (AttributeError, NotImplementedError, RuntimeError):
-        return False
-
-
 def host_syncs_of_one_layer(rank, world_size):
     """The Python calls that read a tensor's value on the host during one
     expert-parallel (ep = 2) MoE layer's forward and backward under bf16
     autocast, on the GPU's grouped path (forced, as tests/test_moe.py does
     for ep = 1; None where this CPU has no bf16 grouped kernel)."""
+    from plumbing import kernels
+    from test_moe import HOST_SYNCS, grouped_mm_bf16_on_cpu, small_config
     if not grouped_mm_bf16_on_cpu():
         return None
-    from plumbing import kernels
-    from test_moe import HOST_SYNCS, small_config
     mesh = plumbing.Proc(rank, world_size, torch.device("cpu")).start(world_size).mesh
     torch.manual_seed(0)
     layer = MoELayer(small_config("lossfree", n_experts=8, top_k=2, d_model=16, d_expert=16), mesh).train()
