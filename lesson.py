@@ -74,7 +74,8 @@ if sys.argv[1:] in (["--build"], ["--check"]):
 #
 # 1. the router and top-k on a toy batch;
 # 2. the auxiliary loss of Switch Transformer computed by hand, and checked against `balancers.py`;
-# 3. a short run of `aux` against `lossfree`: their MaxVio curves and the loss-free bias;
+# 3. a short run of `aux` against `lossfree`: their MaxVio curves and the loss-free bias, and the
+#    bias read as a price (the dual of an assignment problem) on a toy batch;
 # 4. expert choice, balanced by construction, and the causality probe that shows its leak;
 # 5. which expert each byte went to;
 # 6. letting the trained models write.
@@ -222,6 +223,78 @@ for name, log in runs.items():
 # After each step an expert busier than average has its bias lowered and an idle one has it raised;
 # only the differences between the biases change a top-k, so the lines may drift together. The
 # loss never sees the bias. The figures of a full-size comparison, with several seeds, are in the README's results.
+#
+# ### 3b. The bias is a price: the dual reading
+#
+# Sending $m$ tokens to $k$ experts each, with every expert taking exactly its share $C = mk/n$,
+# is an assignment problem: maximise $\sum_{ij} x_{ij} s_{ij}$ over $0 \le x \le 1$ with
+# $\sum_j x_{ij} = k$ for each token and $\sum_i x_{ij} = C$ for each expert. Put a price
+# $\beta_j$ on each expert's constraint instead of enforcing it, and the best answer is read off
+# token by token: the top-$k$ of $s_{ij} - \beta_j$. That is lossfree's routing with $b = -\beta$.
+# The prices that make the constraints hold minimise the dual function
+#
+# $$g(\beta) = \sum_i \text{top-}k_j\,(s_{ij} - \beta_j) + C \sum_j \beta_j, \qquad
+# \partial g / \partial \beta_j = C - \text{load}_j .$$
+#
+# Lossfree's update is a sign step down that gradient (SignSGD, as Su reads it). Quantile balancing
+# (`strategies/quantile.py`) jumps instead: with each token's own price $\alpha_i$ (its $(k+1)$-th
+# best $s_{ij} - \beta_j$), $\beta_j$ becomes the level that exactly $C$ of the column
+# $s_{:,j} - \alpha$ exceed. Below: 48 tokens, 4 experts, top-1, expert 0 favoured by every token.
+# And a certificate: once every load is exactly $C$, the routing's total score equals $g(\beta)$,
+# which no feasible assignment can beat, so it is the best balanced assignment (LP duality).
+
+# %%
+m, n, k1 = 48, 4, 1
+C = m * k1 // n
+s_toy = torch.rand(m, n, generator=torch.Generator().manual_seed(3))
+s_toy[:, 0] += 0.3                                  # every token likes expert 0 a little more
+
+
+def toy_route(beta):
+    # the project's routing, with lossfree's bias b = -beta
+    r = balancers.top_k_routing(s_toy.log()[None], s_toy[None], k1, -beta)
+    return r.expert_idx.view(m, k1)
+
+
+def toy_load(beta):
+    return torch.bincount(toy_route(beta).reshape(-1), minlength=n)
+
+
+def dual(beta):
+    return ((s_toy - beta).topk(k1, dim=-1).values.sum() + C * beta.sum()).item()
+
+
+def sign_step(beta, u=0.02):
+    # Wang Alg. 1 on b = -beta: an expert over its share gets a higher price
+    return beta + u * torch.sign(toy_load(beta) - C)
+
+
+def quantile_step(beta):
+    # Su, MoE Journey part 6: alpha_i, then beta_j as the level C of s_:,j - alpha exceed
+    alpha = (s_toy - beta).topk(k1 + 1, dim=-1).values[:, -1:]
+    column = (s_toy - alpha).sort(dim=0, descending=True).values
+    return (column[C - 1] + column[C]) / 2
+
+
+for name, step in (("sign step", sign_step), ("quantile step", quantile_step)):
+    beta = torch.zeros(n)
+    print(f"{name}:")
+    for it in range(31):
+        if it in (0, 1, 2, 5, 10, 30):
+            print(f"  after {it:2d} steps: loads {toy_load(beta).tolist()} (C = {C}), g(beta) = {dual(beta):.4f}")
+        beta = step(beta)
+    chosen = toy_route(beta)
+    total = s_toy.gather(1, chosen).sum().item()
+    if toy_load(beta).eq(C).all():
+        print(f"  balanced; its total score {total:.4f} equals g(beta) = {dual(beta):.4f}: optimal by duality")
+
+# %% [markdown]
+# Here the quantile step reaches exact balance within ten steps, with no step size to choose (each
+# step solves one set of prices exactly, the others held fixed). The sign step gets close as fast
+# and then circles the answer a token or so off, because its step never shrinks: the paper's rate
+# $u$ trades the speed of the first approach against the size of that circling (its Fig. 4), and
+# later methods smooth the step (`strategies/momentum_bias.py`). docs/beyond-lossfree.md
+# has the whole family and what the comparison found.
 #
 # ## 4. Expert choice, and the causality probe
 #

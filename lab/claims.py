@@ -59,8 +59,8 @@ ARMS_SEEDS = 5
 # The parts. Each judges itself from `values(label, metric, seeds)` (one
 # figure per seed, in the order of `seeds`) and `token_choice(label)`.
 
-def with_paper(out, paper):
-    return {**out, **({"paper": paper} if paper else {})}
+def with_paper(out, paper, effect=None):
+    return {**out, **({"paper": paper} if paper else {}), **({"effect": effect} if effect is not None else {})}
 
 
 @dataclasses.dataclass
@@ -75,6 +75,7 @@ class Paired:
     margin: float = 0.0
     unit: str = ""
     paper: str | None = None    # what the paper reports for the same comparison
+    effect: float | None = None  # that report as a number in this part's units: what the seeds are powered at
 
     def arms(self):
         return [self.a, self.b]
@@ -83,7 +84,7 @@ class Paired:
         out = {"part": self.what, "a": self.a, "b": self.b, "metric": self.metric, "unit": self.unit,
                **stats.paired(values(self.a, self.metric, seeds), values(self.b, self.metric, seeds),
                               self.side, self.margin)}
-        return with_paper(out, self.paper)
+        return with_paper(out, self.paper, self.effect)
 
 
 @dataclasses.dataclass
@@ -96,6 +97,7 @@ class Single:
     side: str
     unit: str = ""
     paper: str | None = None
+    effect: float | None = None
 
     def arms(self):
         return [self.a]
@@ -103,7 +105,7 @@ class Single:
     def judge(self, values, seeds, token_choice):
         out = {"part": self.what, "a": self.a, "b": None, "metric": self.metric, "unit": self.unit,
                **stats.verdict(values(self.a, self.metric, seeds), self.side)}
-        return with_paper(out, self.paper)
+        return with_paper(out, self.paper, self.effect)
 
 
 def leaks(leak, token_choice):
@@ -210,7 +212,7 @@ def paper_claims(size):
     aux_softmax, lf_softmax = "aux softmax alpha=3e-4", "lossfree softmax proportional"
     claim_softmax = Claim(
         "softmax", "With the softmax gate, loss-free (proportional update) also balances better at better or no "
-                   "worse perplexity", "Wang et al. 2024, App. C.2 and Table 6: softmax gate, alpha 3e-4", 10,
+                   "worse perplexity", "Wang et al. 2024, App. C.2 and Table 6: softmax gate, alpha 3e-4", 6,
         {aux_softmax: aux("3e-4", "--gate", "softmax"),
          lf_softmax: ["--balancer", "lossfree", "--gate", "softmax", "--bias-update", "proportional"]},
         better_balanced_at_no_worse_loss("softmax", lf_softmax, aux_softmax, "0.937 -> 0.027"))
@@ -224,7 +226,7 @@ def paper_claims(size):
                   f"({QIU_MICRO} sequence) lets experts specialise by domain and lowers perplexity; a balance group "
                   f"of micro-batch size drawn across the global batch does as well",
         f"Qiu et al. 2025, Tables 1-2 and Fig. 1b: Balance BSZ {QIU_MICRO} -> {batch} ({batch // QIU_MICRO}x), "
-        f"softmax gate, alpha 0.008, z-loss 1e-3", 8,
+        f"softmax gate, alpha 0.008, z-loss 1e-3", 6,
         {**{balance(n): qiu("--balancer", "aux", "--balance-seqs", str(n)) for n in (QIU_MICRO, 2, 8)},
          glob: qiu("--balancer", "global_aux"),
          shuffle: qiu("--balancer", "aux", "--balance-seqs", str(QIU_MICRO), "--balance-shuffle")},
@@ -261,6 +263,39 @@ def paper_claims(size):
          Paired("u=1e-2 less balanced late (MaxVio_batch, last quarter)", fast, mid, "maxvio_late", ">"),
          Paired("u=1e-2's bias reverses direction more often late", fast, mid, "bias_reversals", ">")])
 
+    since = {"lossfree": ["--balancer", "lossfree"], "quantile": ["--balancer", "quantile"],
+             "momentum_bias": ["--balancer", "momentum_bias"], "threshold": ["--balancer", "threshold"],
+             "expert_choice": ["--balancer", "expert_choice"], "aux": ["--balancer", "aux"],
+             "lossfree, capacity 1.0, drop by probs": ["--balancer", "lossfree", "--expert-capacity", "1.0"],
+             "lossfree, 2 of 4 expert groups": ["--balancer", "lossfree", "--n-groups", "4", "--topk-groups", "2"]}
+    capped, grouped = list(since)[-2:]
+    margin, why = MARGINS["lossfree"]
+    claim_since = Claim(
+        "since_2024", "Since loss-free balancing: quantile balancing balances faster than the sign step at no worse "
+                      "loss; the momentum step reverses less late in training; expert-threshold routing is exactly "
+                      "causal and balances better at lower loss than token choice with an aux loss; capacity drops "
+                      "cost loss; group-limited routing costs none",
+        "Su, MoE Journey part 6; Arcee Trinity Large Eqs. 23-28; Sun et al. 2026 (arXiv 2603.11535); GShard / "
+        "Switch capacity; DeepSeek-V2 Sec. 2.2.2 and V3 Sec. 2.1.2: every strategy at its own defaults, 16 experts "
+        "top-2", 8, since,
+        [Paired("quantile balances faster than the sign step (MaxVio_batch, first quarter)", "quantile", "lossfree",
+                "maxvio_early", "<", paper="balances \"very fast\" (Su, part 6)"),
+         Paired(f"quantile's val loss no worse than the sign step's (margin {margin:.4f} nats: {why})", "quantile",
+                "lossfree", "val_loss", "<", margin, "nats", paper="no gain where the sign rule balances (Su)"),
+         Paired("the momentum step's bias reverses direction less often late (last quarter)", "momentum_bias",
+                "lossfree", "bias_reversals", "<", paper="\"MaxVio stopped diverging\" (Trinity; no ablation)"),
+         Exact("causality probe exactly 0 for expert threshold, > 0 for expert choice", ["threshold", "expert_choice"],
+               "causal_leak", causal_exactly_when_token_choice),
+         Paired("expert threshold's val loss lower than token choice with the aux loss", "threshold", "aux",
+                "val_loss", "<", 0.0, "nats", paper="CE 2.620 vs 2.687: -0.067 (Sun et al., 2.4B)", effect=-0.067),
+         Paired("expert threshold balances better than token choice with the aux loss (MaxVio_global)", "threshold",
+                "aux", "maxvio_global", "<", paper="not reported"),
+         Paired("capacity 1.0 with drops costs val loss against dropless", capped, "lossfree", "val_loss", ">", 0.0,
+                "nats", paper="loss not reported; marin #4016: factor 1.25 -> 1.0 is 8-11% faster"),
+         Paired(f"group-limited routing's val loss no worse than unrestricted (margin {margin:.4f} nats)", grouped,
+                "lossfree", "val_loss", "<", margin, "nats",
+                paper="M >= 3 of 8 devices \"roughly aligned with the unrestricted top-K\" (DeepSeek-V2 Sec. 2.2.2)")])
+
     everyone = {name: ["--balancer", name] for name in BALANCERS}
     claim_main = Claim(
         "main", "Every registered strategy at its own defaults; token choice is exactly causal", "all papers", 3,
@@ -269,7 +304,7 @@ def paper_claims(size):
                "causal_leak", causal_exactly_when_token_choice)])
 
     return [claim_lossfree, claim_alpha, claim_cb, claim_softmax, claim_global, claim_ec, claim_bias_rate,
-            claim_main]
+            claim_since, claim_main]
 
 
 # ----------------------------------------------------------------------------

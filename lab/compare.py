@@ -66,8 +66,8 @@ import train
 from balancers import BALANCERS
 from data import load_corpus, val_batches
 from lab.claims import ARMS_SEEDS, CB_MID, MARGINS, SIZES, paper_claims, strategy_comparison
-from lab.stats import MIN_SEEDS, PILOT_SEEDS, apply_holm, combine, confirmatory_seeds, interval, resolve_note, \
-    seeds_needed
+from lab.stats import MIN_SEEDS, PILOT_SEEDS, apply_holm, combine, confirmatory_seeds, interval, powered_seeds, \
+    resolve_note, sd_upper
 
 # The repository root: train.py, README.md, results/ and docs/ are there.
 ROOT = Path(__file__).resolve().parent.parent
@@ -394,14 +394,22 @@ class Results:
         return self.plan.token_choice[label]
 
 
+def part_seeds(plan, part):
+    """The seeds a part is judged on: every seed all of its arms have. An arm
+    shared by two claims has the union of their seeds, so no part reads a
+    subset of the runs its arms have."""
+    return sorted(set.intersection(*(set(plan.seeds[lbl]) for lbl in part.arms())))
+
+
 def judge(r):
-    """Every claim of the plan: each part judged on the claim's own seeds
-    (every arm of the claim has them), the claim's verdict from its parts,
-    and Holm over every test of every claim as one family."""
+    """Every claim of the plan: each part judged on every seed its arms share
+    (part_seeds), the claim's verdict from its parts, and Holm over every
+    test of every claim as one family."""
     out = []
     for c in r.plan.claims:
-        seeds = r.plan.claim_seeds[c.key]
-        parts = [p.judge(r.values, seeds, r.token_choice) for p in c.parts]
+        parts = [p.judge(r.values, part_seeds(r.plan, p), r.token_choice) for p in c.parts]
+        seeds = sorted(set().union(*(part_seeds(r.plan, p) for p in c.parts))) if c.parts else \
+            r.plan.claim_seeds[c.key]
         out.append({"key": c.key, "claim": c.text, "source": c.source, "parts": parts, "arm_labels": list(c.arms),
                     "verdict": combine([p["verdict"] for p in parts]) if parts else None, "seeds": seeds})
     apply_holm(out)
@@ -410,8 +418,9 @@ def judge(r):
 
 def pilot_summary(judged, plan, root):
     """What the pilot measured and what it fixes: each part's paired mean and
-    spread, the seeds that would resolve it at that spread (80% power, the
-    mean taken as the truth), and each claim's confirmatory seed count
+    spread, the seeds it asks for (stats.powered_seeds: 80% power at the
+    paper's effect, or at the pilot's mean where the paper gives none, with
+    the spread's upper 95% bound), and each claim's confirmatory seed count
     (stats.confirmatory_seeds, within the claim's budget share). Also the
     runs' own times, which size the confirmatory plan."""
     budget = {c.key: c.seeds for c in plan.claims}
@@ -419,8 +428,11 @@ def pilot_summary(judged, plan, root):
     for c in judged:
         for p in c["parts"]:
             if "diff" in p:
-                n = seeds_needed(p["diff"], p["sd"], float(p["claim"].split()[1])) if p["sd"] else None
-                spreads[f"{c['key']}: {p['part']}"] = {"diff": p["diff"], "sd": p["sd"], "seeds_needed": n}
+                at = "a no-worse margin (effect 0)" if float(p["claim"].split()[1]) and p.get("effect") is None \
+                    else "the paper's effect" if p.get("effect") is not None else "the pilot's mean (no paper figure)"
+                spreads[f"{c['key']}: {p['part']}"] = {
+                    "diff": p["diff"], "sd": p["sd"], "sd_upper": sd_upper(p["sd"], p["seeds"]) if p["sd"] else None,
+                    "powered_at": at, "seeds_needed": powered_seeds(p)}
         seeds[c["key"]] = confirmatory_seeds(c["parts"], budget[c["key"]])
     elapsed = {}
     for name in plan.runs:
@@ -733,9 +745,34 @@ def plot_expert_choice(root, r):
 
 
 # Each plot and the claims whose runs it draws.
+def plot_since_2024(root, r):
+    """The methods since loss-free balancing: MaxVio_batch over training
+    (left: how fast each balances) and each arm's val loss against its
+    MaxVio_global (right), mean over the claim's seeds."""
+    plt = pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5), layout="constrained")
+    labels, seeds = claim_arms(r, "since_2024")
+    for lbl in labels:
+        if lbl != "expert_choice":          # balanced by construction in training: MaxVio_batch 0
+            left.plot(*curve(root, r, lbl, seeds), label=lbl, lw=1)
+        right.plot(mean(r.values(lbl, "maxvio_global", seeds)), mean(r.values(lbl, "val_loss", seeds)), "o")
+        right.annotate(lbl, (mean(r.values(lbl, "maxvio_global", seeds)), mean(r.values(lbl, "val_loss", seeds))),
+                       textcoords="offset points", xytext=(5, 4), fontsize=7)
+    a = train.parse_args(r.plan.common + r.plan.arms[labels[0]])
+    left.axhline(maxvio_noise_floor(a.batch_size * a.seq_len, a.n_experts, a.top_k), color="grey", ls="--",
+                 label="noise floor (random balanced router)")
+    left.set(xlabel="step", ylabel="MaxVio_batch (mean over layers and seeds)", yscale="log",
+             title=f"How fast each balances ({len(seeds)} seeds)")
+    left.legend(fontsize=7)
+    right.set(xlabel="MaxVio_global", ylabel="validation loss (nats/byte, teacher-forced)",
+              title="Balance and loss at the end")
+    return save(fig, root, "since_2024.png")
+
+
 PLOTS = [(plot_alpha, {"alpha"}), (plot_softmax, {"softmax"}), (plot_maxvio_batch, {"lossfree", "alpha"}),
          (plot_computation_batch, {"computation_batch"}), (plot_bias_rate, {"bias_rate"}),
-         (plot_global, {"global"}), (plot_expert_choice, {"expert_choice", "main"})]
+         (plot_global, {"global"}), (plot_expert_choice, {"expert_choice", "main"}),
+         (plot_since_2024, {"since_2024"})]
 
 # ----------------------------------------------------------------------------
 # 7. main.
@@ -817,6 +854,17 @@ def publish(root):
     (ROOT / "README.md").write_text(readme)
     print(f"copied the results to {dest}/, wrote docs/results.md and the README's verdict table")
 
+
+
+def publish_to(root, dest):
+    """Copy results.json, the plots and results.md to `dest` alone: a run of
+    some claims kept beside the main results, which it leaves as they are."""
+    res, (page, _) = checked_results(root)
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ["results.json"] + res["plots"]:
+        shutil.copy(root / name, dest / name)
+    (dest / "results.md").write_text(page)
+    print(f"copied the results to {dest}/")
 
 
 def chosen_claims(args, common):
@@ -956,6 +1004,9 @@ def parse_args(argv=None):
                                                                       "e.g. '--data mytext/' or '--device cuda'")
     p.add_argument("--publish", action="store_true",
                    help="copy OUT's results to results/, docs/results.md and the README's verdict table, then stop")
+    p.add_argument("--publish-to", metavar="DIR",
+                   help="copy OUT's results.json, results.md and plots to DIR only (e.g. results/since_2024 for a "
+                        "run of some --claims beside the main results), then stop")
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     args.size = "quick" if args.quick else "smoke" if args.smoke else "default"
@@ -1005,6 +1056,9 @@ def main(argv=None):
     root = Path(args.out)
     if args.publish:
         publish(root)
+        return 0
+    if args.publish_to:
+        publish_to(root, Path(args.publish_to))
         return 0
     common = common_flags(args)
     plumbing.check_args(train.parse_args(common), args.nproc)

@@ -10,10 +10,14 @@ share initialisation and batches, so most run-to-run noise cancels):
     on the other side, unresolved otherwise. A mean inside its own interval
     never decides anything;
   - an unresolved difference is reported with the seeds that would settle
-    it at 80% power, taking the measured mean and spread as the truth, and
-    which way it would then go;
-  - seeds are fixed before looking: a pilot on seeds >= 1000 measures the
-    spread, the confirmatory run uses fresh seeds 0..n-1 with n fixed from it;
+    it at 80% power *if* the measured mean and spread were the truth, and
+    which way it would then go: a conditional guide, labelled as one;
+  - seeds are fixed before looking: a pilot on PILOT_SEEDS (five, >= 1000)
+    measures the spread, and the confirmatory run uses fresh seeds 0..n-1
+    with n powered at the paper's effect (0 for a "no worse" claim, whose
+    target is its margin), using the upper 95% confidence bound of the
+    pilot's spread, since five seeds can understate it several-fold; never
+    fewer than MIN_SEEDS;
   - Holm-Bonferroni over every test of a family holds the family-wise error
     at 5%: a verdict survives only if its test does.
 
@@ -31,13 +35,19 @@ T80 = [1.376, 1.061, 0.978, 0.941, 0.920, 0.906, 0.896, 0.889, 0.883, 0.879, 0.8
        0.866, 0.865, 0.863, 0.862, 0.861, 0.860, 0.859, 0.858, 0.858, 0.857, 0.856, 0.856, 0.855, 0.855,
        0.854, 0.854]
 
+# Chi-square 5% quantiles by degrees of freedom 1..30 (scipy.stats.chi2.ppf(0.05, df)),
+# for the upper confidence bound of a standard deviation; beyond 30, Wilson-Hilferty.
+CHI2_05 = [0.0039, 0.1026, 0.3518, 0.7107, 1.1455, 1.6354, 2.1673, 2.7326, 3.3251, 3.9403, 4.5748, 5.2260,
+           5.8919, 6.5706, 7.2609, 7.9616, 8.6718, 9.3905, 10.1170, 10.8508, 11.5913, 12.3380, 13.0905, 13.8484,
+           14.6114, 15.3792, 16.1514, 16.9279, 17.7084, 18.4927]
+
 VERDICTS = ("holds", "contradicted", "unresolved")
 
 # Seeds. A pilot on PILOT_SEEDS measures each part's paired spread; the
 # confirmatory run then uses seeds 0..n-1 with n fixed from the pilot, never
 # fewer than MIN_SEEDS, and is never extended once results have been seen.
-PILOT_SEEDS = list(range(1000, 1003))
-MIN_SEEDS = 3
+PILOT_SEEDS = list(range(1000, 1005))
+MIN_SEEDS = 5
 MAX_SEEDS = 1000   # beyond this, "more seeds" is no longer a plan
 
 
@@ -56,13 +66,20 @@ def interval(values):
     return mean, sd, mean - half, mean + half
 
 
+def sd_upper(sd, n):
+    """The upper 95% confidence bound of a standard deviation measured on n
+    values: sd sqrt((n - 1) / chi2_0.05(n - 1)). At n = 5 it is 2.37 sd."""
+    df = n - 1
+    q = CHI2_05[df - 1] if df <= len(CHI2_05) else df * (1 - 2 / (9 * df) - 1.645 * math.sqrt(2 / (9 * df))) ** 3
+    return sd * math.sqrt(df / q)
+
+
 def seeds_needed(mean, sd, target):
     """Seeds at which a difference of this mean and spread would leave `target`
-    outside its 95% interval 80% of the time, taking the measured mean and
-    spread as the truth (a rough guide: the spread itself comes from a few
-    seeds). It would settle the claim on the side the mean lies on, which may
-    be the side against it. None if the mean sits on the target or more than
-    MAX_SEEDS would be needed."""
+    outside its 95% interval 80% of the time, *if* the mean and spread given
+    were the truth. It would settle the claim on the side the mean lies on,
+    which may be the side against it. None if the mean sits on the target or
+    more than MAX_SEEDS would be needed."""
     gap = abs(mean - target)
     if sd is None or gap == 0:
         return None
@@ -178,16 +195,31 @@ def apply_holm(judged):
     return len(tests)
 
 
+def powered_seeds(part):
+    """The seeds one pilot part asks of the confirmatory run: 80% power at
+    the effect the paper reports for it (part["effect"], in the part's own
+    units; a "no worse" part's effect is 0, so its target is the margin),
+    or at the pilot's own mean where the paper gives no number
+    (part["powered_at"] says which), with the pilot spread's upper 95%
+    bound (sd_upper). None if more than MAX_SEEDS would be needed."""
+    target = float(part["claim"].split()[1])
+    effect = part.get("effect")
+    if effect is None and target:
+        effect = 0.0
+    mean = part["diff"] if effect is None else effect
+    return seeds_needed(mean, sd_upper(part["sd"], part["seeds"]), target) if part.get("sd") else None
+
+
 def confirmatory_seeds(parts, budget):
     """The seeds a confirmatory run gives a claim, from its pilot parts: the
-    most any part needs at its measured spread (a part that would need more
-    than MAX_SEEDS counts as the budget), at least MIN_SEEDS and at most
+    most any part needs (powered_seeds; a part that would need more than
+    MAX_SEEDS counts as the budget), at least MIN_SEEDS and at most
     `budget`. Parts without a difference (exact checks) need no seeds."""
     need = []
     for p in parts:
         if "diff" not in p:
             continue
-        n = seeds_needed(p["diff"], p["sd"], float(p["claim"].split()[1])) if p["sd"] else None
+        n = powered_seeds(p)
         need.append(n if n is not None else budget)
     return max(MIN_SEEDS, min(budget, max(need, default=MIN_SEEDS)))
 
@@ -202,4 +234,5 @@ def resolve_note(part):
     side, margin = part["claim"].split()
     on_claimed_side = part["diff"] < float(margin) if side == "<" else part["diff"] > float(margin)
     at = " at the paper's margin" if float(margin) else ""
-    return f" (unresolved{at}: ~{n} seeds would resolve it, as {'holds' if on_claimed_side else 'contradicted'})"
+    return (f" (unresolved{at}: if the measured mean and spread were the truth, ~{n} seeds would resolve it, as "
+            f"{'holds' if on_claimed_side else 'contradicted'})")

@@ -327,12 +327,48 @@ def test_an_effect_too_small_for_its_spread_gets_no_seed_count():
     assert f"more than {stats.MAX_SEEDS} seeds" in stats.resolve_note(part)
 
 
+def test_the_sd_upper_bound_is_the_chi_square_bound():
+    """Five seeds can understate a spread several-fold: the seed count uses
+    sd sqrt((n-1) / chi2_0.05(n-1)), pinned to scipy.stats.chi2 (2.372 at n = 5),
+    and the Wilson-Hilferty form beyond the table agrees with it closely."""
+    assert stats.sd_upper(1.0, 5) == pytest.approx(2.3724, abs=1e-3)
+    assert stats.sd_upper(1.0, 41) == pytest.approx(math.sqrt(40 / 26.5093), abs=1e-3)
+    assert stats.sd_upper(1.0, 3) > stats.sd_upper(1.0, 5) > stats.sd_upper(1.0, 30) > 1
+
+
+def test_seeds_are_powered_at_the_papers_effect_or_the_margin_not_at_the_pilots_mean():
+    """A pilot mean of 3x the paper's effect would promise few seeds; the
+    count is powered at the paper's number when the part has one, at effect 0
+    against the margin for a "no worse" part, and at the pilot's own mean
+    only where the paper gives no figure."""
+    diffs = [-0.30, -0.25, -0.35, -0.28, -0.32]
+    part = stats.verdict(diffs, "<")
+    at_mean = stats.powered_seeds(part)
+    at_paper = stats.powered_seeds({**part, "effect": -0.1})
+    assert at_paper > at_mean
+    assert at_paper == stats.seeds_needed(-0.1, stats.sd_upper(part["sd"], 5), 0)
+    no_worse = stats.verdict([0.001, -0.002, 0.0, 0.001, -0.001], "<", 0.05)
+    assert stats.powered_seeds(no_worse) == stats.seeds_needed(0.0, stats.sd_upper(no_worse["sd"], 5), 0.05)
+
+
+def test_a_part_is_judged_on_every_seed_its_arms_share_not_its_claims_subset():
+    """Arms shared by two claims have the union of their seeds, and every
+    part reads all of them: a claim with 3 seeds whose arms another claim
+    runs on 10 is judged on 10."""
+    plan = compare.Plan("default", ["--preset", "tiny"], keys=["lossfree", "alpha"],
+                        seed_lists={"lossfree": range(3), "alpha": range(10)})
+    lf = next(c for c in plan.claims if c.key == "lossfree")
+    assert plan.claim_seeds["lossfree"] == [0, 1, 2]
+    assert all(compare.part_seeds(plan, p) == list(range(10)) for p in lf.parts)
+
+
 def test_the_seed_count_says_which_way_it_would_resolve():
     """The estimate takes the measured mean as the truth, so with the mean on
     the wrong side more seeds would settle it *against* the claim."""
     for diffs, way in (([0.30, -0.10, 0.20, 0.05], "as holds"), ([-0.30, 0.10, -0.20, -0.05], "as contradicted")):
         part = stats.verdict(diffs, ">")
         assert part["verdict"] == "unresolved" and way in stats.resolve_note(part)
+        assert "if the measured mean and spread were the truth" in stats.resolve_note(part)
 
 
 def test_an_exact_check_that_fails_once_contradicts_the_claim():
