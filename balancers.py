@@ -434,9 +434,11 @@ class AuxLoss(RegroupsTokens):
     is what Qiu et al. 2025 show blocks domain specialisation.
 
     balance_shuffle is Qiu et al.'s control (Table 2, Shuffle LBL_micro): each
-    group holds as many tokens as before, but drawn at random from the whole
-    micro-batch (a fresh draw every step), so it has the diversity of the
-    larger batch and the token count of the small group."""
+    group's f counts as many tokens as before, but drawn at random from the
+    whole micro-batch (a fresh draw every step), so it has the diversity of
+    the larger batch and the token count of the small group. P stays the
+    group's own: Qiu's Sec. 5 names only "the expert selection frequency" as
+    computed on the random tokens."""
     paper = "Fedus et al. 2021 (Switch), Lepikhin et al. 2020 (GShard)"
     summary = "aux loss alpha * E * sum_i f_i P_i over balance groups"
     knobs = dict(Balancer.knobs, **TOKEN_CHOICE_KNOBS, alpha=ALPHA,
@@ -453,14 +455,13 @@ class AuxLoss(RegroupsTokens):
     def loss(self, routing):
         B, T, E = routing.probs.shape
         group_tokens = self.cfg.balance_seqs * T
-        scores = own_scores(routing, self.cfg.gate).reshape(B * T, E)
+        scores = own_scores(routing, self.cfg.gate).reshape(-1, group_tokens, E)
         position = None
         if self.cfg.balance_shuffle:
             order = self.permutation(B * T, scores.device)          # order[j]: the token in slot j
             position = torch.argsort(order)                           # position[t]: token t's slot
-            scores = scores[order]
         counts = counts_per_group(routing, group_tokens, E, position)
-        return self.cfg.alpha * switch_loss(counts, scores.reshape(-1, group_tokens, E))
+        return self.cfg.alpha * switch_loss(counts, scores)
 
 
 class GlobalAuxLoss(Balancer):
@@ -554,23 +555,30 @@ class ExpertChoice(RegroupsTokens):
                  capacity_factor=Knob(2.0, "c in C = n c / E tokens per expert (Zhou et al. Sec. 3.2, Eq. 1)",
                                       low=0, open_low=True),
                  route_seqs=Knob(2, "sequences per routing group", low=1, divides_batch=True),
+                 route_tokens=Knob(0, "routing groups of this many consecutive tokens of one sequence (Wang et "
+                                      "al. App. D.2: 512 of 2,048); 0: whole sequences (--route-seqs)", low=0),
                  route_shuffle=Knob(False, "fill routing groups with tokens shuffled across the micro-batch "
                                            "(the control for the leak, Wang et al. Fig. 9)"))
 
     def route(self, logits):
         B, T, E = logits.shape
-        g = self.cfg.route_seqs
-        n_groups = groups_of(B, g, "route_seqs")
+        n = self.cfg.route_tokens
+        if n and T > n and T % n:
+            # A prefix that ends inside a chunk (causal evaluation, generation):
+            # its last, partial chunk is a routing group of its own.
+            head = T // n * n
+            return join_in_time(self.route(logits[:, :head]), self.route(logits[:, head:]), head, T)
+        n = min(n, T) if n else self.cfg.route_seqs * T              # tokens per routing group
+        n_groups = B * T // n if self.cfg.route_tokens else groups_of(B, self.cfg.route_seqs, "route_seqs")
         scores = gate_scores(logits, self.cfg.gate).reshape(B * T, E)
-        # Which token sits in which group. Normally group j is sequences
-        # [j*g, (j+1)*g). With route_shuffle a permutation, fresh every step
+        # Which token sits in which group. Normally group j is tokens
+        # [j*n, (j+1)*n): whole sequences, or a chunk of one. With route_shuffle a permutation, fresh every step
         # and never one training used when evaluating, scatters every
         # sequence over all groups, so a group holds few tokens of any one
         # sequence and a choice reveals little about that sequence's future.
         slot = torch.arange(B * T, device=logits.device)
         if self.cfg.route_shuffle:
             slot = self.permutation(B * T, logits.device)
-        n = g * T                                                   # tokens per routing group
         C = expert_capacity(n, self.cfg.capacity_factor, E)
         top = scores[slot].view(n_groups, n, E).topk(C, dim=1)      # each expert's best C tokens
         offset = torch.arange(n_groups, device=logits.device)[:, None, None] * n
@@ -579,6 +587,13 @@ class ExpertChoice(RegroupsTokens):
         weight = top.values.transpose(1, 2)
         probs = (scores / scores.sum(-1, keepdim=True)).view(B, T, E)
         return Routing(token_idx.reshape(-1), expert_idx.reshape(-1), weight.reshape(-1), probs, logits)
+
+
+def join_in_time(a, b, head, T):
+    """One Routing of [B, T] tokens from those of positions [0, head) and [head, T)."""
+    rows = lambda r, start, length: r.token_idx // length * T + start + r.token_idx % length
+    return Routing(torch.cat([rows(a, 0, head), rows(b, head, T - head)]), torch.cat([a.expert_idx, b.expert_idx]),
+                   torch.cat([a.weight, b.weight]), torch.cat([a.probs, b.probs], 1), torch.cat([a.logits, b.logits], 1))
 
 
 def expert_capacity(n_tokens, capacity_factor, n_experts):

@@ -38,8 +38,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from balancers import check_strategy, count_per_expert, make_balancer
+from balancers import count_per_expert, make_balancer
 from plumbing import kernels
+from plumbing.knobs import check_config  # noqa: F401  (a model that cannot be built is refused in one line)
 from plumbing.mesh import Mesh, MeshLayout  # noqa: F401  (who holds which experts)
 from data import VOCAB_SIZE
 
@@ -548,26 +549,3 @@ def sum_of_squares(tensors, device):
     if not tensors:
         return torch.zeros((), device=device)
     return torch.stack(torch._foreach_norm(tensors, dtype=torch.float32)).square().sum()
-
-
-# ----------------------------------------------------------------------------
-# Checks (not the lesson): a model that cannot be built is refused in one line.
-
-def check_config(cfg, ep_size=1, local_seqs=None):
-    """Raise ValueError naming the setting and the fix, before anything is built.
-    `ep_size`: the processes the experts are shared out over (the world size
-    unless --ep-size says otherwise). `local_seqs`: sequences per process and
-    micro-step, when known."""
-    for name in ("n_layers", "d_model", "n_heads", "n_experts", "top_k", "d_expert", "seq_len"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"{name}={getattr(cfg, name)} must be >= 1")
-    if cfg.shared_experts < 0:
-        raise ValueError(f"shared_experts={cfg.shared_experts} must be >= 0")
-    if cfg.d_model % cfg.n_heads:
-        raise ValueError(f"d_model={cfg.d_model} is not divisible by n_heads={cfg.n_heads}: "
-                         f"pick an --n-heads that divides --d-model")
-    if cfg.n_experts % ep_size:
-        raise ValueError(f"n_experts={cfg.n_experts} is not divisible by the {ep_size} expert-parallel processes: "
-                         f"each rank must own the same number of experts; change --n-experts, --ep-size "
-                         f"or --nproc_per_node")
-    check_strategy(cfg.balancer, cfg.n_experts, cfg.top_k, cfg.balance, local_seqs)

@@ -178,9 +178,19 @@ def causal_probe(model, x, t, generator):
     model.eval()
     x2 = x.clone()
     x2[:, t + 1:] = torch.randint(0, model.cfg.vocab_size, x2[:, t + 1:].shape, generator=generator).to(x.device)
-    a = model(x).logits[:, :t + 1].float()
-    b = model(x2).logits[:, :t + 1].float()
-    return (a - b).abs().max().item()
+    a, b = forward_twice(model, x, x2)
+    return (a[:, :t + 1] - b[:, :t + 1]).abs().max().item()
+
+
+def forward_twice(model, x, x2):
+    """Logits of x and of x2 with any random regrouping (--route-shuffle) drawn
+    alike: the second forward replays the first's draws, so only the input
+    differs, and identical inputs give identical logits (tested)."""
+    saved = [(b, dict(b.draws)) for b in (layer.balancer for layer in model.moe_layers()) if hasattr(b, "draws")]
+    a = model(x).logits.float()
+    for balancer, draws in saved:
+        balancer.draws = draws
+    return a, model(x2).logits.float()
 
 
 def computation_batch_maxvio(seq_load):

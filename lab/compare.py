@@ -292,10 +292,66 @@ def checkpoint_evals(run_dir):
     proc = plumbing.Proc()
     corpus = load_corpus(args.data, seq_len=args.seq_len, log=lambda *a: None)
     batches = val_batches(corpus, args.seq_len, args.batch_size // args.grad_accum, args.val_seqs)
+    within_byte = {"specialization_within_byte": byte_controlled_specialization(model, batches, proc.device)}
     if BALANCERS[model.cfg.balancer].token_choice:
         windows = batches[:train.CAUSAL_BATCHES]
-        return {"val_loss_causal_windows": train.evaluate(model, corpus, windows, proc, causal_batches=0)["val_loss"]}
-    return shuffled_routing_eval(model, corpus, batches, proc)
+        return {"val_loss_causal_windows": train.evaluate(model, corpus, windows, proc, causal_batches=0)["val_loss"],
+                **within_byte}
+    return {**shuffled_routing_eval(model, corpus, batches, proc), **within_byte}
+
+
+@torch.no_grad()
+def byte_controlled_specialization(model, batches, device, seed=0):
+    """Domain specialisation with the byte held fixed. The domains use
+    different bytes (math is mostly digits), so an expert that takes digits
+    looks like a math expert: train.specialization_score cannot tell domain
+    from byte, and Qiu et al. 2025 separate the two. Here, for each input
+    byte seen in two domains or more, the same score (total variation of
+    each domain's expert distribution from their mean) on the tokens of
+    that byte alone, averaged over bytes weighted by their tokens and over
+    layers; minus the same figure with the domain labels shuffled among the
+    tokens of each byte (seeded), which is what counting noise alone gives
+    at these counts. 0: given the byte, the domain does not move the expert."""
+    model.eval()
+    cfg = model.cfg
+    cells, tokens, domains = [], [], []
+    for x, _, dom in batches:
+        out = model(x.to(device))
+        tokens.append(x.reshape(-1))
+        domains.append(dom.repeat_interleave(x.shape[1]))
+        cells.append([(r.token_idx.cpu() + sum(t.numel() for t in tokens[:-1]), r.expert_idx.cpu())
+                      for r in out.routings])
+    byte, domain = torch.cat(tokens).long(), torch.cat(domains).long()
+    layers = [(torch.cat([c[layer][0] for c in cells]), torch.cat([c[layer][1] for c in cells]))
+              for layer in range(cfg.n_layers)]
+    return within_byte_specialization(byte, domain, layers, cfg.n_experts, seed)
+
+
+def within_byte_specialization(byte, domain, layers, n_experts, seed=0):
+    """byte_controlled_specialization from the tokens' bytes and domains and,
+    per layer, the (token, expert) assignments: the observed score minus the
+    score with domain labels shuffled among each byte's tokens."""
+    D = int(domain.max()) + 1
+    shuffled = torch.empty_like(domain)
+    g = torch.Generator().manual_seed(seed)
+    # tokens grouped by byte, in a random order within each byte: each takes the label of another token of its byte
+    mixed = torch.argsort(byte.double() + 0.5 * torch.rand(byte.shape, generator=g, dtype=torch.float64))
+    shuffled[torch.argsort(byte, stable=True)] = domain[mixed]
+    score = []
+    for labels in (domain, shuffled):
+        per_layer = []
+        for tok, exp in layers:
+            cell = (byte[tok] * D + labels[tok]) * n_experts + exp
+            counts = torch.bincount(cell, minlength=256 * D * n_experts).view(256, D, n_experts).double()
+            total = counts.sum(-1)
+            present = total > 0
+            p = counts / total.clamp(min=1)[..., None]
+            mean = (p * present[..., None]).sum(1) / present.sum(1).clamp(min=1)[..., None]
+            tv = (0.5 * (p - mean[:, None]).abs().sum(-1) * present).sum(1) / present.sum(1).clamp(min=1)
+            weight = total.sum(1) * (present.sum(1) >= 2)            # bytes seen in two domains or more
+            per_layer.append(((tv * weight).sum() / weight.sum().clamp(min=1)).item())
+        score.append(sum(per_layer) / len(per_layer))
+    return score[0] - score[1]
 
 
 def shuffled_routing_eval(model, corpus, batches, proc):
@@ -352,6 +408,7 @@ def metrics(run_dir):
             "maxvio_global": s["maxvio_global"], "maxvio_batch": s["maxvio_batch"],
             "maxvio_early": sum(vio[:q]) / q, "maxvio_late": sum(vio[-q:]) / q,
             "specialization": s["specialization"], "causal_leak": s["causal_leak"],
+            "specialization_within_byte": extra.get("specialization_within_byte"),
             "tokens_per_second": s["tokens_per_second"], "bias_reversals": reversal_rate(log),
             **({"shuffle_cost": extra["val_loss_shuffled"] - extra["val_loss_grouped"]} if "val_loss_shuffled" in extra
                else {})}

@@ -68,7 +68,7 @@ WHERE = {
         'Session', 'evaluation_line', 'against_unigram', 'summarize'], "session"),
     **dict.fromkeys([
         'check_settings', 'check_knob', 'knob_range', 'all_knobs', 'knob_flag',
-        'import_strategies', 'check_registration', 'name_of', 'check_strategy'], "knobs"),
+        'import_strategies', 'check_registration', 'name_of', 'check_strategy', 'check_config'], "knobs"),
     **dict.fromkeys([
         'DataError', 'human', 'MIN_CHUNK', 'MAX_CHUNK', 'chunk_text', 'file_as_documents',
         'visible', 'shown', 'memory_bytes', 'files_under', 'read_files', 'user_documents',

@@ -152,6 +152,26 @@ def check_strategy(name, n_experts, top_k, knobs, local_seqs=None):
     return balancers.BALANCERS[name]
 
 
+def check_config(cfg, ep_size=1, local_seqs=None):
+    """Raise ValueError naming the setting and the fix, before anything is built.
+    `ep_size`: the processes the experts are shared out over (the world size
+    unless --ep-size says otherwise). `local_seqs`: sequences per process and
+    micro-step, when known."""
+    for name in ("n_layers", "d_model", "n_heads", "n_experts", "top_k", "d_expert", "seq_len"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{name}={getattr(cfg, name)} must be >= 1")
+    if cfg.shared_experts < 0:
+        raise ValueError(f"shared_experts={cfg.shared_experts} must be >= 0")
+    if cfg.d_model % cfg.n_heads:
+        raise ValueError(f"d_model={cfg.d_model} is not divisible by n_heads={cfg.n_heads}: "
+                         f"pick an --n-heads that divides --d-model")
+    if cfg.n_experts % ep_size:
+        raise ValueError(f"n_experts={cfg.n_experts} is not divisible by the {ep_size} expert-parallel processes: "
+                         f"each rank must own the same number of experts; change --n-experts, --ep-size "
+                         f"or --nproc_per_node")
+    check_strategy(cfg.balancer, cfg.n_experts, cfg.top_k, cfg.balance, local_seqs)
+
+
 # Last, not first: balancers.py imports the names above from here, so they
 # must exist by the time importing balancers runs it (whichever is imported first).
 import balancers  # noqa: E402

@@ -492,11 +492,13 @@ def test_route_shuffle_draws_a_new_permutation_every_step_and_another_in_evaluat
     assert bal.steps_done.item() == 1 and "steps_done" in bal.state()
 
 
-def test_shuffle_lbl_micro_balances_random_token_groups_drawn_fresh_each_step():
-    """Qiu et al. 2025, Table 2, Shuffle LBL_micro: each balance group has
-    the micro-batch's token count but its tokens drawn at random from the
-    whole batch. The loss equals the Switch loss over the groups that the
-    step's permutation cuts out, and the groups change with the step."""
+def test_shuffle_lbl_micro_counts_f_on_random_tokens_and_p_on_the_groups_own():
+    """Qiu et al. 2025, Table 2 and Sec. 5, Shuffle LBL_micro: "randomly
+    select a batch of tokens ... to calculate the expert selection
+    frequency": group g's f counts the picks of the tokens the step's
+    permutation puts in slot group g (the micro-batch's token count drawn
+    from the whole batch), its P is the mean score of its own sequence's
+    tokens. The groups change with the step."""
     B, T, E, k = 4, 6, 4, 2
     logits = random_logits(B, T, E, seed=11) + 3 * torch.eye(E)[:, None, :]     # sequence b leans to expert b
     bal = make_balancer("aux", E, k, dict(alpha=0.5, balance_seqs=1, balance_shuffle=True)).train()
@@ -506,7 +508,7 @@ def test_shuffle_lbl_micro_balances_random_token_groups_drawn_fresh_each_step():
         order = fresh_permutation(B * T, step, 0, True, "cpu")
         chosen = logits.reshape(-1, E)[order].topk(k, dim=-1).indices.view(B, T * k)    # the groups' picks
         counts = torch.stack([torch.bincount(g, minlength=E) for g in chosen])
-        expected = 0.5 * switch_loss(counts, logits.reshape(-1, E)[order].softmax(-1).view(B, T, E))
+        expected = 0.5 * switch_loss(counts, logits.softmax(-1))           # P: each group's own sequence
         losses.append(bal.loss(routing))
         torch.testing.assert_close(losses[-1], expected, rtol=1e-6, atol=0)
         bal.step(torch.zeros(E))

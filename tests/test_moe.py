@@ -15,6 +15,7 @@ from moe import (GPT, MIN_ROWS, Experts, GPTConfig, Mesh, MoELayer, check_config
 from plumbing import kernels
 from plumbing.kernels import (ELEMENTS_PER_THREAD, grouped_experts_bf16, grouped_experts_cpu, grouped_is_faster_on_cpu,
                               grouped_mm_fast_on_cuda, grouped_mm_on_cpu, pad_blocks)
+import train
 from train import max_violation
 
 # The fast tier: python -m pytest -m lesson
@@ -444,6 +445,26 @@ def test_expert_choice_leaks_future_tokens(strategy, seed):
     # A real change: logits here are ~0.1, so float32 rounding is ~1e-8; the
     # leak moves them by ~1e-4 (token choice: exactly 0).
     assert (before - after).abs().max() > 1e-5
+
+
+SHUFFLED = [("expert_choice", dict(route_shuffle=True, route_seqs=1))]
+
+
+@pytest.mark.parametrize("strategy,balance", [(n, None) for n in BALANCERS] + SHUFFLED)
+def test_the_probe_reads_exactly_0_on_identical_inputs_for_every_strategy(strategy, balance):
+    """The causality probe's baseline: its two forwards of the *same* input
+    agree bit for bit, for every strategy, including expert choice routed
+    over groups shuffled at random (train.forward_twice replays the first
+    forward's permutation). Two plain forwards of a shuffled model draw two
+    permutations and differ: without the replay the probe would read noise
+    as a leak."""
+    model = GPT(small_config(strategy, **({"balance": balance} if balance else {}))).eval()
+    x = torch.randint(0, 64, (4, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = train.forward_twice(model, x, x)
+        assert torch.equal(a, b)
+        if balance:
+            assert not torch.equal(model(x).logits, model(x).logits)
 
 
 # ----------------------------------------------------------------------------
