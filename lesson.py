@@ -73,7 +73,8 @@ if sys.argv[1:] in (["--build"], ["--check"]):
 # `train.py`, `lab/show_routing.py`, `sample.py`) rather than copying them:
 #
 # 1. the router and top-k on a toy batch;
-# 2. the auxiliary loss of Switch Transformer computed by hand, and checked against `balancers.py`;
+# 2. the auxiliary loss of Switch Transformer computed by hand, and checked against `balancers.py`,
+#    and why under a sigmoid gate it can lower every score instead of balancing;
 # 3. a short run of `aux` against `lossfree`: their MaxVio curves and the loss-free bias, and the
 #    bias read as a price (the dual of an assignment problem) on a toy batch;
 # 4. expert choice, balanced by construction, and the causality probe that shows its leak;
@@ -172,6 +173,40 @@ print(f"balancers.AuxLoss gives {from_project.item():.5f}: the same")
 
 uniform = torch.zeros(1, 6, E)                # every expert scored alike
 print(f"a uniform router scores {aux.loss(aux.route(uniform)).item():.5f} (= alpha)")
+
+# %% [markdown]
+# ### 2b. The same loss under a sigmoid gate, and why it can fail to balance
+#
+# Wang et al. 2024 (Eq. 2) use the sigmoid gate and take $P_i$ as the mean of the raw sigmoid
+# scores. Then $\partial\,\text{loss} / \partial u_{i,t} = \alpha N f_i\, s_{i,t}(1 - s_{i,t}) / T$ is
+# never negative: the loss can only *lower* scores, and it goes down just as well when every score
+# falls together, which changes no top-k. A softmax cannot do that (adding a constant to every logit
+# changes nothing, and its gradient raises the idle experts), so the only way down is to re-rank.
+
+# %%
+shift = torch.full_like(logits, -3.0)          # every logit 3 lower: the same top-k for every token
+for gate in ("sigmoid", "softmax"):
+    bal = balancers.AuxLoss(E, k, dict(alpha=alpha, balance_seqs=1, gate=gate))
+    before, after = bal.loss(bal.route(logits)).item(), bal.loss(bal.route(logits + shift)).item()
+    u = logits.detach().clone().requires_grad_(True)
+    grad, = torch.autograd.grad(bal.loss(bal.route(u)), u)
+    print(f"{gate:8s} loss {before:.5f} -> {after:.5f} with every score lowered; "
+          f"gradient entries that would raise a score: {(grad < 0).float().mean().item():.0%}")
+
+# %% [markdown]
+# In training it happens. `python -m lab.aux_diagnosis` trains the comparison's model with each gate
+# (alpha 1e-2) and measures one fixed batch along the way; its figures are in
+# `results/aux_diagnosis.json`. Under the sigmoid gate the chosen experts' mean score falls from
+# about 0.56 to about 0.01 within the first 125 steps while MaxVio stays high; under the softmax the
+# scores keep their level, more than half of the gradient raises idle experts, and MaxVio falls.
+
+# %%
+diagnosis = json.loads(Path("results/aux_diagnosis.json").read_text())
+for gate in ("sigmoid", "softmax"):
+    for row in diagnosis[gate]:
+        print(f"{gate:8s} step {row['step']:4d}  MaxVio {row['maxvio']:.2f}  score of chosen experts "
+              f"{row['score_chosen']:.3f}, of the others {row['score_other']:.3f}  "
+              f"gradient raising a score {row['negative_share']:.0%}")
 
 # %% [markdown]
 # ## 3. A short run: `aux` against `lossfree`

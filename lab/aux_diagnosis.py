@@ -63,7 +63,7 @@ def measure(model, x):
     for routing, g, g_lm in zip(out.routings, grads, lm):
         E = g.shape[-1]
         load = torch.bincount(routing.expert_idx, minlength=E).float()
-        scores = gate_scores(routing.logits.detach(), model.layer_gate).reshape(-1, E)
+        scores = gate_scores(routing.logits.detach(), model.cfg.balance["gate"]).reshape(-1, E)
         g = g.reshape(-1, E)
         order = routing.logits.detach().reshape(-1, E).argsort(-1, descending=True)
         chosen, rival = order[:, k - 1], order[:, k]
@@ -94,7 +94,6 @@ def run(gate, args, work):
         if train.main(flags + more) != 0:
             raise RuntimeError(f"training {gate} stopped with an error")
         model, _ = plumbing.load_model(work / gate)
-        model.layer_gate = gate
         out.append({"step": stop, **measure(model, x)})
         print(f"{gate:8s} step {stop:4d}: " + "  ".join(f"{k} {v:+.3f}" for k, v in out[-1].items() if k != "step"),
               flush=True)

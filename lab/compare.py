@@ -44,6 +44,7 @@ Read it top to bottom:
 
 import argparse
 import contextlib
+import functools
 import hashlib
 import io
 import json
@@ -65,7 +66,7 @@ import plumbing
 import train
 from balancers import BALANCERS
 from data import load_corpus, val_batches
-from lab.claims import ARMS_SEEDS, CB_MID, MARGINS, SIZES, paper_claims, strategy_comparison
+from lab.claims import ARMS_SEEDS, CB_BIG, CB_MID, MARGINS, SIZES, paper_claims, strategy_comparison
 from lab.stats import MIN_SEEDS, PILOT_SEEDS, apply_holm, combine, confirmatory_seeds, interval, powered_seeds, \
     resolve_note, sd_upper
 
@@ -397,13 +398,17 @@ def metrics(run_dir):
     vio = [r["maxvio_batch"] for r in log]
     q = max(1, len(vio) // 4)
     cb = dict(zip(s["maxvio_computation_batch"]["sizes"], s["maxvio_computation_batch"]["maxvio"]))
-    mid = cb.get(CB_MID, cb[max(S for S in cb if S <= CB_MID)])
+    at = lambda size: max(S for S in cb if S <= size) if min(cb) <= size else min(cb)   # the largest S up to size
+    mid, big = at(CB_MID), at(CB_BIG)
+    c = s["config"]
+    floor = lambda S: maxvio_noise_floor(S * c["seq_len"], c["n_experts"], c["top_k"])
     causal = {"val_loss_causal": s["val_loss_causal"],
               "val_loss_forced_same_windows": s["val_loss_forced_same_windows"],
               "causal_gap": s["val_loss_causal"] - s["val_loss_forced_same_windows"]} if "val_loss_causal" in s else {}
     return {"val_loss": s["val_loss"], "val_ppl": s["val_ppl"], **causal,
             "val_loss_as_generated": s.get("val_loss_causal", extra.get("val_loss_causal_windows")),
-            "cb_mid": mid, "cb_all": cb[max(cb)], "cb_fall": cb[max(cb)] - mid,
+            "cb_mid": cb[mid], "cb_big": cb[big], "cb_all": cb[max(cb)], "cb_fall": cb[max(cb)] - cb[mid],
+            "cb_excess_fall": (cb[big] - floor(big)) - (cb[mid] - floor(mid)),
             **{f"loss_{d}": s["val_loss_by_domain"][d] for d in s["domains"]},
             "maxvio_global": s["maxvio_global"], "maxvio_batch": s["maxvio_batch"],
             "maxvio_early": sum(vio[:q]) / q, "maxvio_late": sum(vio[-q:]) / q,
@@ -414,16 +419,25 @@ def metrics(run_dir):
                else {})}
 
 
+@functools.lru_cache(maxsize=None)
 def maxvio_noise_floor(n_tokens, n_experts, top_k, draws=200):
     """MaxVio of a perfectly random balanced router: every token takes k
     distinct experts uniformly at random. Counting noise alone makes the
     busiest expert exceed the mean, so MaxVio over n_tokens never reads 0;
     a measured MaxVio_batch near this floor is as balanced as chance allows.
-    Mean over `draws` batches (seeded: the same figure every time)."""
+    Mean over `draws` batches (fewer, at least 20, for a large batch) drawn
+    a few at a time so that they fit in memory; seeded: the same figure
+    every time."""
     g = torch.Generator().manual_seed(0)
-    picks = torch.rand(draws, n_tokens, n_experts, generator=g).topk(top_k, dim=-1).indices.reshape(draws, -1)
-    load = torch.zeros(draws, n_experts).scatter_add_(1, picks, torch.ones_like(picks, dtype=torch.float))
-    return train.max_violation(load).mean().item()
+    draws = min(draws, max(20, 2 ** 27 // (n_tokens * n_experts)))   # a large batch's floor varies little
+    at_once = max(1, min(draws, 2 ** 24 // (n_tokens * n_experts)))
+    vio = []
+    for start in range(0, draws, at_once):
+        n = min(at_once, draws - start)
+        picks = torch.rand(n, n_tokens, n_experts, generator=g).topk(top_k, dim=-1).indices.reshape(n, -1)
+        load = torch.zeros(n, n_experts).scatter_add_(1, picks, torch.ones_like(picks, dtype=torch.float))
+        vio.append(train.max_violation(load))
+    return torch.cat(vio).mean().item()
 
 
 # ----------------------------------------------------------------------------
@@ -464,10 +478,14 @@ def judge(r):
     test of every claim as one family."""
     out = []
     for c in r.plan.claims:
-        parts = [p.judge(r.values, part_seeds(r.plan, p), r.token_choice) for p in c.parts]
+        judged = [p.judge(r.values, part_seeds(r.plan, p), r.token_choice) for p in c.parts]
+        # An exact check has no noise: it is listed as a property of the code
+        # (a failure is a bug), not counted among the claim's verdicts.
+        parts = [p for p in judged if "diff" in p]
         seeds = sorted(set().union(*(part_seeds(r.plan, p) for p in c.parts))) if c.parts else \
             r.plan.claim_seeds[c.key]
-        out.append({"key": c.key, "claim": c.text, "source": c.source, "parts": parts, "arm_labels": list(c.arms),
+        out.append({"key": c.key, "claim": c.text, "source": c.source, "scale": c.scale, "parts": parts,
+                    "properties": [p for p in judged if "diff" not in p], "arm_labels": list(c.arms),
                     "verdict": combine([p["verdict"] for p in parts]) if parts else None, "seeds": seeds})
     apply_holm(out)
     return out
@@ -547,7 +565,7 @@ def claim_table(res, c):
     head = [name for name, _, _ in COLUMNS] + ["MaxVio_batch floor", "causal val loss (EC)"]
     lines = ["| arm | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
     for lbl in c["arm_labels"]:
-        rows = [by_run[lbl, s] for s in c["seeds"]]
+        rows = [by_run[lbl, s] for s in c["seeds"] if (lbl, s) in by_run]
         cells = [mean_sd([m[k] for m in rows]) for _, k, _ in COLUMNS]
         if "val_loss_causal" in rows[0]:
             cells[0] += " (teacher-forced: leaky)"
@@ -577,13 +595,23 @@ def parts_table(c, paper=True):
     return lines
 
 
+def properties_table(c):
+    """Exact checks: a property of the code on every run of its arms."""
+    lines = ["| property (exact, on every run) | runs | |", "|---|---|---|"]
+    return lines + [f"| {p['part']} | {p['seeds']} | {'holds' if p['verdict'] == 'holds' else 'FAILS: a bug'} |"
+                    for p in c.get("properties", [])]
+
+
 def claim_section(res, c, i):
-    """A claim's heading, its arms' table and its parts' table."""
+    """A claim's heading, whether this scale can test it, its arms' table,
+    its parts' table and its exact properties."""
     n = len(c["seeds"])
-    return [f"{i}. *{c['claim']}* ({c['source']}; {n} seed{'s' * (n > 1)}): **{c['verdict']}** "
-            f"(Holm: {c['verdict_holm']})", ""] + \
+    verdict = f"**{c['verdict']}** (Holm: {c['verdict_holm']})" if c["verdict"] else "properties only"
+    return [f"{i}. *{c['claim']}* ({c['source']}; {n} seed{'s' * (n > 1)}): {verdict}", ""] + \
+        ([f"   Can this scale test it? {c['scale']}.", ""] if c.get("scale") else []) + \
         ["   " + line for line in claim_table(res, c)] + [""] + \
-        ["   " + line for line in parts_table(c, paper=res.get("kind") != "arms")] + [""]
+        (["   " + line for line in parts_table(c, paper=res.get("kind") != "arms")] + [""] if c["parts"] else []) + \
+        (["   " + line for line in properties_table(c)] + [""] if c.get("properties") else [])
 
 
 def markdown(res):
@@ -597,8 +625,9 @@ def markdown(res):
              f"({res['machine']['cpus']} CPUs, "
              f"{res['machine']['jobs']} runs at a time, torch {res['machine']['torch']}); "
              f"{res['steps']} steps per run, "
-             f"validation on up to {res['val_windows_per_domain']} windows per domain. Each claim's table and "
-             f"differences use exactly the claim's seeds; rows: mean ± std over them. The MaxVio_batch floor is "
+             f"validation on up to {res['val_windows_per_domain']} windows per domain. Each part reads every seed "
+             f"its arms share (an arm in two claims has the seeds of both); rows: mean ± std over the arm's seeds "
+             f"in the claim. The MaxVio_batch floor is "
              f"what a perfectly random balanced router reads at the run's batch size.", ""]
     pilot = res.get("pilot")
     if pilot and "seeds" in pilot:
@@ -610,7 +639,7 @@ def markdown(res):
               "if the measured mean and spread were the truth. \"Better or no worse\" parts report "
               "non-inferiority at a margin no larger than the paper's own effect and superiority (below 0). "
               "Holm: the verdict after Holm-Bonferroni over every test of every claim (family-wise 5%).", ""]
-    for i, c in enumerate([c for c in res["claims"] if c["verdict"]], 1):
+    for i, c in enumerate([c for c in res["claims"] if c["verdict"] or c.get("properties")], 1):
         lines += claim_section(res, c, i)
     return "\n".join(lines)
 
@@ -651,7 +680,7 @@ def mean(xs):
 
 def plot_alpha(root, r):
     """Wang et al. 2024, Fig. 2: loss against MaxVio_global along the alpha
-    sweep (sigmoid gate), with loss-free off the trade-off curve."""
+    sweep (softmax gate here), with loss-free off the trade-off curve."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.5), layout="constrained")
     (*labels, lossfree), seeds = claim_arms(r, "alpha")
@@ -697,7 +726,8 @@ def plot_maxvio_batch(root, r):
     alpha_labels, alpha_seeds = claim_arms(r, "alpha")
     for lbl in labels:
         ax.plot(*curve(root, r, lbl, seeds), label=lbl)
-    ax.plot(*curve(root, r, alpha_labels[3], alpha_seeds), label=alpha_labels[3])
+    zero = next(lbl for lbl in alpha_labels if lbl.endswith("alpha=0"))
+    ax.plot(*curve(root, r, zero, alpha_seeds), label=zero)
     a = train.parse_args(r.plan.common + r.plan.arms[labels[0]])
     ax.axhline(maxvio_noise_floor(a.batch_size * a.seq_len, a.n_experts, a.top_k), color="grey", ls="--",
                label="noise floor (random balanced router)")
@@ -709,7 +739,8 @@ def plot_maxvio_batch(root, r):
 
 def plot_computation_batch(root, r):
     """Wang et al. 2024, Fig. 5: MaxVio over computation batches of S
-    validation sequences against S, for claim 1's two models."""
+    validation sequences (drawn in a random order) against S, for the
+    claim's two models, and a random balanced router's at each S."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
     labels, seeds = claim_arms(r, "computation_batch")
@@ -720,8 +751,14 @@ def plot_computation_batch(root, r):
             ax.plot(cv["sizes"], cv["maxvio"], color=color, alpha=0.2)
         ax.plot(curves[0]["sizes"], [mean(v) for v in zip(*[cv["maxvio"] for cv in curves])], "o-", color=color,
                 lw=2, label=lbl)
+    a = train.parse_args(r.plan.common + r.plan.arms[labels[0]])
+    sizes = curves[0]["sizes"]
+    ax.plot(sizes, [maxvio_noise_floor(S * a.seq_len, a.n_experts, a.top_k) for S in sizes], "--", color="grey",
+            label="noise floor (random balanced router)")
     ax.axvline(CB_MID, color="grey", ls=":", label=f"S = {CB_MID} (the training batch)")
+    ax.axvline(CB_BIG, color="grey", ls="-.", label=f"S = {CB_BIG}")
     ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
     ax.set(xlabel="computation batch S (validation sequences)", ylabel="MaxVio over batches of S",
            title=f"Balance per computation batch ({len(seeds)} seeds)")
     ax.legend(fontsize=8)
@@ -755,14 +792,14 @@ def plot_global(root, r):
     plt = pyplot()
     labels, seeds = claim_arms(r, "global")
     fig, axes = plt.subplots(1, 4, figsize=(18, 3.8), layout="constrained")
-    for ax, lbl in zip(axes[:2], (labels[0], labels[3])):
+    for ax, lbl in zip(axes[:2], (labels[0], labels[2])):
         s = read_json(root / "runs" / r.plan.folder(lbl, seeds[0]) / "summary.json")
         im = ax.imshow(s["expert_freq"][0], aspect="auto", cmap="viridis")
         ax.set_yticks(range(len(s["domains"])), s["domains"])
         ax.set(xlabel="expert", title=f"{lbl}\nlayer 0")
         fig.colorbar(im, ax=ax, shrink=0.8)
     x = list(range(len(labels)))
-    ticks = [lbl.split(", ")[-1].replace("balance ", "") for lbl in labels[:4]] + ["shuffle"]
+    ticks = [lbl.split(", ")[-1].replace("balance ", "") for lbl in labels[:3]] + ["shuffle"]
     for ax, col, name in ((axes[2], "specialization", "specialisation"), (axes[3], "val_loss", "val loss (nats)")):
         for seed in seeds:
             ax.plot(x, [r.rows[r.plan.folder(lbl, seed)][col] for lbl in labels], color="tab:blue", alpha=0.2)
@@ -876,11 +913,15 @@ def verdict_table(res):
     docs/results.md."""
     rows = ["| claim (paper) | part | difference [95% interval] | seeds | verdict | after Holm |",
             "|---|---|---|---|---|---|"]
-    for c in (c for c in res["claims"] if c["verdict"]):
-        for i, p in enumerate(c["parts"]):
+    for c in (c for c in res["claims"] if c["verdict"] or c.get("properties")):
+        for i, p in enumerate(c["parts"] + c.get("properties", [])):
             what = f"{c['key']} ({c['source'].split(':')[0]})" if i == 0 else ""
+            if "diff" not in p:
+                state = "property holds" if p["verdict"] == "holds" else "property FAILS (a bug)"
+                rows.append(f"| {what} | {p['part']} | exact, every run | {p['seeds']} runs | {state} | - |")
+                continue
             diff = (f"{fmt(p.get('diff'), '+.4f')} {p['unit']}".strip() + f" [{fmt(p.get('ci_low'), '+.4f')}, "
-                    f"{fmt(p.get('ci_high'), '+.4f')}]" if "diff" in p else "exact")
+                    f"{fmt(p.get('ci_high'), '+.4f')}]")
             sup = p.get("superiority")
             verdict = p["verdict"] + (f"; superiority: {sup['verdict']}" if sup else "")
             rows.append(f"| {what} | {p['part']} | {diff} | {p['seeds']} | {verdict} | {p['verdict_holm']} |")
@@ -1163,6 +1204,8 @@ def main(argv=None):
         for c in judged:
             if c["verdict"]:
                 print(f"{c['key']}: {c['verdict']} -- {c['claim']}")
+            for p in c["properties"]:
+                print(f"{c['key']}: property {'holds' if p['verdict'] == 'holds' else 'FAILS'} -- {p['part']}")
     print(f"wall time {wall / 60:.1f} min; wrote {root / 'results.json'}, {root / 'results.md'}"
           + (f" and {len(res['plots'])} plots (python -m lab.compare --publish copies them to results/, "
              f"docs/results.md and the README)" if not args.arms else ""))

@@ -213,15 +213,16 @@ def powered_seeds(part):
 def confirmatory_seeds(parts, budget):
     """The seeds a confirmatory run gives a claim, from its pilot parts: the
     most any part needs (powered_seeds; a part that would need more than
-    MAX_SEEDS counts as the budget), at least MIN_SEEDS and at most
-    `budget`. Parts without a difference (exact checks) need no seeds."""
+    MAX_SEEDS counts as the budget), at least MIN_SEEDS (unless the budget
+    is smaller: a claim of exact checks alone) and at most `budget`. Parts
+    without a difference (exact checks) need no seeds."""
     need = []
     for p in parts:
         if "diff" not in p:
             continue
         n = powered_seeds(p)
         need.append(n if n is not None else budget)
-    return max(MIN_SEEDS, min(budget, max(need, default=MIN_SEEDS)))
+    return max(min(MIN_SEEDS, budget), min(budget, max(need, default=MIN_SEEDS)))
 
 
 def resolve_note(part):

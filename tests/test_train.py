@@ -384,6 +384,17 @@ def test_computation_batch_maxvio_falls_on_a_hand_worked_load():
     assert three["sizes"] == [1, 2, 3] and three["maxvio"][2] == pytest.approx(1 / 3)
 
 
+def test_computation_batches_draw_sequences_in_random_order_not_the_validation_round_robin():
+    """The validation set alternates domains; if each domain leans to its own
+    expert, consecutive pairs are balanced by construction and MaxVio would
+    "fall" at S = 2 for no reason a training batch shares. In a random order
+    the pairs are sometimes of one domain, as in a training batch."""
+    load = torch.tensor([[[2, 0], [0, 2]] * 8])                       # domains a, b, a, b, ...
+    assert train.computation_batch_maxvio(load)["maxvio"][1] == 0.0
+    order = torch.randperm(16, generator=torch.Generator().manual_seed(0))
+    assert train.computation_batch_maxvio(load, order)["maxvio"][1] > 0.0
+
+
 @pytest.mark.parametrize("balancer", list(BALANCERS))
 def test_computation_batch_maxvio_at_the_whole_set_equals_maxvio_global(balancer):
     model, batches = toy_model_and_batches(balancer)
