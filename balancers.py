@@ -76,7 +76,7 @@ class Routing:
     expert_idx: torch.Tensor   # [A] long: which expert gets that row
     weight: torch.Tensor       # [A] gate value that scales the expert output (has grad)
     probs: torch.Tensor        # [B, T, E] gate scores normalised to sum 1 per token: s / sum_j s_j, the P of
-                               # DeepSeek-V3's sequence-wise loss (Eq. 19); equal to s itself for softmax
+                               # DeepSeek-V3's sequence-wise loss (Eqs. 19-20); equal to s itself for softmax
     logits: torch.Tensor       # [B, T, E] raw router logits (for the z-loss)
     dropped: object = 0        # assignments cut by --expert-capacity (a count); 0 when dropless
 
@@ -517,8 +517,8 @@ class SeqAuxLossFree(LossFree):
     routing plus a tiny auxiliary loss computed *within each sequence*
     (alpha = 1e-4), only to prevent extreme imbalance inside one sequence.
     Its Eq. 17-20: f counts the top-k of the unbiased scores s (Eq. 18), not
-    the biased choice lossfree routes by, and P averages the normalised
-    scores s / sum_j s_j (Eq. 19). V3 also rescales each token's k gate
+    the biased choice lossfree routes by, and P (Eq. 20) averages the
+    normalised scores s' = s / sum_j s_j (Eq. 19). V3 also rescales each token's k gate
     weights to sum to 1; that is left out here so that the loss is the one
     thing this class adds to lossfree."""
     paper = "DeepSeek-V3 (DeepSeek-AI 2024)"

@@ -193,20 +193,20 @@ def forward_twice(model, x, x2):
     return a, model(x2).logits.float()
 
 
-def computation_batch_maxvio(seq_load, order=None):
+def computation_batch_maxvio(seq_load, seed=None):
     """MaxVio over computation batches of S sequences (Wang et al. 2024,
     Sec. 5.1 and Fig. 5), for S = 1, 2, 4, ... and the whole set.
 
     seq_load[l, n, e]: assignments to expert e of layer l by validation
     sequence n. A computation batch is what one expert-parallel step sees
-    at once, micro-batch x data-parallel ranks: here S sequences taken in
-    `order` (evaluate: a fixed random order, so a batch draws its sequences
-    at random as training batches do, not the validation set's round-robin
-    over domains). For each S: MaxVio of every batch of S (the remainder
+    at once, micro-batch x data-parallel ranks: here S sequences taken in a
+    random order fixed by `seed` (evaluate: 0), so a batch draws its sequences
+    at random as training batches do, not in the validation set's round-robin
+    over domains. For each S: MaxVio of every batch of S (the remainder
     that does not fill one is left out), averaged over batches and layers.
     At S = the whole set this is MaxVio_global. Returns {"sizes", "maxvio"}."""
-    seq_load = seq_load if order is None else seq_load[:, order]
     L, N, E = seq_load.shape
+    seq_load = seq_load if seed is None else seq_load[:, torch.randperm(N, generator=torch.Generator().manual_seed(seed))]
     sizes = [1 << i for i in range(N.bit_length()) if 1 << i < N] + [N]
     maxvio = [max_violation(seq_load[:, :N // S * S].reshape(L, N // S, S, E).sum(2)).mean().item() for S in sizes]
     return {"sizes": sizes, "maxvio": maxvio}
@@ -299,8 +299,7 @@ def evaluate(model, corpus, batches, proc, causal_batches=CAUSAL_BATCHES):
             "val_ppl_by_domain": {d: math.exp(v) for d, v in zip(corpus.domains, by_domain)},
             "val_tokens": int(tok_sum.sum().item()),
             "maxvio_global": mv.mean().item(), "maxvio_global_by_layer": mv.tolist(),
-            "maxvio_computation_batch": computation_batch_maxvio(seq_load.view(cfg.n_layers, n_seqs, cfg.n_experts),
-                                                                 torch.randperm(n_seqs, generator=torch.Generator().manual_seed(0))),
+            "maxvio_computation_batch": computation_batch_maxvio(seq_load.view(cfg.n_layers, n_seqs, -1), seed=0),
             "specialization": specialization_score(freq),
             "expert_freq": freq.tolist(), "causal_leak": leak.item()}
 

@@ -56,7 +56,7 @@ def measure(model, x):
     out = model(x)
     layers = [r.logits for r in out.routings]
     grads = torch.autograd.grad(out.balance_loss, layers, retain_graph=True)
-    y = torch.roll(x, -1, 1)                                           # next bytes (the last one wraps: a figure, not a loss)
+    y = torch.roll(x, -1, 1)            # the next bytes (the last wraps round: a gradient's size, not a loss)
     lm = torch.autograd.grad(torch.nn.functional.cross_entropy(out.logits.transpose(1, 2), y), layers)
     k = model.cfg.top_k
     rows = []
