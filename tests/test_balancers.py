@@ -515,3 +515,26 @@ def test_shuffle_lbl_micro_counts_f_on_random_tokens_and_p_on_the_groups_own():
     assert losses[0] != losses[1]
     unshuffled = make_balancer("aux", E, k, dict(alpha=0.5, balance_seqs=1))
     assert unshuffled.loss(unshuffled.route(logits)) > max(losses)     # a leaning sequence costs more alone
+
+
+def test_expert_choice_over_chunks_of_tokens_routes_each_chunk_as_its_own_group():
+    """Wang et al. 2024, App. D.2: routing groups shorter than a sequence
+    (--route-tokens). Each chunk of n consecutive tokens is routed alone,
+    C = n c / E tokens per expert; a prefix ending inside a chunk (causal
+    evaluation, generation) routes its partial chunk as a group of its own."""
+    E, k, n = 8, 2, 4
+    logits = random_logits(2, 12, E, seed=5)
+    bal = make_balancer("expert_choice", E, k, dict(route_tokens=n, capacity_factor=2.0))
+    whole = bal.route(logits)
+    for start in range(0, 12, n):
+        alone = bal.route(logits[:, start:start + n])                    # [2, n]: one chunk of each sequence
+        rows = alone.token_idx // n * 12 + start + alone.token_idx % n
+        want = sorted(zip(rows.tolist(), alone.expert_idx.tolist()))
+        got = sorted((t, e) for t, e in zip(whole.token_idx.tolist(), whole.expert_idx.tolist())
+                     if start <= t % 12 < start + n)
+        assert got == want
+    prefix = bal.route(logits[:, :6])                                    # a chunk of 4, then a partial one of 2
+    tail = bal.route(logits[:, 4:6])
+    assert sorted((t // 6, t % 6 - 4, e) for t, e in zip(prefix.token_idx.tolist(), prefix.expert_idx.tolist())
+                  if t % 6 >= 4) == sorted((t // 2, t % 2, e) for t, e in zip(tail.token_idx.tolist(),
+                                                                             tail.expert_idx.tolist()))
