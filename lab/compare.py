@@ -792,14 +792,14 @@ def plot_global(root, r):
     plt = pyplot()
     labels, seeds = claim_arms(r, "global")
     fig, axes = plt.subplots(1, 4, figsize=(18, 3.8), layout="constrained")
-    for ax, lbl in zip(axes[:2], (labels[0], labels[2])):
+    for ax, lbl in zip(axes[:2], (labels[0], labels[1])):
         s = read_json(root / "runs" / r.plan.folder(lbl, seeds[0]) / "summary.json")
         im = ax.imshow(s["expert_freq"][0], aspect="auto", cmap="viridis")
         ax.set_yticks(range(len(s["domains"])), s["domains"])
         ax.set(xlabel="expert", title=f"{lbl}\nlayer 0")
         fig.colorbar(im, ax=ax, shrink=0.8)
     x = list(range(len(labels)))
-    ticks = [lbl.split(", ")[-1].replace("balance ", "") for lbl in labels[:3]] + ["shuffle"]
+    ticks = [lbl.split(", ")[-1].replace("balance ", "") for lbl in labels[:2]] + ["shuffle"]
     for ax, col, name in ((axes[2], "specialization", "specialisation"), (axes[3], "val_loss", "val loss (nats)")):
         for seed in seeds:
             ax.plot(x, [r.rows[r.plan.folder(lbl, seed)][col] for lbl in labels], color="tab:blue", alpha=0.2)

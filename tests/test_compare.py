@@ -263,9 +263,9 @@ def test_every_expert_choice_arm_has_several_routing_groups_per_batch():
 
 def test_non_inferiority_margins_are_no_larger_than_the_papers_own_effects():
     """Wang et al. Table 2: ln(9.56 / 9.50); Table 6: ln(9.604 / 9.599); Qiu
-    et al. Table 2: shuffle vs global ln(7.214 / 7.198)."""
+    et al. Table 2 (120B, 128x): shuffle vs global ln(8.041 / 8.038)."""
     papers = {"lossfree": math.log(9.56 / 9.50), "softmax": math.log(9.604 / 9.599),
-              "global": math.log(7.214 / 7.198)}
+              "global": math.log(8.041 / 8.038)}
     assert claims.MARGINS.keys() == papers.keys()
     assert all(0 < claims.MARGINS[k][0] <= papers[k] for k in papers)
 
