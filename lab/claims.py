@@ -263,7 +263,7 @@ def paper_claims(size):
                 paper="at a perplexity cost (Fig. 2); 3e-4 \"yields the lowest perplexity\" (App. C.2)"),
          Single(f"alpha 1e-4 stays out of the papers' balanced range (MaxVio_global above {COLLAPSE})", small,
                 "maxvio_global", ">", margin=COLLAPSE,
-                paper=f"\"a small alpha causes routing collapse\" (Fig. 2); the papers' aux arms read 0.52-0.94"),
+                paper=f"\"a small alpha causes routing collapse\" (Fig. 2); the aux arms of Wang's Tables 2 and 6 read 0.52-0.94"),
          Frontier("loss-free lies beyond the alpha frontier: lower val loss than the frontier needs for its "
                   "MaxVio_global", lf_softmax, list(sweep), paper="off the trade-off curve (Fig. 2)")],
         scale="yes, with the softmax gate; the sigmoid sweep of the paper does not balance here (docs/comparison.md)")
