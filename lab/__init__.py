@@ -3,6 +3,7 @@ data.py) from outside it. Each runs as a module from the repository root,
 where the lesson's modules import as they do for train.py:
 
     python -m lab.compare        the papers' claims, or your strategy against others, on paired seeds
+    python -m lab.aux_diagnosis  why the sigmoid-gate aux loss lowers every score instead of balancing
     python -m lab.show_routing   which expert every byte went to, drawn
     python -m lab.curves         runs' log.jsonl drawn (MaxVio, health, loss, strategy state), no TensorBoard
     python -m lab.plan           a GPU cluster's bytes and memory per step, on paper
