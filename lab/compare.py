@@ -503,8 +503,8 @@ def pilot_summary(judged, plan, root):
     for c in judged:
         for p in c["parts"]:
             if "diff" in p:
-                at = "a no-worse margin (effect 0)" if float(p["claim"].split()[1]) and p.get("effect") is None \
-                    else "the paper's effect" if p.get("effect") is not None else "the pilot's mean (no paper figure)"
+                at = "the paper's effect" if p.get("effect") is not None else "a no-worse margin (effect 0)" \
+                    if "superiority" in p else "the pilot's mean (no paper figure)"
                 spreads[f"{c['key']}: {p['part']}"] = {
                     "diff": p["diff"], "sd": p["sd"], "sd_upper": sd_upper(p["sd"], p["seeds"]) if p["sd"] else None,
                     "powered_at": at, "seeds_needed": powered_seeds(p)}

@@ -204,7 +204,7 @@ def powered_seeds(part):
     bound (sd_upper). None if more than MAX_SEEDS would be needed."""
     target = float(part["claim"].split()[1])
     effect = part.get("effect")
-    if effect is None and target:
+    if effect is None and "superiority" in part:       # a "no worse" part: the margin is its target
         effect = 0.0
     mean = part["diff"] if effect is None else effect
     return seeds_needed(mean, sd_upper(part["sd"], part["seeds"]), target) if part.get("sd") else None

@@ -354,8 +354,10 @@ def test_seeds_are_powered_at_the_papers_effect_or_the_margin_not_at_the_pilots_
     at_paper = stats.powered_seeds({**part, "effect": -0.1})
     assert at_paper > at_mean
     assert at_paper == stats.seeds_needed(-0.1, stats.sd_upper(part["sd"], 5), 0)
-    no_worse = stats.verdict([0.001, -0.002, 0.0, 0.001, -0.001], "<", 0.05)
+    no_worse = stats.paired([0.051, 0.048, 0.05, 0.051, 0.049], [0.05] * 5, "<", 0.05)
     assert stats.powered_seeds(no_worse) == stats.seeds_needed(0.0, stats.sd_upper(no_worse["sd"], 5), 0.05)
+    level = stats.verdict([2.3, 2.5, 2.2, 2.4, 2.6], ">", 1.0)          # a level, not a margin: at its own mean
+    assert stats.powered_seeds(level) == stats.seeds_needed(level["diff"], stats.sd_upper(level["sd"], 5), 1.0)
 
 
 def test_a_part_is_judged_on_every_seed_its_arms_share_not_its_claims_subset():
